@@ -1,0 +1,203 @@
+"""The `collect-rollouts` flow: split -> collect per chunk -> merge -> metrics.
+
+Rerunning it with the same parameters resumes: finished chunks are cache hits, an unfinished
+chunk skips the rollouts already written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Failed, State
+from pydantic import BaseModel, ValidationError
+
+from rollouts.agent_client import resolve_agent_urls
+from rollouts.collect import DispatchPlan
+from rollouts.dispatchers import close_dispatcher, open_dispatcher
+from rollouts.errors import ConfigError, IncompleteRun, RolloutsError
+from rollouts.metrics import AgentSummary
+from rollouts.models import ChunkResult, CollectConfig
+from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
+from rollouts.settings import RolloutsSettings
+from tasks.collect import collect_chunk_task
+from tasks.merge import merge_task
+from tasks.metrics import metrics_task
+from tasks.split import split_task
+
+
+class CollectSummary(BaseModel):
+    """What a collection produced; the CLI prints it, the UI shows it as the flow's result."""
+
+    output: str
+    failures: str
+    metrics: str
+    expected: int
+    succeeded: int
+    failed: int
+    missing: int
+    chunks: int
+    chunks_from_cache: int
+    agents: list[dict[str, Any]]
+    missing_examples: list[tuple[int, int]] = []
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    return f"collect-{Path(params['output_jsonl_fpath']).stem}"
+
+
+@flow(name="collect-rollouts", flow_run_name=_flow_run_name, validate_parameters=True)
+async def collect_rollouts(
+    input_jsonl_fpath: str,
+    output_jsonl_fpath: str,
+    agent_name: str | None = None,
+    agent_url: str | None = None,
+    limit: int | None = None,
+    num_repeats: int = 1,
+    num_samples_in_parallel: int = 64,
+    responses_create_params: dict[str, Any] | None = None,
+    num_repeats_add_seed: bool = False,
+    chunk_size: int = 10_000,
+    max_parallel_chunks: int = 4,
+    fresh: bool = False,
+) -> CollectSummary | State:
+    """Collect rollouts of one dataset from one agent into NeMo Gym-compatible files."""
+    try:
+        config = CollectConfig(
+            input_jsonl_fpath=input_jsonl_fpath,
+            output_jsonl_fpath=output_jsonl_fpath,
+            agent_name=agent_name,
+            agent_url=agent_url,
+            limit=limit,
+            num_repeats=num_repeats,
+            num_samples_in_parallel=num_samples_in_parallel,
+            responses_create_params=responses_create_params or {},
+            num_repeats_add_seed=num_repeats_add_seed,
+            chunk_size=chunk_size,
+            max_parallel_chunks=max_parallel_chunks,
+            fresh=fresh,
+        )
+    except ValidationError as e:
+        return Failed(message=str(ConfigError(_validation_message(e))))
+    try:
+        return await run_collection(config)
+    except RolloutsError as e:
+        # A user-facing failure: its message says what to do; a traceback would only bury it.
+        get_run_logger().error("%s", e)
+        return Failed(message=str(e), data=e)
+
+
+def _validation_message(e: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}"
+        for err in e.errors()
+    )
+
+
+async def run_collection(config: CollectConfig, settings: RolloutsSettings | None = None) -> CollectSummary:
+    logger = get_run_logger()
+    settings = settings or RolloutsSettings()
+    paths = OutputPaths.for_output(config.output_jsonl_fpath)
+    run_dir = run_dir_for(config.output_jsonl_fpath, settings.work_dir)
+
+    with run_lock(run_dir, config.output_jsonl_fpath):
+        run_id = prepare_run_dir(config, run_dir)
+        split = await split_task(
+            input_path=config.input_jsonl_fpath,
+            run_dir=str(run_dir),
+            run_id=run_id,
+            chunk_size=config.chunk_size,
+            limit=config.limit,
+            require_agent_ref=config.agent_identity is None,
+        )
+        logger.info(
+            "%d tasks x %d repeats in %d chunks (run state %s)",
+            split.n_tasks, config.num_repeats, len(split.chunks), run_dir,
+        )  # fmt: skip
+        names = [] if config.agent_url else (
+            [config.agent_name] if config.agent_name else split.agent_names
+        )  # fmt: skip
+        plan = DispatchPlan(
+            agent_urls=resolve_agent_urls(names, settings),
+            agent_name=config.agent_name,
+            agent_url=config.agent_url,
+            num_repeats=config.num_repeats,
+            overrides=config.responses_create_params,
+            add_seed=config.num_repeats_add_seed,
+        )
+
+        open_dispatcher(run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks)
+        chunk_task = collect_chunk_task.with_options(
+            retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
+        )
+        try:
+            # Awaited together on this event loop, the chunk tasks share one dispatcher.
+            states = await asyncio.gather(
+                *(chunk_task(spec, plan, run_id, return_state=True) for spec in split.chunks)
+            )
+        finally:
+            await close_dispatcher(run_id)
+        from_cache = sum(1 for s in states if s.name == "Cached")
+        results: list[ChunkResult] = [await s.aresult() for s in states if s.is_completed()]
+        crashed = [s for s in states if not s.is_completed()]
+
+        outputs_missing = not (paths.rollouts.exists() and paths.failures.exists())
+        merge = await merge_task.with_options(refresh_cache=outputs_missing)(
+            chunks=split.chunks,
+            plan=plan,
+            output_path=str(paths.rollouts),
+            failures_path=str(paths.failures),
+        )
+        metrics = await metrics_task.with_options(refresh_cache=not paths.metrics.exists())(
+            rollouts_path=str(paths.rollouts),
+            failures_path=str(paths.failures),
+            metrics_path=str(paths.metrics),
+            num_repeats=config.num_repeats,
+            expected_by_agent=merge.expected_by_agent,
+        )
+
+    summary = CollectSummary(
+        output=str(paths.rollouts),
+        failures=str(paths.failures),
+        metrics=str(paths.metrics),
+        expected=merge.expected,
+        succeeded=merge.succeeded,
+        failed=merge.failed,
+        missing=merge.missing,
+        chunks=len(split.chunks),
+        chunks_from_cache=from_cache,
+        agents=[_agent_dict(a) for a in metrics.agents],
+        missing_examples=merge.missing_examples,
+    )
+    logger.info(
+        "%d/%d rollouts written, %d failed, %d missing; %d of %d chunks from cache; %s",
+        summary.succeeded, summary.expected, summary.failed, summary.missing,
+        from_cache, len(split.chunks), paths.rollouts,
+    )  # fmt: skip
+    if merge.missing:
+        examples = ", ".join(f"({t}, {r})" for t, r in merge.missing_examples[:5])
+        classes = ", ".join(f"{k}: {v}" for k, v in sorted(merge.failure_classes.items()))
+        raise IncompleteRun(
+            f"{merge.missing} of {merge.expected} rollouts are neither written nor failed for "
+            f"good (e.g. (task, rollout) {examples}); failure classes: {classes or 'none'}; "
+            f"{len(crashed)} chunk(s) did not finish. Rerun the same command to retry them: "
+            "everything already written is kept."
+        )
+    _ = results
+    return summary
+
+
+def _agent_dict(a: AgentSummary) -> dict[str, Any]:
+    return {
+        "agent": a.agent,
+        "expected": a.expected,
+        "succeeded": a.succeeded,
+        "failed": a.failed,
+        "mean_reward": a.mean_reward,
+        "pass_at_k": {str(k): v for k, v in a.pass_at_k.items()},
+    }

@@ -1,0 +1,247 @@
+"""Talking to agents: one POST /run per attempt, real deadlines, retries with backoff.
+
+The HTTP client is chosen here and nowhere else. httpx is the interface; its default transport
+is CPU-bound far below what an agent fleet needs (shared/docs/http-client-notes.md), so requests
+go through aiohttp underneath via httpx-aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+import httpx
+import orjson
+import yaml
+from httpx_aiohttp import AiohttpTransport
+
+from rollouts.errors import AgentResolutionError
+from rollouts.settings import RolloutsSettings
+
+MAX_ERROR_CHARS = 500
+MAX_RETRY_AFTER_S = 300.0
+
+OutcomeKind = Literal["ok", "failed", "no_persist"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+
+    @classmethod
+    def from_settings(cls, s: RolloutsSettings) -> RetryPolicy:
+        return cls(
+            max_attempts=s.max_attempts,
+            backoff_base_s=s.backoff_base_s,
+            backoff_max_s=s.backoff_max_s,
+            request_timeout_s=s.request_timeout_s,
+            connect_timeout_s=s.connect_timeout_s,
+        )
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter after failed attempt number ``attempt``."""
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling)
+
+
+@dataclass
+class Outcome:
+    """The end of one rollout: an answer, a failure (terminal or budget exhausted), or neither."""
+
+    kind: OutcomeKind
+    answer: dict[str, Any] | None = None
+    failure_class: str | None = None
+    error: str | None = None
+    terminal: bool = False
+    attempts: int = 0
+
+
+@dataclass
+class _Attempt:
+    """One failed attempt: its class, message, whether to retry, and a server-requested delay."""
+
+    failure_class: str
+    error: str
+    retryable: bool
+    retry_after_s: float | None = None
+    answer: dict[str, Any] | None = field(default=None)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _classify_transport_error(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    if isinstance(exc, httpx.TimeoutException) and isinstance(
+        cause, aiohttp.ServerTimeoutError | asyncio.TimeoutError
+    ):
+        return "timeout"
+    return "connection_error"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
+
+
+class AgentClient:
+    """Posts rollouts to agents with a hard per-request deadline and bounded retries.
+
+    ``in_flight`` bounds the requests on the wire. A rollout waiting out a backoff holds no
+    slot, so one slow or failing rollout never idles the agent.
+    """
+
+    def __init__(
+        self, policy: RetryPolicy, max_in_flight: int, api_key: str | None = None
+    ) -> None:
+        self.policy = policy
+        self.in_flight = asyncio.Semaphore(max_in_flight)
+        headers = {"content-type": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+        self._http = httpx.AsyncClient(
+            transport=AiohttpTransport(limits=limits, trust_env=False),
+            headers=headers,
+            timeout=httpx.Timeout(policy.request_timeout_s, connect=policy.connect_timeout_s),
+            limits=limits,
+        )
+        self.requests_sent = 0
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _attempt(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
+        self.requests_sent += 1
+        try:
+            # httpx timeouts are per phase; asyncio.timeout makes the deadline total, so a
+            # trickling or hung agent can never stall a rollout past request_timeout_s.
+            async with asyncio.timeout(self.policy.request_timeout_s):
+                resp = await self._http.post(url, content=body)
+        except TimeoutError:
+            return _Attempt("timeout", f"no answer within {self.policy.request_timeout_s}s", True)
+        except httpx.TransportError as e:
+            kind = _classify_transport_error(e)
+            return _Attempt(kind, _short(f"{type(e).__name__}: {e}"), True)
+        status = resp.status_code
+        if status == 429:
+            return _Attempt(
+                "rate_limited",
+                _short(f"HTTP 429: {resp.text}"),
+                True,
+                _retry_after_seconds(resp.headers.get("retry-after")),
+            )
+        if status >= 500:
+            return _Attempt(f"http_{status}", _short(f"HTTP {status}: {resp.text}"), True)
+        if status >= 400 or status < 200 or status >= 300:
+            return _Attempt(f"http_{status}", _short(f"HTTP {status}: {resp.text}"), False)
+        try:
+            answer = orjson.loads(resp.content)
+        except orjson.JSONDecodeError as e:
+            return _Attempt("invalid_response", _short(f"answer is not JSON: {e}"), True)
+        if not isinstance(answer, dict):
+            return _Attempt("invalid_response", "answer is not a JSON object", True)
+        if "_ng_failure_class" in answer:
+            return _Attempt(
+                str(answer["_ng_failure_class"]),
+                _short(str(answer.get("error", "agent reported a failure"))),
+                retryable=answer.get("_ng_failure_terminal") is not True,
+                answer=answer,
+            )
+        return answer
+
+    async def run(self, url: str, body: bytes, *, slot_held: bool = False) -> Outcome:
+        """Send one rollout until it succeeds, fails terminally, or the budget runs out.
+
+        With ``slot_held`` the caller already acquired ``in_flight`` for the first attempt.
+        """
+        last: _Attempt | None = None
+        for attempt in range(1, self.policy.max_attempts + 1):
+            if not slot_held:
+                await self.in_flight.acquire()
+            slot_held = False
+            try:
+                result = await self._attempt(url, body)
+            finally:
+                self.in_flight.release()
+            if isinstance(result, dict):
+                return Outcome("ok", answer=result, attempts=attempt)
+            last = result
+            if result.answer is not None and result.answer.get("_ng_no_persist") is True:
+                return Outcome(
+                    "no_persist", answer=result.answer, failure_class=result.failure_class,
+                    error=result.error, attempts=attempt,
+                )  # fmt: skip
+            if not result.retryable:
+                return Outcome(
+                    "failed", answer=result.answer, failure_class=result.failure_class,
+                    error=result.error, terminal=True, attempts=attempt,
+                )  # fmt: skip
+            if attempt < self.policy.max_attempts:
+                delay = self.policy.backoff(attempt)
+                if result.retry_after_s is not None:
+                    delay = max(delay, min(result.retry_after_s, MAX_RETRY_AFTER_S))
+                await asyncio.sleep(delay)
+        assert last is not None
+        return Outcome(
+            "failed", answer=last.answer, failure_class=last.failure_class,
+            error=f"gave up after {self.policy.max_attempts} attempts: {last.error}",
+            terminal=False, attempts=self.policy.max_attempts,
+        )  # fmt: skip
+
+
+def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str, str]:
+    """Map agent names to base URLs: ROLLOUTS_AGENTS first, then the NeMo Gym head server."""
+    urls = {n: settings.agents[n].rstrip("/") for n in names if n in settings.agents}
+    missing = [n for n in names if n not in urls]
+    if not missing:
+        return urls
+    if not settings.head_server_url:
+        raise AgentResolutionError(
+            f"unknown agent {missing[0]!r}: set ROLLOUTS_AGENTS='{{\"{missing[0]}\": "
+            "\"http://host:port\"}', point ROLLOUTS_HEAD_SERVER_URL at a NeMo Gym head server, "
+            "or pass agent_url"
+        )
+    head = settings.head_server_url.rstrip("/")
+    try:
+        resp = httpx.get(f"{head}/global_config_dict_yaml", timeout=settings.connect_timeout_s)
+        resp.raise_for_status()
+        text = resp.json()
+        config = yaml.safe_load(text) if isinstance(text, str) else text
+    except (httpx.HTTPError, ValueError, yaml.YAMLError) as e:
+        raise AgentResolutionError(
+            f"could not read the agent config from the head server {head}: {e}"
+        ) from e
+    for name in missing:
+        servers = (config or {}).get(name, {}).get("responses_api_agents") or {}
+        entry = next(iter(servers.values()), None) if isinstance(servers, dict) else None
+        if not entry or "host" not in entry or "port" not in entry:
+            known = sorted(
+                k for k, v in (config or {}).items()
+                if isinstance(v, dict) and "responses_api_agents" in v
+            )  # fmt: skip
+            raise AgentResolutionError(
+                f"agent {name!r} is not in the head server's config ({head}); "
+                f"agents it knows: {', '.join(known) or 'none'}"
+            )
+        urls[name] = f"http://{entry['host']}:{entry['port']}"
+    return urls

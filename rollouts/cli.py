@@ -1,0 +1,214 @@
+"""The `rollouts` command.
+
+`rollouts collect` takes NeMo Gym's `+key=value` arguments (so `ng_collect_rollouts` command
+lines keep working) and ordinary flags with the same meaning, then runs the `collect-rollouts`
+flow in this process: against the Prefect server that PREFECT_API_URL names (the run shows in
+its UI), else an ephemeral one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+# `+key` of ng_collect_rollouts -> flow parameter. The flow's parameters carry these names.
+PLUS_KEYS = {
+    "agent_name", "agent_url", "input_jsonl_fpath", "output_jsonl_fpath", "limit",
+    "num_repeats", "num_samples_in_parallel", "num_repeats_add_seed", "chunk_size",
+    "max_parallel_chunks", "fresh",
+}  # fmt: skip
+RCP_PREFIX = "responses_create_params."
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_plus_args(tokens: list[str]) -> dict[str, Any]:
+    """`+a=1 +responses_create_params.temperature=0.2` -> flow parameters (Hydra-style values)."""
+    params: dict[str, Any] = {}
+    for token in tokens:
+        body = token.lstrip("+")
+        if "=" not in body:
+            raise UsageError(f"{token!r}: expected +key=value")
+        key, raw = body.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if key in ("input_jsonl_fpath", "output_jsonl_fpath", "agent_name", "agent_url"):
+            value = raw  # paths and names stay strings even when they look like numbers
+        if key.startswith(RCP_PREFIX):
+            params.setdefault("responses_create_params", {})[key[len(RCP_PREFIX):]] = value
+        elif key in PLUS_KEYS:
+            params[key] = value
+        else:
+            known = ", ".join(sorted(f"+{k}" for k in PLUS_KEYS))
+            raise UsageError(
+                f"unknown argument +{key}; known: {known}, +{RCP_PREFIX}<param>"
+            )
+    return params
+
+
+def _parse_kv(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    k, v = text.split("=", 1)
+    return k, yaml.safe_load(v)
+
+
+def _add_collect_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "collect",
+        help="collect rollouts of one dataset (resumable; NeMo Gym +key=value accepted)",
+        description="Collect rollouts. Every flag has a NeMo Gym form: --input = "
+        "+input_jsonl_fpath=, --temperature 0.2 = +responses_create_params.temperature=0.2, ...",
+    )
+    p.add_argument("--agent-name", dest="agent_name", help="+agent_name: agent to resolve")
+    p.add_argument("--agent-url", dest="agent_url", help="+agent_url: agent base URL")
+    p.add_argument("--input", dest="input_jsonl_fpath", help="+input_jsonl_fpath: tasks JSONL")
+    p.add_argument("--output", dest="output_jsonl_fpath", help="+output_jsonl_fpath")
+    p.add_argument("--limit", type=int, help="+limit: only the first N rows")
+    p.add_argument("--num-repeats", dest="num_repeats", type=int, help="+num_repeats (1)")
+    p.add_argument(
+        "--num-samples-in-parallel", dest="num_samples_in_parallel", type=int,
+        help="+num_samples_in_parallel: requests in flight, whole run (64)",
+    )  # fmt: skip
+    p.add_argument("--chunk-size", dest="chunk_size", type=int, help="+chunk_size (10000)")
+    p.add_argument(
+        "--max-parallel-chunks", dest="max_parallel_chunks", type=int,
+        help="+max_parallel_chunks: chunks dispatching at once (4)",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, help="+responses_create_params.temperature")
+    p.add_argument("--top-p", dest="top_p", type=float, help="+responses_create_params.top_p")
+    p.add_argument(
+        "--max-output-tokens", dest="max_output_tokens", type=int,
+        help="+responses_create_params.max_output_tokens",
+    )  # fmt: skip
+    p.add_argument(
+        "--responses-create-param", dest="rcp", action="append", type=_parse_kv, default=[],
+        metavar="KEY=VALUE", help="any other +responses_create_params.KEY=VALUE (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-repeats-add-seed", dest="num_repeats_add_seed", action="store_true", default=None,
+        help="+num_repeats_add_seed: metadata.extra_body.seed = rollout index",
+    )  # fmt: skip
+    p.add_argument(
+        "--fresh", action="store_true", default=None,
+        help="+fresh: discard this output's state and files, start over",
+    )  # fmt: skip
+    p.add_argument("plus", nargs="*", metavar="+key=value", help="NeMo Gym-style arguments")
+    p.set_defaults(func=cmd_collect)
+
+
+def collect_params(args: argparse.Namespace) -> dict[str, Any]:
+    """Flow parameters from flags and `+key=value`s; the same thing said twice is an error."""
+    params = parse_plus_args(args.plus)
+    flags: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in PLUS_KEYS
+        if getattr(args, k, None) is not None
+    }
+    rcp_flags = {k: getattr(args, k) for k in ("temperature", "top_p", "max_output_tokens")
+                 if getattr(args, k) is not None}  # fmt: skip
+    rcp_flags.update(dict(args.rcp))
+    for k, v in flags.items():
+        if k in params and params[k] != v:
+            raise UsageError(f"{k} given twice with different values: {params[k]!r} and {v!r}")
+        params[k] = v
+    rcp = params.setdefault("responses_create_params", {})
+    for k, v in rcp_flags.items():
+        if k in rcp and rcp[k] != v:
+            raise UsageError(f"responses_create_params.{k} given twice: {rcp[k]!r} and {v!r}")
+        rcp[k] = v
+    for required, flag in (("input_jsonl_fpath", "--input"), ("output_jsonl_fpath", "--output")):
+        if not params.get(required):
+            raise UsageError(f"missing {flag} (or +{required}=...)")
+    return params
+
+
+@contextlib.contextmanager
+def prefect_result_storage() -> Iterator[None]:
+    """Apply ROLLOUTS_RESULT_STORAGE to Prefect (its result store is fixed when a flow starts)."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from rollouts.settings import RolloutsSettings
+
+    storage = RolloutsSettings().result_storage
+    if storage is None:
+        yield
+        return
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(storage)}):
+        yield
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    params = collect_params(args)
+    from flows.collect import CollectSummary, collect_rollouts
+    from rollouts.errors import IncompleteRun, RolloutsError
+    from rollouts.report import print_summary
+
+    with prefect_result_storage():
+        state = asyncio.run(collect_rollouts(**params, return_state=True))
+    if state.is_completed():
+        summary = state.result()
+        assert isinstance(summary, CollectSummary)
+        print_summary(summary)
+        return EXIT_OK
+    error = state.result(raise_on_failure=False)
+    print(f"rollouts collect: {state.message or error}", file=sys.stderr)
+    # Bad input, parameters or a conflicting run are the caller's to fix (2); anything else,
+    # an incomplete run or a crash, is fixed by rerunning (1).
+    if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
+        return EXIT_USAGE
+    return EXIT_INCOMPLETE
+
+
+def cmd_serve_agent(args: argparse.Namespace) -> int:
+    from rollouts.reference_agent import serve_agent_from_args
+
+    serve_agent_from_args(args)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rollouts.reference_agent import add_serve_agent_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="rollouts", description="Resumable rollout collection for NeMo Gym agents."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_collect_parser(sub)
+    serve = sub.add_parser(
+        "serve-agent",
+        help="run the reference agent SIMULATOR (arithmetic tasks) for demos, tests, benchmarks",
+    )
+    add_serve_agent_arguments(serve)
+    serve.set_defaults(func=cmd_serve_agent)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse would read "+key=value" as a positional anyway; keep them last-resort safe.
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"rollouts {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Collect one chunk: expand repeats, skip what is already written, post the rest, append results.
+
+Every result is appended and flushed as it arrives, so a crash loses at most the requests in
+flight. On resume a torn last line is cut and every key already written (or failed for good)
+is skipped. All chunks of a run in one process share one ``Dispatcher``: one HTTP client and
+one in-flight budget, so the agent stays busy while a chunk finishes its stragglers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from rollouts.agent_client import AgentClient, Outcome, RetryPolicy
+from rollouts.fileio import dumps_line, iter_jsonl, repair_torn_tail, write_json_atomic
+from rollouts.models import ChunkResult, ChunkSpec, RolloutKey
+from rollouts.run_state import worker_id
+
+FSYNC_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """How a task row becomes requests. Carries no secret: it is a task input."""
+
+    agent_urls: dict[str, str]  # agent name -> base URL
+    agent_name: str | None = None  # run-level agent; else each row's agent_ref
+    agent_url: str | None = None  # run-level URL; skips name resolution
+    num_repeats: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+    add_seed: bool = False
+
+    def agent_ref(self, row: dict[str, Any]) -> dict[str, str]:
+        if self.agent_name:
+            return {"name": self.agent_name}
+        if "agent_ref" in row:
+            return {"name": row["agent_ref"]["name"]}
+        return {"name": self.agent_url or "agent"}
+
+    def url_for(self, agent_ref: dict[str, str]) -> str:
+        base = self.agent_url or self.agent_urls[agent_ref["name"]]
+        return base.rstrip("/") + "/run"
+
+    def body(self, row: dict[str, Any], rollout_index: int) -> dict[str, Any]:
+        body = dict(row)
+        rcp = row["responses_create_params"] | self.overrides
+        if self.add_seed:
+            metadata = dict(rcp.get("metadata") or {})
+            extra = orjson.loads(metadata.get("extra_body") or "{}")
+            extra["seed"] = rollout_index
+            metadata["extra_body"] = orjson.dumps(extra).decode()
+            rcp["metadata"] = metadata
+        body["responses_create_params"] = rcp
+        body["agent_ref"] = self.agent_ref(row)
+        body["_ng_rollout_index"] = rollout_index
+        return body
+
+
+def chunk_output_paths(spec: ChunkSpec) -> tuple[Path, Path]:
+    tasks = Path(spec.tasks_path)
+    stem = tasks.name.removesuffix(".tasks.jsonl")
+    return tasks.with_name(f"{stem}.rollouts.jsonl"), tasks.with_name(f"{stem}.failures.jsonl")
+
+
+def chunk_status_path(spec: ChunkSpec) -> Path:
+    return Path(spec.tasks_path).with_name(
+        Path(spec.tasks_path).name.removesuffix(".tasks.jsonl") + ".status.json"
+    )
+
+
+def key_of(row: dict[str, Any]) -> RolloutKey:
+    return (row["_ng_task_index"], row["_ng_rollout_index"])
+
+
+def scan_done(rollouts_path: Path, failures_path: Path) -> tuple[set[RolloutKey], set[RolloutKey]]:
+    """Keys already written, and keys failed for good. Repairs torn tails first."""
+    succeeded: set[RolloutKey] = set()
+    terminal: set[RolloutKey] = set()
+    for path in (rollouts_path, failures_path):
+        repair_torn_tail(path)
+    if rollouts_path.exists():
+        succeeded = {key_of(r) for r in iter_jsonl(rollouts_path)}
+    if failures_path.exists():
+        terminal = {
+            key_of(r) for r in iter_jsonl(failures_path) if r.get("_ng_failure_terminal") is True
+        }
+    return succeeded, terminal - succeeded
+
+
+class Dispatcher:
+    """Per-process, per-run shared resources: the client, the in-flight budget, chunk slots."""
+
+    def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int,
+                 api_key: str | None) -> None:  # fmt: skip
+        self.client = AgentClient(policy, max_in_flight, api_key)
+        self.chunk_slots = asyncio.Semaphore(max_parallel_chunks)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class _ResultWriter:
+    """Appends result lines, flushed per line (survives kill -9), fsynced periodically."""
+
+    def __init__(self, rollouts_path: Path, failures_path: Path) -> None:
+        self.rollouts: IO[bytes] = open(rollouts_path, "ab")
+        self.failures: IO[bytes] = open(failures_path, "ab")
+        self._last_sync = time.monotonic()
+
+    def write(self, f: IO[bytes], row: dict[str, Any]) -> None:
+        f.write(dumps_line(row))
+        f.flush()
+        if time.monotonic() - self._last_sync > FSYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        for f in (self.rollouts, self.failures):
+            f.flush()
+            os.fsync(f.fileno())
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        self.rollouts.close()
+        self.failures.close()
+
+
+def _output_row(answer: dict[str, Any], key: RolloutKey, agent_ref: dict[str, str]) -> dict:
+    row = {k: v for k, v in answer.items()
+           if k not in ("_ng_task_index", "_ng_rollout_index", "agent_ref")}  # fmt: skip
+    row["_ng_task_index"], row["_ng_rollout_index"] = key
+    row["agent_ref"] = agent_ref
+    return row
+
+
+def _failure_row(outcome: Outcome, key: RolloutKey, agent_ref: dict[str, str]) -> dict:
+    row: dict[str, Any] = dict(outcome.answer or {})
+    for k in ("_ng_task_index", "_ng_rollout_index", "agent_ref"):
+        row.pop(k, None)
+    row["_ng_failure_class"] = outcome.failure_class
+    row["_ng_failure_terminal"] = outcome.terminal
+    row["error"] = outcome.error
+    row["attempts"] = outcome.attempts
+    row["_ng_task_index"], row["_ng_rollout_index"] = key
+    row["agent_ref"] = agent_ref
+    return row
+
+
+@dataclass
+class _Tally:
+    succeeded: int = 0
+    failed: int = 0
+    no_persist: int = 0
+    requests: int = 0
+
+
+async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher) -> ChunkResult:
+    """Collect every rollout of one chunk not already written. Returns counts, never bodies."""
+    rollouts_path, failures_path = chunk_output_paths(spec)
+    expected = spec.n_tasks * plan.num_repeats
+    async with dispatcher.chunk_slots:
+        write_json_atomic(
+            chunk_status_path(spec),
+            {"index": spec.index, "expected": expected, "worker": worker_id(),
+             "started_at": time.time()},
+        )  # fmt: skip
+        succeeded, terminal = scan_done(rollouts_path, failures_path)
+        writer = _ResultWriter(rollouts_path, failures_path)
+        tally = _Tally()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(key: RolloutKey, url: str, body: dict[str, Any]) -> None:
+            outcome = await dispatcher.client.run(url, orjson.dumps(body), slot_held=True)
+            tally.requests += outcome.attempts
+            if outcome.kind == "ok":
+                assert outcome.answer is not None
+                writer.write(writer.rollouts, _output_row(outcome.answer, key, body["agent_ref"]))
+                tally.succeeded += 1
+            elif outcome.kind == "failed":
+                writer.write(writer.failures, _failure_row(outcome, key, body["agent_ref"]))
+                tally.failed += 1
+            else:
+                tally.no_persist += 1  # written nowhere; the next run redoes it
+
+        try:
+            for row, r in _pending(spec, plan.num_repeats, succeeded | terminal):
+                body = plan.body(row, r)
+                url = plan.url_for(body["agent_ref"])
+                await dispatcher.client.in_flight.acquire()
+                t = asyncio.create_task(one((row["_ng_task_index"], r), url, body))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            # Everything is dispatched: the chunk slot is released on leaving this block while
+            # stragglers finish below, so the next chunk can start filling the agent.
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
+            raise
+    try:
+        await asyncio.gather(*list(tasks))
+    finally:
+        writer.close()
+    # Recount from the files: they, not this process's tallies, are the truth on resume.
+    succeeded, terminal = scan_done(rollouts_path, failures_path)
+    keys = set(_expected_keys(spec, plan.num_repeats))
+    n_ok = len(succeeded & keys)
+    n_failed = len(terminal & keys)
+    return ChunkResult(
+        index=spec.index,
+        n_tasks=spec.n_tasks,
+        expected=expected,
+        succeeded=n_ok,
+        failed=n_failed,
+        missing=expected - n_ok - n_failed,
+        rollouts_path=str(rollouts_path),
+        failures_path=str(failures_path),
+        worker=worker_id(),
+        attempts=tally.requests,
+    )
+
+
+def _task_rows(spec: ChunkSpec) -> Iterator[dict[str, Any]]:
+    return iter_jsonl(Path(spec.tasks_path))
+
+
+def _expected_keys(spec: ChunkSpec, repeats: int) -> Iterator[RolloutKey]:
+    for row in _task_rows(spec):
+        for r in range(repeats):
+            yield (row["_ng_task_index"], r)
+
+
+def _pending(
+    spec: ChunkSpec, repeats: int, done: set[RolloutKey]
+) -> Iterator[tuple[dict[str, Any], int]]:
+    for row in _task_rows(spec):
+        for r in range(repeats):
+            if (row["_ng_task_index"], r) not in done:
+                yield row, r

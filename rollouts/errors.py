@@ -1,0 +1,48 @@
+"""Errors a user can act on. Each message says what is wrong, where, and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RolloutsError(Exception):
+    """Base of every error we raise on purpose; the CLI prints its message without a traceback."""
+
+
+class InputError(RolloutsError):
+    """The input dataset is unusable. Raised before any request is sent."""
+
+    def __init__(self, path: Path | str, problems: list[tuple[int | None, str]], total: int = 0):
+        self.path = Path(path)
+        self.problems = problems
+        shown = "\n".join(
+            f"  {self.path}:{line}: {msg}" if line else f"  {self.path}: {msg}"
+            for line, msg in problems
+        )
+        more = total - len(problems)
+        suffix = f"\n  ... and {more} more" if more > 0 else ""
+        noun = "problem" if max(total, len(problems)) == 1 else "problems"
+        super().__init__(
+            f"invalid input {self.path} ({max(total, len(problems))} {noun}); "
+            f"nothing was sent to the agent:\n{shown}{suffix}"
+        )
+
+
+class ConfigError(RolloutsError):
+    """Bad run parameters or settings."""
+
+
+class RunConflict(RolloutsError):
+    """The request does not match the collection already in progress for this output."""
+
+
+class RunLocked(RolloutsError):
+    """Another process is collecting into the same output."""
+
+
+class AgentResolutionError(RolloutsError):
+    """An agent name could not be turned into a URL."""
+
+
+class IncompleteRun(RolloutsError):
+    """The run ended with rollouts neither written nor terminally failed."""

@@ -1,0 +1,192 @@
+"""Merge: chunk outputs -> one sorted, de-duplicated output file, written atomically.
+
+Bodies are never all in memory: each chunk's file is indexed by (key, byte offset, length),
+sorted, and copied. When chunks cover disjoint task-index ranges (the usual case), only one
+chunk's index is held at a time; otherwise the chunk indices are merged with a heap.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from rollouts.fileio import atomic_writer, iter_jsonl
+from rollouts.models import ChunkSpec, RolloutKey
+
+Entry = tuple[RolloutKey, int, int]  # (key, byte offset, length incl. newline)
+MAX_MISSING_EXAMPLES = 10
+
+
+@dataclass
+class MergeReport:
+    expected: int
+    succeeded: int
+    failed: int  # terminal failures
+    retryable_failed: int  # budget exhausted; retried on the next run
+    missing: int  # neither written nor terminally failed
+    missing_examples: list[RolloutKey] = field(default_factory=list)
+    expected_by_agent: dict[str, int] = field(default_factory=dict)
+    failure_classes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0
+
+
+def _index_file(
+    path: Path, valid: Callable[[RolloutKey], bool], keep_last: bool
+) -> dict[RolloutKey, tuple[int, int, dict[str, Any] | None]]:
+    """key -> (offset, length) of its first (or last) complete line in ``path``."""
+    index: dict[RolloutKey, tuple[int, int, dict[str, Any] | None]] = {}
+    if not path.exists():
+        return index
+    offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            length = len(line)
+            if line.endswith(b"\n") and line.strip():
+                row = orjson.loads(line)
+                key = (row["_ng_task_index"], row["_ng_rollout_index"])
+                if valid(key) and (keep_last or key not in index):
+                    index[key] = (offset, length, row if keep_last else None)
+            offset += length
+    return index
+
+
+@dataclass
+class _ChunkIndex:
+    rollouts: list[Entry]
+    failures: list[Entry]
+    rollouts_path: Path
+    failures_path: Path
+    failure_rows: list[dict[str, Any]]
+
+
+def _chunk_index(
+    spec: ChunkSpec, repeats: int, rollouts_path: Path, failures_path: Path
+) -> tuple[_ChunkIndex, set[int]]:
+    tasks = {row["_ng_task_index"] for row in iter_jsonl(Path(spec.tasks_path))}
+
+    def valid(key: RolloutKey) -> bool:
+        return key[0] in tasks and 0 <= key[1] < repeats
+
+    ok = _index_file(rollouts_path, valid, keep_last=False)
+    fails = _index_file(failures_path, lambda k: valid(k) and k not in ok, keep_last=True)
+    return (
+        _ChunkIndex(
+            rollouts=sorted((k, o, n) for k, (o, n, _) in ok.items()),
+            failures=sorted((k, o, n) for k, (o, n, _) in fails.items()),
+            rollouts_path=rollouts_path,
+            failures_path=failures_path,
+            failure_rows=[
+                {"key": k, "terminal": r.get("_ng_failure_terminal") is True,
+                 "class": str(r.get("_ng_failure_class"))}
+                for k, (_, _, r) in fails.items() if r is not None
+            ],  # fmt: skip
+        ),
+        tasks,
+    )
+
+
+def _copy(entries: Iterator[tuple[Entry, Path]], out: IO[bytes]) -> None:
+    handles: dict[Path, IO[bytes]] = {}
+    try:
+        for (_, offset, length), path in entries:
+            f = handles.get(path)
+            if f is None:
+                f = handles[path] = open(path, "rb")
+            f.seek(offset)
+            out.write(f.read(length))
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+def merge_chunks(
+    chunks: list[ChunkSpec],
+    *,
+    num_repeats: int,
+    chunk_files: Callable[[ChunkSpec], tuple[Path, Path]],
+    agent_of: Callable[[dict[str, Any]], str],
+    output_path: Path,
+    failures_path: Path,
+) -> MergeReport:
+    """Write ``output_path`` (rollouts) and ``failures_path`` sorted by (task, rollout) index.
+
+    The failures file holds one row per rollout that did not succeed (its last failure).
+    """
+    expected_by_agent: Counter[str] = Counter()
+    for spec in chunks:
+        for row in iter_jsonl(Path(spec.tasks_path)):
+            expected_by_agent[agent_of(row)] += num_repeats
+    expected = sum(expected_by_agent.values())
+
+    succeeded = terminal = retryable = 0
+    classes: Counter[str] = Counter()
+    missing_examples: list[RolloutKey] = []
+
+    def visit(spec: ChunkSpec) -> _ChunkIndex:
+        nonlocal succeeded, terminal, retryable
+        ro, fa = chunk_files(spec)
+        idx, tasks = _chunk_index(spec, num_repeats, ro, fa)
+        succeeded += len(idx.rollouts)
+        done = {k for k, _, _ in idx.rollouts}
+        for f in idx.failure_rows:
+            classes[f["class"]] += 1
+            if f["terminal"]:
+                terminal += 1
+                done.add(f["key"])
+            else:
+                retryable += 1
+        if len(missing_examples) < MAX_MISSING_EXAMPLES:
+            for t in sorted(tasks):
+                for r in range(num_repeats):
+                    if (t, r) not in done and len(missing_examples) < MAX_MISSING_EXAMPLES:
+                        missing_examples.append((t, r))
+        return idx
+
+    with atomic_writer(output_path) as out, atomic_writer(failures_path) as fout:
+        if _disjoint_ranges(chunks):
+            for spec in sorted(chunks, key=_min_task):
+                idx = visit(spec)
+                _copy(((e, idx.rollouts_path) for e in idx.rollouts), out)
+                _copy(((e, idx.failures_path) for e in idx.failures), fout)
+        else:
+            indices = [visit(spec) for spec in chunks]
+            _copy(heapq.merge(*(((e, i.rollouts_path) for e in i.rollouts) for i in indices)), out)
+            _copy(heapq.merge(*(((e, i.failures_path) for e in i.failures) for i in indices)), fout)
+
+    return MergeReport(
+        expected=expected,
+        succeeded=succeeded,
+        failed=terminal,
+        retryable_failed=retryable,
+        missing=expected - succeeded - terminal,
+        missing_examples=missing_examples,
+        expected_by_agent=dict(expected_by_agent),
+        failure_classes=dict(classes),
+    )
+
+
+def _task_range(spec: ChunkSpec) -> tuple[int, int]:
+    lo = hi = None
+    for row in iter_jsonl(Path(spec.tasks_path)):
+        t = row["_ng_task_index"]
+        lo = t if lo is None else min(lo, t)
+        hi = t if hi is None else max(hi, t)
+    return (lo or 0, hi or 0)
+
+
+def _min_task(spec: ChunkSpec) -> int:
+    return _task_range(spec)[0]
+
+
+def _disjoint_ranges(chunks: list[ChunkSpec]) -> bool:
+    ranges = sorted(_task_range(s) for s in chunks)
+    return all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))

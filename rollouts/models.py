@@ -1,0 +1,144 @@
+"""The data model: run parameters, chunks and their results.
+
+Run parameters are plain pydantic models (never settings), so a deployment's parameter schema
+holds no secret and the Prefect UI can render and validate them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Keys of OpenAI's Responses API `create` params. Real agents validate with extra="forbid",
+# so an unknown override would make every request fail with 422: refuse it up front.
+RESPONSES_CREATE_PARAMS_KEYS = frozenset(
+    {
+        "background", "conversation", "include", "input", "instructions", "max_output_tokens",
+        "max_tool_calls", "metadata", "model", "parallel_tool_calls", "previous_response_id",
+        "prompt", "prompt_cache_key", "reasoning", "safety_identifier", "service_tier", "store",
+        "stream", "stream_options", "temperature", "text", "tool_choice", "tools",
+        "top_logprobs", "top_p", "truncation", "user",
+    }
+)  # fmt: skip
+
+RolloutKey = tuple[int, int]
+"""(_ng_task_index, _ng_rollout_index): the identity of one rollout."""
+
+
+class CollectConfig(BaseModel):
+    """One collection: a dataset, an agent, sampling settings. Names follow NeMo Gym's `+key`s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_jsonl_fpath: str = Field(description="Input tasks, JSONL.")
+    output_jsonl_fpath: str = Field(description="Rollouts JSONL to write (sorted, atomic).")
+    agent_name: str | None = Field(default=None, description="Agent name (settings/head server).")
+    agent_url: str | None = Field(default=None, description="Agent base URL; skips resolution.")
+    limit: int | None = Field(default=None, description="Only the first N input rows.")
+    num_repeats: int = Field(default=1, description="Rollouts per task.")
+    num_samples_in_parallel: int = Field(default=64, description="Requests in flight, run-wide.")
+    responses_create_params: dict[str, Any] = Field(
+        default_factory=dict, description="Shallow overrides, e.g. {'temperature': 0.2}."
+    )
+    num_repeats_add_seed: bool = Field(
+        default=False, description="Put {'seed': rollout_index} into metadata.extra_body."
+    )
+    chunk_size: int = Field(default=10_000, description="Tasks per chunk (one cached task each).")
+    max_parallel_chunks: int = Field(default=4, description="Chunks dispatching at once.")
+    fresh: bool = Field(default=False, description="Discard previous state for this output.")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"limit must be a positive number of rows, got {v}")
+        return v
+
+    @field_validator("num_repeats", "num_samples_in_parallel", "chunk_size", "max_parallel_chunks")
+    @classmethod
+    def _at_least_one(cls, v: int, info: Any) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be at least 1, got {v}")
+        return v
+
+    @field_validator("responses_create_params")
+    @classmethod
+    def _known_override_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - RESPONSES_CREATE_PARAMS_KEYS)
+        if unknown:
+            raise ValueError(
+                f"responses_create_params.{unknown[0]} is not a Responses API create parameter "
+                f"(agents would answer 422); known: {', '.join(sorted(RESPONSES_CREATE_PARAMS_KEYS))}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _paths_differ(self) -> CollectConfig:
+        if Path(self.input_jsonl_fpath).resolve() == Path(self.output_jsonl_fpath).resolve():
+            raise ValueError("output_jsonl_fpath must differ from input_jsonl_fpath")
+        return self
+
+    @property
+    def agent_identity(self) -> str | None:
+        return self.agent_name or self.agent_url
+
+    def result_fingerprint(self) -> str:
+        """Hash of the parameters that change what a rollout is (never paths or concurrency)."""
+        return fingerprint(self.result_params())
+
+    def result_params(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent_identity,
+            "num_repeats": self.num_repeats,
+            "responses_create_params": self.responses_create_params,
+            "num_repeats_add_seed": self.num_repeats_add_seed,
+        }
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+class ChunkSpec(BaseModel):
+    """One chunk of tasks, as split wrote it. The cache key is built from `cache_identity`."""
+
+    index: int
+    tasks_path: str
+    n_tasks: int
+    content_sha256: str
+    run_id: str
+
+    def cache_identity(self) -> dict[str, Any]:
+        # Content, not paths: the same tasks under the same run state are the same work.
+        return {"content": self.content_sha256, "run_id": self.run_id, "n": self.n_tasks}
+
+
+class SplitResult(BaseModel):
+    run_dir: str
+    run_id: str
+    n_tasks: int
+    chunks: list[ChunkSpec]
+    agent_names: list[str]
+
+
+class ChunkResult(BaseModel):
+    """What one chunk's collection produced. Holds counts and paths, never rollout bodies."""
+
+    index: int
+    n_tasks: int
+    expected: int
+    succeeded: int
+    failed: int  # terminal failures (in the failures file)
+    missing: int  # neither written nor terminally failed (retried on the next run)
+    rollouts_path: str
+    failures_path: str
+    worker: str
+    attempts: int = 0  # /run requests sent by this chunk's run
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0

@@ -1,0 +1,145 @@
+"""Per-output run state: where it lives, who holds it, and whether a new request matches it.
+
+One output file has one run directory. It carries a random ``run_id`` that is part of every
+cache key, so deleting the directory (or ``--fresh``) can never resurrect stale cached results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from rollouts.errors import RunConflict, RunLocked
+from rollouts.fileio import write_json_atomic
+from rollouts.models import CollectConfig
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    rollouts: Path
+    failures: Path
+    metrics: Path
+
+    @classmethod
+    def for_output(cls, output: str | Path) -> OutputPaths:
+        out = Path(output)
+        return cls(
+            rollouts=out,
+            failures=out.with_name(f"{out.stem}_failures.jsonl"),
+            metrics=out.with_name(f"{out.stem}_aggregate_metrics.json"),
+        )
+
+    def all(self) -> list[Path]:
+        return [self.rollouts, self.failures, self.metrics]
+
+
+def run_dir_for(output: str | Path, work_dir: Path | None) -> Path:
+    out = Path(output).resolve()
+    root = work_dir if work_dir is not None else out.parent / ".rollouts"
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
+    return Path(root).resolve() / f"{out.stem}-{digest}"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
+    """Exclusive, non-blocking lock per output. The kernel drops it when the holder dies."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.with_name(run_dir.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RunLocked(
+                f"{output} is being collected by {holder} right now (lock {lock_path}); "
+                "wait for it to finish or stop it. Two runs never write one output."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, worker_id().encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in params.items())
+
+
+def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
+    """Create or check the run state for ``config``; return its run_id. Call under the lock.
+
+    Refuses, with the way out in the message, anything that would mix incompatible rollouts
+    into one output: other result-changing parameters, another chunk size, or an output that
+    exists without the state it was collected with.
+    """
+    paths = OutputPaths.for_output(config.output_jsonl_fpath)
+    if config.fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for p in paths.all():
+            p.unlink(missing_ok=True)
+
+    run_file = run_dir / RUN_FILE
+    if run_file.exists():
+        state = orjson.loads(run_file.read_bytes())
+        if state["fingerprint"] != config.result_fingerprint():
+            raise RunConflict(
+                f"{config.output_jsonl_fpath} was collected with "
+                f"{_describe(state['result_params'])}; this run asks for "
+                f"{_describe(config.result_params())}. Mixing them would corrupt the dataset: "
+                "write to another output, or add --fresh to discard it and start over."
+            )
+        if state["chunk_size"] != config.chunk_size:
+            raise RunConflict(
+                f"{config.output_jsonl_fpath} is being collected with chunk_size="
+                f"{state['chunk_size']}; rerun with chunk_size={state['chunk_size']} to resume, "
+                "or add --fresh to start over."
+            )
+        return str(state["run_id"])
+
+    if paths.rollouts.exists() and paths.rollouts.stat().st_size > 0:
+        raise RunConflict(
+            f"{paths.rollouts} already exists but its run state ({run_dir}) is missing, so its "
+            "rollouts cannot be matched to tasks. Choose another output, or add --fresh to "
+            "replace it."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex
+    write_json_atomic(
+        run_file,
+        {
+            "run_id": run_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "first_input": str(Path(config.input_jsonl_fpath).resolve()),
+            "output": str(Path(config.output_jsonl_fpath).resolve()),
+            "result_params": config.result_params(),
+            "fingerprint": config.result_fingerprint(),
+            "chunk_size": config.chunk_size,
+        },
+    )
+    return run_id
+
+
+def read_run_state(run_dir: Path) -> dict[str, Any] | None:
+    run_file = run_dir / RUN_FILE
+    if not run_file.exists():
+        return None
+    return orjson.loads(run_file.read_bytes())

@@ -1,0 +1,55 @@
+"""Process settings: where agents live, how to talk to them, where state goes.
+
+Settings come from the environment (prefix ``ROLLOUTS_``) and ``.env``. They are never flow
+parameters: a flow builds them inside its run, so a secret never lands in a deployment's
+parameter schema, a flow-run's parameters or a cached result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RolloutsSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ROLLOUTS_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    agents: dict[str, str] = Field(
+        default_factory=dict,
+        description='Agent name -> base URL, as JSON: {"my_agent": "http://127.0.0.1:8765"}.',
+    )
+    head_server_url: str | None = Field(
+        default=None,
+        description="NeMo Gym head server; agent names not in `agents` resolve through it.",
+    )
+    agent_api_key: SecretStr | None = Field(
+        default=None, description="Sent as `Authorization: Bearer <key>` to agents. Secret."
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Hard deadline of one /run request, connect to last byte."
+    )
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, description="Attempts per rollout, first included.")
+    backoff_base_s: float = Field(default=0.5, ge=0, description="First retry delay (doubles).")
+    backoff_max_s: float = Field(default=30.0, ge=0, description="Cap of one retry delay.")
+    work_dir: Path | None = Field(
+        default=None,
+        description="Root of run state (chunks, partial outputs, lock). "
+        "Default: `.rollouts/` beside each output file.",
+    )
+    result_storage: Path | None = Field(
+        default=None,
+        description="Prefect result storage (the task cache). Default: Prefect's own "
+        "(PREFECT_RESULTS_LOCAL_STORAGE_PATH, else $PREFECT_HOME/storage).",
+    )
+    chunk_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Prefect retries of a chunk that ends with rollouts still missing "
+        "(e.g. the agent was down); each retry resumes the chunk.",
+    )
+    chunk_retry_delay_s: float = Field(default=10.0, ge=0, description="Delay before them.")

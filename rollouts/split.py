@@ -1,0 +1,216 @@
+"""Split: validate every input row, stamp task indices, write fixed-size chunk files.
+
+Streams the input once and never holds it whole. Every row is checked before anything is
+committed, so bad input fails before a single request is sent. Rows already split for this
+output are compared byte for byte with what was collected: appended rows are welcome, changed
+ones are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from rollouts.errors import InputError, RunConflict
+from rollouts.fileio import dumps_line, fsync_dir
+from rollouts.models import ChunkSpec, SplitResult
+
+MAX_REPORTED_PROBLEMS = 20
+
+
+def chunk_tasks_path(run_dir: Path, index: int) -> Path:
+    return run_dir / "chunks" / f"{index:05d}.tasks.jsonl"
+
+
+def _check_row(obj: Any, require_agent_ref: bool) -> str | None:
+    """The problem with one parsed row, or None."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    rcp = obj.get("responses_create_params")
+    if rcp is None:
+        return "missing field 'responses_create_params' (an object of Responses API params)"
+    if not isinstance(rcp, dict):
+        return f"field 'responses_create_params' must be an object, got {type(rcp).__name__}"
+    idx = obj.get("_ng_task_index")
+    if idx is not None and (not isinstance(idx, int) or isinstance(idx, bool) or idx < 0):
+        return f"field '_ng_task_index' must be a non-negative integer, got {idx!r}"
+    ref = obj.get("agent_ref")
+    if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("name"), str)):
+        return "field 'agent_ref' must be an object with a string 'name'"
+    if require_agent_ref and ref is None:
+        return "no agent: the row has no 'agent_ref' and no agent_name/agent_url was given"
+    return None
+
+
+class _ChunkWriter:
+    """Stages one chunk and checks it against the version collected before, line by line."""
+
+    def __init__(self, run_dir: Path, index: int, input_path: Path) -> None:
+        self.index = index
+        self.input_path = input_path
+        self.path = chunk_tasks_path(run_dir, index)
+        self.staged = run_dir / "chunks.staging" / self.path.name
+        self.staged.parent.mkdir(parents=True, exist_ok=True)
+        self.old: IO[bytes] | None = open(self.path, "rb") if self.path.exists() else None
+        self.out: IO[bytes] = open(self.staged, "wb")
+        self.changed = self.old is None
+        self.n = 0
+        self.sha = hashlib.sha256()
+
+    def add(self, line: bytes, input_line: int, task_index: int) -> None:
+        if self.old is not None:
+            before = self.old.readline()
+            if before and before != line:
+                raise RunConflict(
+                    f"{self.input_path}:{input_line}: this row (_ng_task_index {task_index}) "
+                    "differs from the task already collected at that position for this output. "
+                    "To resume an interrupted collection, rerun the original command unchanged "
+                    "(rollouts already written are skipped; no need to cut the input with "
+                    "`tail`). To collect changed data, write to another output or add --fresh."
+                )
+            if not before:
+                self.changed = True  # rows appended past what was split before
+        self.out.write(line)
+        self.sha.update(line)
+        self.n += 1
+
+    def close(self, run_id: str) -> ChunkSpec:
+        if self.old is not None:
+            if self.old.readline():
+                self.changed = True  # fewer rows than before (a smaller limit): keep the prefix
+            self.old.close()
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        self.out.close()
+        return ChunkSpec(
+            index=self.index,
+            tasks_path=str(self.path),
+            n_tasks=self.n,
+            content_sha256=self.sha.hexdigest(),
+            run_id=run_id,
+        )
+
+    def commit(self) -> None:
+        if self.changed:
+            os.replace(self.staged, self.path)
+        else:
+            self.staged.unlink()
+
+    def abort(self) -> None:
+        if self.old is not None:
+            self.old.close()
+        self.out.close()
+        self.staged.unlink(missing_ok=True)
+
+
+def _parsed_rows(
+    input_path: Path, limit: int | None, require_agent_ref: bool
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(line number, row or None, problem or None) for the first ``limit`` rows."""
+    rows = 0
+    with open(input_path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if limit is not None and rows >= limit:
+                return
+            if not raw.strip():
+                continue
+            rows += 1
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as ue:
+                    yield number, None, f"not valid UTF-8 (byte {ue.start} of the line)"
+                    continue
+                yield number, None, f"malformed JSON: {e}"
+                continue
+            problem = _check_row(obj, require_agent_ref)
+            yield number, (obj if problem is None else None), problem
+
+
+def split_input(
+    input_path: Path,
+    run_dir: Path,
+    *,
+    run_id: str,
+    chunk_size: int,
+    limit: int | None = None,
+    require_agent_ref: bool = False,
+) -> SplitResult:
+    """Validate ``input_path`` and write its chunks under ``run_dir/chunks``.
+
+    Task index: the row's own ``_ng_task_index`` when present, else its 0-based row position.
+    Raises InputError (file, line, problem) before committing anything when any row is bad.
+    """
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise InputError(input_path, [(None, "file not found")])
+    if input_path.is_dir():
+        raise InputError(input_path, [(None, "is a directory, expected a JSONL file")])
+    (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
+
+    problems: list[tuple[int | None, str]] = []
+    n_problems = 0
+    seen: dict[int, int] = {}  # task index -> input line, to refuse duplicates
+    agent_names: set[str] = set()
+    specs: list[ChunkSpec] = []
+    closed: list[_ChunkWriter] = []  # committed only once the whole input is valid
+    writer: _ChunkWriter | None = None
+    position = 0
+    try:
+        for number, row, problem in _parsed_rows(input_path, limit, require_agent_ref):
+            if row is not None:
+                task_index = row.get("_ng_task_index", position)
+                first = seen.setdefault(task_index, number)
+                if first != number:
+                    problem = f"duplicate _ng_task_index {task_index} (also on line {first})"
+            position += 1
+            if problem is not None:
+                n_problems += 1
+                if len(problems) < MAX_REPORTED_PROBLEMS:
+                    problems.append((number, problem))
+                continue
+            if n_problems:
+                continue  # keep validating, but write nothing more
+            assert row is not None
+            if "_ng_task_index" not in row:
+                row["_ng_task_index"] = task_index
+            if "agent_ref" in row:
+                agent_names.add(row["agent_ref"]["name"])
+            if writer is None:
+                writer = _ChunkWriter(run_dir, len(specs), input_path)
+            writer.add(dumps_line(row), number, task_index)
+            if writer.n == chunk_size:
+                specs.append(writer.close(run_id))
+                closed.append(writer)
+                writer = None
+        if writer is not None:
+            specs.append(writer.close(run_id))
+            closed.append(writer)
+            writer = None
+        if n_problems:
+            raise InputError(input_path, problems, n_problems)
+        if not specs:
+            raise InputError(input_path, [(None, "no tasks: the file is empty")])
+    except BaseException:
+        for w in [*closed, *([writer] if writer else [])]:
+            w.abort()
+        raise
+    for w in closed:
+        w.commit()
+    fsync_dir(run_dir / "chunks")
+    shutil.rmtree(run_dir / "chunks.staging", ignore_errors=True)
+    return SplitResult(
+        run_dir=str(run_dir),
+        run_id=run_id,
+        n_tasks=sum(s.n_tasks for s in specs),
+        chunks=specs,
+        agent_names=sorted(agent_names),
+    )

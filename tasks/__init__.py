@@ -1,0 +1,1 @@
+"""Thin Prefect tasks, one stage per module. The work itself lives in `rollouts.*`."""

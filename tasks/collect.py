@@ -1,0 +1,53 @@
+"""Collect stage as a Prefect task: one task run per chunk, never per request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from rollouts.collect import DispatchPlan, collect_chunk
+from rollouts.dispatchers import get_dispatcher
+from rollouts.errors import IncompleteRun
+from rollouts.models import ChunkResult, ChunkSpec
+from tasks.cache_policies import content_policy
+
+
+def _chunk_identity(inputs: dict[str, Any]) -> Any:
+    spec: ChunkSpec = inputs["spec"]
+    plan: DispatchPlan = inputs["plan"]
+    # Agent URLs are left out on purpose: an agent that moved host still gives the same rollouts.
+    return {
+        "chunk": spec.cache_identity(),
+        "agent": plan.agent_name or plan.agent_url,
+        "num_repeats": plan.num_repeats,
+        "overrides": plan.overrides,
+        "add_seed": plan.add_seed,
+    }
+
+
+@task(
+    name="collect-chunk",
+    task_run_name="collect-chunk-{spec.index:05d}",
+    cache_policy=content_policy(_chunk_identity),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=10,
+)
+async def collect_chunk_task(spec: ChunkSpec, plan: DispatchPlan, run_id: str) -> ChunkResult:
+    """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing."""
+    logger = get_run_logger()
+    dispatcher = get_dispatcher(run_id)
+    result = await collect_chunk(spec, plan, dispatcher)
+    logger.info(
+        "chunk %05d: %d/%d written, %d failed, %d missing (%d requests, worker %s)",
+        spec.index, result.succeeded, result.expected, result.failed, result.missing,
+        result.attempts, result.worker,
+    )  # fmt: skip
+    if not result.complete:
+        # Not cached: a retry (or the next run) resumes with only the missing rollouts.
+        raise IncompleteRun(
+            f"chunk {spec.index:05d}: {result.missing} of {result.expected} rollouts neither "
+            f"written nor failed for good (see {result.failures_path})"
+        )
+    return result

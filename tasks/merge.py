@@ -1,0 +1,43 @@
+"""Merge stage as a Prefect task. Cached on the chunk files' state; the flow refreshes the
+cache when an output file has gone missing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from rollouts.collect import DispatchPlan, chunk_output_paths
+from rollouts.merge import MergeReport, merge_chunks
+from rollouts.models import ChunkSpec
+from tasks.cache_policies import content_policy
+from tasks.split import file_identity
+
+
+def _merge_identity(inputs: dict[str, Any]) -> Any:
+    specs: list[ChunkSpec] = inputs["chunks"]
+    return {
+        "chunks": [
+            (s.cache_identity(), [file_identity(p) for p in chunk_output_paths(s)]) for s in specs
+        ],
+        "output": str(Path(inputs["output_path"]).resolve()),
+        "failures": str(Path(inputs["failures_path"]).resolve()),
+        "num_repeats": inputs["plan"].num_repeats,
+    }
+
+
+@task(name="merge", cache_policy=content_policy(_merge_identity), persist_result=True, retries=1)
+async def merge_task(
+    chunks: list[ChunkSpec], plan: DispatchPlan, output_path: str, failures_path: str
+) -> MergeReport:
+    return await asyncio.to_thread(
+        merge_chunks,
+        chunks,
+        num_repeats=plan.num_repeats,
+        chunk_files=chunk_output_paths,
+        agent_of=lambda row: plan.agent_ref(row)["name"],
+        output_path=Path(output_path),
+        failures_path=Path(failures_path),
+    )

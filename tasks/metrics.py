@@ -1,0 +1,43 @@
+"""Metrics stage as a Prefect task, cached on the merged files' state."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from rollouts.metrics import MetricsSummary, write_aggregate_metrics
+from tasks.cache_policies import content_policy
+from tasks.split import file_identity
+
+
+def _metrics_identity(inputs: dict[str, Any]) -> Any:
+    return {
+        "rollouts": file_identity(inputs["rollouts_path"]),
+        "failures": file_identity(inputs["failures_path"]),
+        "metrics": str(Path(inputs["metrics_path"]).resolve()),
+        "num_repeats": inputs["num_repeats"],
+        "expected_by_agent": inputs["expected_by_agent"],
+    }
+
+
+@task(
+    name="metrics", cache_policy=content_policy(_metrics_identity), persist_result=True, retries=1
+)
+async def metrics_task(
+    rollouts_path: str,
+    failures_path: str,
+    metrics_path: str,
+    num_repeats: int,
+    expected_by_agent: dict[str, int],
+) -> MetricsSummary:
+    return await asyncio.to_thread(
+        write_aggregate_metrics,
+        Path(rollouts_path),
+        Path(failures_path),
+        Path(metrics_path),
+        num_repeats=num_repeats,
+        expected_by_agent=expected_by_agent,
+    )

@@ -1,0 +1,61 @@
+"""Split stage as a Prefect task. Cached on the input file's identity and the run state."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from rollouts.models import SplitResult
+from rollouts.split import split_input
+from tasks.cache_policies import content_policy
+
+
+def file_identity(path: str | Path) -> tuple[str, int, int, int] | None:
+    """(path, size, mtime_ns, inode), or None when absent: a change means re-read the file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _split_identity(inputs: dict[str, Any]) -> Any:
+    ident = file_identity(inputs["input_path"])
+    if ident is None:
+        return None  # let the task run and report the missing file
+    return {
+        "input": ident,
+        "run_id": inputs["run_id"],
+        "chunk_size": inputs["chunk_size"],
+        "limit": inputs["limit"],
+        "require_agent_ref": inputs["require_agent_ref"],
+    }
+
+
+@task(
+    name="split",
+    cache_policy=content_policy(_split_identity),
+    persist_result=True,
+    retries=0,  # bad input does not get better by retrying
+)
+async def split_task(
+    input_path: str,
+    run_dir: str,
+    run_id: str,
+    chunk_size: int,
+    limit: int | None,
+    require_agent_ref: bool,
+) -> SplitResult:
+    return await asyncio.to_thread(
+        split_input,
+        Path(input_path),
+        Path(run_dir),
+        run_id=run_id,
+        chunk_size=chunk_size,
+        limit=limit,
+        require_agent_ref=require_agent_ref,
+    )
