@@ -1,0 +1,107 @@
+"""Shared fixtures: one Prefect test harness per session, real agent servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Result storage (the task cache) must be chosen before Prefect reads its settings.
+_RESULTS = tempfile.mkdtemp(prefix="rollouts-test-results-")
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = _RESULTS
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import orjson  # noqa: E402
+import pytest  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api() -> Iterator[str]:
+    """One real (temporary) Prefect server for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keep backoffs short and settings isolated from the developer's environment and .env."""
+    for key in list(os.environ):
+        if key.startswith("ROLLOUTS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no stray .env is read; relative paths land in tmp
+    monkeypatch.setenv("ROLLOUTS_BACKOFF_BASE_S", "0.02")
+    monkeypatch.setenv("ROLLOUTS_BACKOFF_MAX_S", "0.2")
+    monkeypatch.setenv("ROLLOUTS_CHUNK_RETRY_DELAY_S", "0")
+    monkeypatch.setenv("ROLLOUTS_REQUEST_TIMEOUT_S", "10")
+
+
+@dataclass
+class AgentServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    request_log: Path
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.request_log.exists():
+            return []
+        return [orjson.loads(line) for line in self.request_log.read_bytes().splitlines() if line]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentServer]]:
+    """Start the reference agent (a real process on 127.0.0.1) with the given CLI flags."""
+    servers: list[AgentServer] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> AgentServer:
+        log = tmp_path / f"agent-requests-{len(servers)}.jsonl"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rollouts.reference_agent", "--port", "0",
+             "--request-log", str(log), *flags],
+            stdout=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if "listening on" not in line:
+            proc.kill()
+            raise RuntimeError(f"reference agent did not start: {line!r}")
+        server = AgentServer(line.rsplit(" ", 1)[-1].strip(), proc, log)
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def agent(start_agent: Callable[..., AgentServer]) -> AgentServer:
+    return start_agent()
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
