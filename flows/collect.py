@@ -99,7 +99,9 @@ def _validation_message(e: ValidationError) -> str:
     )
 
 
-async def run_collection(config: CollectConfig, settings: RolloutsSettings | None = None) -> CollectSummary:
+async def run_collection(
+    config: CollectConfig, settings: RolloutsSettings | None = None
+) -> CollectSummary:
     logger = get_run_logger()
     settings = settings or RolloutsSettings()
     paths = OutputPaths.for_output(config.output_jsonl_fpath)
@@ -131,7 +133,9 @@ async def run_collection(config: CollectConfig, settings: RolloutsSettings | Non
             add_seed=config.num_repeats_add_seed,
         )
 
-        open_dispatcher(run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks)
+        open_dispatcher(
+            run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks
+        )
         chunk_task = collect_chunk_task.with_options(
             retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
         )

@@ -110,15 +110,15 @@ class AgentClient:
     slot, so one slow or failing rollout never idles the agent.
     """
 
-    def __init__(
-        self, policy: RetryPolicy, max_in_flight: int, api_key: str | None = None
-    ) -> None:
+    def __init__(self, policy: RetryPolicy, max_in_flight: int, api_key: str | None = None) -> None:
         self.policy = policy
         self.in_flight = asyncio.Semaphore(max_in_flight)
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+        limits = httpx.Limits(
+            max_connections=max_in_flight, max_keepalive_connections=max_in_flight
+        )
         self._http = httpx.AsyncClient(
             transport=AiohttpTransport(limits=limits, trust_env=False),
             headers=headers,
@@ -217,8 +217,8 @@ def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str
         return urls
     if not settings.head_server_url:
         raise AgentResolutionError(
-            f"unknown agent {missing[0]!r}: set ROLLOUTS_AGENTS='{{\"{missing[0]}\": "
-            "\"http://host:port\"}', point ROLLOUTS_HEAD_SERVER_URL at a NeMo Gym head server, "
+            f'unknown agent {missing[0]!r}: set ROLLOUTS_AGENTS=\'{{"{missing[0]}": '
+            '"http://host:port"}\', point ROLLOUTS_HEAD_SERVER_URL at a NeMo Gym head server, '
             "or pass agent_url"
         )
     head = settings.head_server_url.rstrip("/")

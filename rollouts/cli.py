@@ -48,14 +48,12 @@ def parse_plus_args(tokens: list[str]) -> dict[str, Any]:
         if key in ("input_jsonl_fpath", "output_jsonl_fpath", "agent_name", "agent_url"):
             value = raw  # paths and names stay strings even when they look like numbers
         if key.startswith(RCP_PREFIX):
-            params.setdefault("responses_create_params", {})[key[len(RCP_PREFIX):]] = value
+            params.setdefault("responses_create_params", {})[key[len(RCP_PREFIX) :]] = value
         elif key in PLUS_KEYS:
             params[key] = value
         else:
             known = ", ".join(sorted(f"+{k}" for k in PLUS_KEYS))
-            raise UsageError(
-                f"unknown argument +{key}; known: {known}, +{RCP_PREFIX}<param>"
-            )
+            raise UsageError(f"unknown argument +{key}; known: {known}, +{RCP_PREFIX}<param>")
     return params
 
 
@@ -114,9 +112,7 @@ def collect_params(args: argparse.Namespace) -> dict[str, Any]:
     """Flow parameters from flags and `+key=value`s; the same thing said twice is an error."""
     params = parse_plus_args(args.plus)
     flags: dict[str, Any] = {
-        k: getattr(args, k)
-        for k in PLUS_KEYS
-        if getattr(args, k, None) is not None
+        k: getattr(args, k) for k in PLUS_KEYS if getattr(args, k, None) is not None
     }
     rcp_flags = {k: getattr(args, k) for k in ("temperature", "top_p", "max_output_tokens")
                  if getattr(args, k) is not None}  # fmt: skip

@@ -8,6 +8,7 @@ chunk's index is held at a time; otherwise the chunk indices are merged with a h
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -85,10 +86,14 @@ def _chunk_index(
             rollouts_path=rollouts_path,
             failures_path=failures_path,
             failure_rows=[
-                {"key": k, "terminal": r.get("_ng_failure_terminal") is True,
-                 "class": str(r.get("_ng_failure_class"))}
-                for k, (_, _, r) in fails.items() if r is not None
-            ],  # fmt: skip
+                {
+                    "key": k,
+                    "terminal": r.get("_ng_failure_terminal") is True,
+                    "class": str(r.get("_ng_failure_class")),
+                }
+                for k, (_, _, r) in fails.items()
+                if r is not None
+            ],
         ),
         tasks,
     )
@@ -189,4 +194,4 @@ def _min_task(spec: ChunkSpec) -> int:
 
 def _disjoint_ranges(chunks: list[ChunkSpec]) -> bool:
     ranges = sorted(_task_range(s) for s in chunks)
-    return all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    return all(a[1] < b[0] for a, b in itertools.pairwise(ranges))

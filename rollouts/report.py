@@ -14,8 +14,10 @@ if TYPE_CHECKING:
 def print_summary(summary: CollectSummary, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title="rollouts", show_header=True)
-    for col in ("agent", "expected", "written", "failed", "mean reward", "pass@k"):
-        table.add_column(col, justify="right" if col != "agent" else "left")
+    table.add_column("agent", overflow="fold")
+    for col in ("expected", "written", "failed", "mean reward"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("pass@k", no_wrap=True)
     for a in summary.agents:
         mean = a["mean_reward"]
         passk = "  ".join(f"@{k} {v:.3f}" for k, v in a["pass_at_k"].items())

@@ -165,7 +165,8 @@ def split_input(
     writer: _ChunkWriter | None = None
     position = 0
     try:
-        for number, row, problem in _parsed_rows(input_path, limit, require_agent_ref):
+        for number, row, parse_problem in _parsed_rows(input_path, limit, require_agent_ref):
+            problem = parse_problem
             if row is not None:
                 task_index = row.get("_ng_task_index", position)
                 first = seen.setdefault(task_index, number)

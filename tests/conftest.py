@@ -17,9 +17,9 @@ os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = _RESULTS
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-import orjson  # noqa: E402
-import pytest  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+import orjson
+import pytest
+from prefect.testing.utilities import prefect_test_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 

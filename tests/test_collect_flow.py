@@ -78,8 +78,8 @@ def test_3000_tasks_x2_sorted_unique_with_rewards_and_matching_metrics(
 def test_rerun_is_all_cache_hits_and_sends_nothing(tmp_path: Path, agent: AgentServer) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(120)))
     out = tmp_path / "out.jsonl"
-    params = dict(agent_url=agent.url, input_jsonl_fpath=str(inp), output_jsonl_fpath=str(out),
-                  chunk_size=50)  # fmt: skip
+    params = {"agent_url": agent.url, "input_jsonl_fpath": str(inp), "output_jsonl_fpath": str(out),
+                  "chunk_size": 50}  # fmt: skip
     collect_ok(**params)
     first = out.read_bytes()
     sent = len(agent.requests())
@@ -97,8 +97,8 @@ def test_appended_rows_are_collected_and_nothing_is_redone(
     tasks = list(generate_tasks(130))
     inp = write_jsonl(tmp_path / "in.jsonl", tasks[:100])
     out = tmp_path / "out.jsonl"
-    params = dict(agent_url=agent.url, input_jsonl_fpath=str(inp), output_jsonl_fpath=str(out),
-                  chunk_size=40, num_repeats=2)  # fmt: skip
+    params = {"agent_url": agent.url, "input_jsonl_fpath": str(inp), "output_jsonl_fpath": str(out),
+                  "chunk_size": 40, "num_repeats": 2}  # fmt: skip
     collect_ok(**params)
     write_jsonl(inp, tasks)  # 30 more rows: the last chunk grows and a new one appears
 
@@ -151,7 +151,7 @@ def test_other_result_changing_parameters_are_refused_and_fresh_starts_over(
 ) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(10)))
     out = tmp_path / "out.jsonl"
-    base = dict(agent_url=agent.url, input_jsonl_fpath=str(inp), output_jsonl_fpath=str(out))
+    base = {"agent_url": agent.url, "input_jsonl_fpath": str(inp), "output_jsonl_fpath": str(out)}
     collect_ok(**base, responses_create_params={"temperature": 0.2})
 
     state = run_collect(**base, responses_create_params={"temperature": 0.9})
@@ -223,7 +223,7 @@ def test_unreachable_agent_ends_incomplete_then_resumes(
     out = tmp_path / "out.jsonl"
     dead = start_agent()
     dead.stop()
-    params = dict(input_jsonl_fpath=str(inp), output_jsonl_fpath=str(out))
+    params = {"input_jsonl_fpath": str(inp), "output_jsonl_fpath": str(out)}
 
     monkeypatch.setenv("ROLLOUTS_AGENTS", orjson.dumps({"sim": dead.url}).decode())
     state = run_collect(agent_name="sim", **params)
@@ -249,8 +249,9 @@ def test_agent_name_resolves_through_a_nemo_gym_head_server(
     from aiohttp import web
 
     host, port = agent.url.removeprefix("http://").split(":")
-    config = {"my_agent": {"responses_api_agents": {"simple_agent": {"host": host,
-                                                                     "port": int(port)}}}}
+    config = {
+        "my_agent": {"responses_api_agents": {"simple_agent": {"host": host, "port": int(port)}}}
+    }
     app = web.Application()
 
     async def global_config(_: web.Request) -> web.Response:
