@@ -1,0 +1,158 @@
+"""The balanced mix as a plain function: exact quotas, determinism, groups, shortfall."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import read_jsonl, write_jsonl
+
+from rollouts.mix import MixRequest, MixShortfall, MixSource, largest_remainder, mix_sources
+
+
+def rollouts(n_tasks: int, repeats: int, tag: str) -> list[dict]:
+    return [
+        {"_ng_task_index": t, "_ng_rollout_index": r, "reward": float((t + r) % 2), "tag": tag}
+        for t in range(n_tasks)
+        for r in range(repeats)
+    ]
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "high_quality": write_jsonl(tmp_path / "hq.jsonl", rollouts(1000, 1, "hq")),
+        "exploration": write_jsonl(tmp_path / "ex.jsonl", rollouts(400, 1, "ex")),
+        "hard": write_jsonl(tmp_path / "hard.jsonl", rollouts(100, 3, "hard")),
+    }
+
+
+def request(sources: dict[str, Path], out: Path, **kw: object) -> MixRequest:
+    props = {"high_quality": 0.6, "exploration": 0.3, "hard": 0.1}
+    return MixRequest(
+        sources=[MixSource(name=n, path=str(p), proportion=props[n]) for n, p in sources.items()],
+        output=str(out),
+        **{"total": 1000, "seed": 0, "keep_groups": False, **kw},
+    )
+
+
+def test_largest_remainder_sums_exactly_and_favours_the_largest_fractions() -> None:
+    assert largest_remainder(10, {"a": 1, "b": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}
+    q = largest_remainder(1001, {"x": 0.6, "y": 0.3, "z": 0.1})
+    assert sum(q.values()) == 1001 and q == {"x": 601, "y": 300, "z": 100}
+    assert sum(largest_remainder(7, {"a": 0.333, "b": 0.333, "c": 0.334}).values()) == 7
+
+
+def test_exact_counts_and_every_row_keeps_its_fields_plus_mix_source(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    result = mix_sources(request(sources, tmp_path / "mix.jsonl"))
+    rows = read_jsonl(tmp_path / "mix.jsonl")
+    assert Counter(r["_mix_source"] for r in rows) == {
+        "high_quality": 600, "exploration": 300, "hard": 100,
+    }  # fmt: skip
+    assert result.rows == 1000
+    tag = {"high_quality": "hq", "exploration": "ex", "hard": "hard"}
+    assert all(r["tag"] == tag[r["_mix_source"]] and "reward" in r for r in rows)
+    assert (
+        len({(r["_mix_source"], r["_ng_task_index"], r["_ng_rollout_index"]) for r in rows}) == 1000
+    )
+    manifest = orjson.loads((tmp_path / "mix_manifest.json").read_bytes())
+    assert manifest["seed"] == 0
+    assert manifest["sources"]["hard"]["target"] == 100
+    assert manifest["sources"]["hard"]["available"] == 300
+    assert manifest["sources"]["exploration"]["selected"] == 300
+    assert len(manifest["sources"]["high_quality"]["sha256"]) == 64
+
+
+def test_same_seed_is_byte_identical_other_seed_differs_and_order_is_shuffled(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    mix_sources(request(sources, tmp_path / "a.jsonl", seed=7))
+    mix_sources(request(sources, tmp_path / "b.jsonl", seed=7))
+    mix_sources(request(sources, tmp_path / "c.jsonl", seed=8))
+    a = (tmp_path / "a.jsonl").read_bytes()
+    assert a == (tmp_path / "b.jsonl").read_bytes()
+    assert a != (tmp_path / "c.jsonl").read_bytes()
+    first_hundred = [r["_mix_source"] for r in read_jsonl(tmp_path / "a.jsonl")[:100]]
+    assert len(set(first_hundred)) > 1  # not source after source
+
+
+def test_keep_groups_selects_whole_groups_close_to_the_quota(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    result = mix_sources(request(sources, tmp_path / "g.jsonl", keep_groups=True, total=1001))
+    rows = read_jsonl(tmp_path / "g.jsonl")
+    hard = Counter(r["_ng_task_index"] for r in rows if r["_mix_source"] == "hard")
+    assert set(hard.values()) == {3}  # every selected task with all its 3 rollouts
+    # quota 100 rollouts of groups of 3: 99 or 102 are the closest; 99 is closer
+    assert result.per_source["hard"]["selected"] == 99
+    assert result.per_source["hard"]["deviation_from_quota"] == -1
+    # the rows of one group are adjacent in the output
+    positions: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["_mix_source"] == "hard":
+            positions.setdefault(r["_ng_task_index"], []).append(i)
+    assert all(p[-1] - p[0] == 2 for p in positions.values())
+
+
+def test_keep_groups_defaults_on_when_a_source_has_repeats(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    result = mix_sources(request(sources, tmp_path / "d.jsonl", keep_groups=None))
+    manifest = orjson.loads(result.manifest.read_bytes())
+    assert manifest["keep_groups"] is True
+
+
+def test_shortfall_error_names_source_available_and_needed(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    with pytest.raises(MixShortfall, match=r"hard: 300 available, 500 needed"):
+        mix_sources(request(sources, tmp_path / "e.jsonl", total=5000))
+    assert not (tmp_path / "e.jsonl").exists()
+
+
+def test_shortfall_redistribute_fills_from_the_others_in_proportion(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    # targets 900 / 450 / 150; exploration has 400: its 50 go 6:1 to the others (943 / 157)
+    result = mix_sources(request(sources, tmp_path / "r.jsonl", total=1500,
+                                 shortfall="redistribute"))  # fmt: skip
+    sel = {n: v["selected"] for n, v in result.per_source.items()}
+    assert sel == {"high_quality": 943, "exploration": 400, "hard": 157}
+    assert orjson.loads(result.manifest.read_bytes())["total_written"] == 1500
+    # asking for more than all there is gives all there is
+    result = mix_sources(request(sources, tmp_path / "r2.jsonl", total=1800,
+                                 shortfall="redistribute"))  # fmt: skip
+    sel = {n: v["selected"] for n, v in result.per_source.items()}
+    assert sel == {"high_quality": 1000, "exploration": 400, "hard": 300}
+
+
+def test_shortfall_redistribute_shares_the_deficit_by_weight(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", rollouts(10, 1, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", rollouts(1000, 1, "b"))
+    c = write_jsonl(tmp_path / "c.jsonl", rollouts(1000, 1, "c"))
+    req = MixRequest(
+        sources=[MixSource(name="a", path=str(a), proportion=0.5),
+                 MixSource(name="b", path=str(b), proportion=0.3),
+                 MixSource(name="c", path=str(c), proportion=0.2)],
+        output=str(tmp_path / "m.jsonl"), total=100, shortfall="redistribute",
+    )  # fmt: skip
+    sel = {n: v["selected"] for n, v in mix_sources(req).per_source.items()}
+    # a gives its 10; the 90 left go 3:2 to b and c
+    assert sel == {"a": 10, "b": 54, "c": 36}
+
+
+def test_shortfall_allow_short_writes_fewer_and_says_so(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    result = mix_sources(request(sources, tmp_path / "s.jsonl", total=1000,
+                                 shortfall="allow_short", keep_groups=False))  # fmt: skip
+    assert result.rows == 1000
+    result = mix_sources(request(sources, tmp_path / "s2.jsonl", total=2000,
+                                 shortfall="allow_short"))  # fmt: skip
+    hq = result.per_source["high_quality"]
+    assert hq["target"] == 1200 and hq["selected"] == 1000 and hq["shortfall"] == 200
+    assert len(read_jsonl(tmp_path / "s2.jsonl")) == result.rows == 1000 + 400 + 200
