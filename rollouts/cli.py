@@ -150,23 +150,107 @@ def prefect_result_storage() -> Iterator[None]:
 def cmd_collect(args: argparse.Namespace) -> int:
     params = collect_params(args)
     from flows.collect import CollectSummary, collect_rollouts
-    from rollouts.errors import IncompleteRun, RolloutsError
     from rollouts.report import print_summary
 
+    state = _run_flow_state(collect_rollouts(**params, return_state=True))
+    if not state.is_completed():
+        return _exit_for_failed("collect", state)
+    summary = state.result()
+    assert isinstance(summary, CollectSummary)
+    print_summary(summary)
+    return EXIT_OK
+
+
+def _run_flow_state(coro: Any) -> Any:
     with prefect_result_storage():
-        state = asyncio.run(collect_rollouts(**params, return_state=True))
-    if state.is_completed():
-        summary = state.result()
-        assert isinstance(summary, CollectSummary)
-        print_summary(summary)
-        return EXIT_OK
+        return asyncio.run(coro)
+
+
+def _exit_for_failed(command: str, state: Any) -> int:
+    """Bad input, parameters or a conflicting run are the caller's to fix (2); anything else,
+    an incomplete run or a crash, is fixed by rerunning (1)."""
+    from rollouts.errors import IncompleteRun, RolloutsError
+
     error = state.result(raise_on_failure=False)
-    print(f"rollouts collect: {state.message or error}", file=sys.stderr)
-    # Bad input, parameters or a conflicting run are the caller's to fix (2); anything else,
-    # an incomplete run or a crash, is fixed by rerunning (1).
+    print(f"rollouts {command}: {state.message or error}", file=sys.stderr)
     if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
         return EXIT_USAGE
     return EXIT_INCOMPLETE
+
+
+def load_multi_config(path: str) -> Any:
+    from pydantic import ValidationError
+
+    from rollouts.models import MultiDatasetConfig
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config {path} not found") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"config {path} is not valid YAML: {e}") from None
+    try:
+        return MultiDatasetConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise UsageError(f"config {path}: {problems}") from None
+
+
+def cmd_multi(args: argparse.Namespace) -> int:
+    config = load_multi_config(args.config)
+    from flows.multi import collect_multi_dataset
+    from rollouts.report import print_multi_summary
+
+    state = _run_flow_state(collect_multi_dataset(config=config, return_state=True))
+    if not state.is_completed():
+        return _exit_for_failed("multi", state)
+    print_multi_summary(state.result())
+    return EXIT_OK
+
+
+def _parse_source(text: str) -> tuple[str, str, float]:
+    name, sep, rest = text.partition("=")
+    path, sep2, prop = rest.rpartition(":")
+    if not (sep and sep2 and name and path):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH:PROPORTION")
+    try:
+        return name, path, float(prop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: proportion {prop!r} is not a number") from None
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from rollouts.errors import RolloutsError
+    from rollouts.mix import MixRequest, MixSource, mix_sources
+
+    try:
+        request = MixRequest(
+            sources=[MixSource(name=n, path=p, proportion=w) for n, p, w in args.source],
+            output=args.output,
+            total=args.total,
+            seed=args.seed,
+            keep_groups=args.keep_groups,
+            shortfall=args.shortfall,
+        )
+    except ValidationError as e:
+        raise UsageError("; ".join(err["msg"] for err in e.errors())) from None
+    try:
+        result = mix_sources(request)
+    except RolloutsError as e:
+        print(f"rollouts mix: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for name, s in result.per_source.items():
+        print(f"{name}: {s['selected']} selected (target {s['target']}, "
+              f"{s['available']} available, shortfall {s['shortfall']}, "
+              f"{s['deviation_from_quota']:+d} vs quota)")  # fmt: skip
+    print(f"{result.rows} rows -> {result.output}\nmanifest: {result.manifest}")
+    return EXIT_OK
 
 
 def cmd_serve_agent(args: argparse.Namespace) -> int:
@@ -184,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_collect_parser(sub)
+    multi = sub.add_parser(
+        "multi", help="collect several datasets (own temperature, repeats) and mix them"
+    )
+    multi.add_argument("--config", required=True, help="YAML: datasets + mix (see examples/)")
+    multi.set_defaults(func=cmd_multi)
+
+    mix = sub.add_parser("mix", help="mix rollout files by exact target proportions")
+    mix.add_argument(
+        "--source", action="append", type=_parse_source, required=True,
+        metavar="NAME=PATH:PROPORTION", help="a source (repeat for each)",
+    )  # fmt: skip
+    mix.add_argument("--total", type=int, required=True, help="rollouts to write")
+    mix.add_argument("--seed", type=int, default=0)
+    mix.add_argument("--output", required=True)
+    mix.add_argument(
+        "--keep-groups", action=argparse.BooleanOptionalAction, default=None,
+        help="select all rollouts of a task together (default: when a source has repeats)",
+    )  # fmt: skip
+    mix.add_argument(
+        "--shortfall", choices=["error", "redistribute", "allow_short"], default="error",
+        help="when a source has fewer rows than its quota (default: error)",
+    )  # fmt: skip
+    mix.set_defaults(func=cmd_mix)
+
     serve = sub.add_parser(
         "serve-agent",
         help="run the reference agent SIMULATOR (arithmetic tasks) for demos, tests, benchmarks",

@@ -271,7 +271,8 @@ def mix_sources(request: MixRequest) -> MixResult:
             "quota": quotas[n],
             "available": available[n],
             "selected": selected[n],
-            "shortfall": max(0, targets[n] - selected[n]),
+            # rows the source lacked for its target; group rounding is the deviation below
+            "shortfall": max(0, targets[n] - available[n]),
             "deviation_from_quota": selected[n] - quotas[n],
         }
         for n in names

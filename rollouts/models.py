@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -142,3 +142,87 @@ class ChunkResult(BaseModel):
     @property
     def complete(self) -> bool:
         return self.missing == 0
+
+
+class DatasetConfig(BaseModel):
+    """One dataset of a multi-dataset run, with its own sampling settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names its subflow and mix share.")
+    input: str = Field(description="Input tasks, JSONL.")
+    output: str = Field(description="This dataset's rollouts JSONL.")
+    agent_name: str | None = None
+    agent_url: str | None = None
+    responses_create_params: dict[str, Any] = Field(default_factory=dict)
+    num_repeats: int = Field(default=1, ge=1)
+    num_samples_in_parallel: int = Field(default=64, ge=1)
+    limit: int | None = Field(default=None, gt=0)
+    chunk_size: int = Field(default=10_000, ge=1)
+    max_parallel_chunks: int = Field(default=4, ge=1)
+
+    def collect_parameters(self) -> dict[str, Any]:
+        """The collect-rollouts flow's parameters for this dataset."""
+        return {
+            "input_jsonl_fpath": self.input,
+            "output_jsonl_fpath": self.output,
+            "agent_name": self.agent_name,
+            "agent_url": self.agent_url,
+            "limit": self.limit,
+            "num_repeats": self.num_repeats,
+            "num_samples_in_parallel": self.num_samples_in_parallel,
+            "responses_create_params": self.responses_create_params,
+            "chunk_size": self.chunk_size,
+            "max_parallel_chunks": self.max_parallel_chunks,
+        }
+
+    def run_label(self) -> str:
+        """e.g. `hard-T0.4-x3`: what the UI shows for this dataset's subflow."""
+        t = self.responses_create_params.get("temperature")
+        return f"{self.name}" + (f"-T{t}" if t is not None else "") + f"-x{self.num_repeats}"
+
+
+class MixConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output: str
+    total: int = Field(gt=0)
+    seed: int = 0
+    proportions: dict[str, float]
+    keep_groups: bool | None = Field(
+        default=None, description="Default: true when any dataset has num_repeats > 1."
+    )
+    shortfall: Literal["error", "redistribute", "allow_short"] = "error"
+
+    @field_validator("proportions")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, p in v.items() if p <= 0]
+        if bad:
+            raise ValueError(f"proportions must be positive; {bad[0]} is {v[bad[0]]}")
+        return v
+
+
+class MultiDatasetConfig(BaseModel):
+    """Several datasets collected concurrently, then mixed by target proportions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    mix: MixConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MultiDatasetConfig:
+        names = [d.name for d in self.datasets]
+        for label, values in (("name", names), ("output", [d.output for d in self.datasets])):
+            dupes = sorted({v for v in values if values.count(v) > 1})
+            if dupes:
+                raise ValueError(f"datasets must have distinct {label}s; repeated: {dupes[0]}")
+        if self.mix is not None:
+            unknown = sorted(set(self.mix.proportions) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"mix.proportions names {unknown[0]!r}, which is not a dataset "
+                    f"(datasets: {', '.join(names)})"
+                )
+        return self

@@ -9,12 +9,13 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from flows.collect import CollectSummary
+    from flows.multi import MultiSummary
 
 
 def print_summary(summary: CollectSummary, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title="rollouts", show_header=True)
-    table.add_column("agent", overflow="fold")
+    table.add_column("agent", overflow="fold", min_width=12)
     for col in ("expected", "written", "failed", "mean reward"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("pass@k", no_wrap=True)
@@ -33,3 +34,24 @@ def print_summary(summary: CollectSummary, console: Console | None = None) -> No
     console.print(f"rollouts: {summary.output}")
     console.print(f"failures: {summary.failures}")
     console.print(f"metrics:  {summary.metrics}")
+
+
+def print_multi_summary(summary: MultiSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    for name, ds in summary.datasets.items():
+        console.rule(name)
+        print_summary(ds, console)
+    if summary.mix_output is None:
+        return
+    console.rule("mix")
+    table = Table(show_header=True)
+    for col in ("source", "proportion", "target", "available", "selected", "shortfall",
+                "vs quota"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for name, s in summary.mix_sources.items():
+        table.add_row(name, f"{s['proportion']:g}", str(s["target"]), str(s["available"]),
+                      str(s["selected"]), str(s["shortfall"]),
+                      f"{s['deviation_from_quota']:+d}")  # fmt: skip
+    console.print(table)
+    console.print(f"{summary.mix_rows} rows -> {summary.mix_output}")
+    console.print(f"manifest: {summary.mix_manifest}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Demo: start the reference agent SIMULATOR on loopback, collect the bundled sample with it,
-# print the summary and the output paths, stop the agent. Rerun it to see resume: every chunk
-# comes back from the cache.
+# Demo: start the reference agent SIMULATOR on loopback, run the multi-dataset workflow of
+# examples/mix.yaml on the bundled datasets (three collections with their own temperature and
+# repeats, then a 60/30/10 mix), print the summary and the output paths, stop the agent.
+# Rerun it to see resume: every chunk and the mix come back from the cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -18,11 +19,4 @@ done
 url=$(grep -o 'http://[^ ]*' "$log")
 echo "reference agent (simulator) at $url"
 
-"$BIN/rollouts" collect \
-  +agent_name=reference +agent_url="$url" \
-  +input_jsonl_fpath=data/sample_arithmetic.jsonl \
-  +output_jsonl_fpath=out/sample_rollouts.jsonl \
-  +num_repeats=4 \
-  +num_samples_in_parallel=32 \
-  +chunk_size=50 \
-  +responses_create_params.temperature=0.4
+ROLLOUTS_AGENTS="{\"reference\": \"$url\"}" "$BIN/rollouts" multi --config examples/mix.yaml

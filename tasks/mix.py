@@ -1,0 +1,25 @@
+"""Mix stage as a Prefect task, cached on its sources' state and its parameters."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prefect import task
+
+from rollouts.mix import MixRequest, MixResult, mix_sources
+from tasks.cache_policies import content_policy
+from tasks.split import file_identity
+
+
+def _mix_identity(inputs: dict[str, Any]) -> Any:
+    request: MixRequest = inputs["request"]
+    return {
+        "request": request.model_dump(mode="json"),
+        "sources": [file_identity(s.path) for s in request.sources],
+    }
+
+
+@task(name="mix", cache_policy=content_policy(_mix_identity), persist_result=True, retries=1)
+async def mix_task(request: MixRequest) -> MixResult:
+    return await asyncio.to_thread(mix_sources, request)

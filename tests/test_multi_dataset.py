@@ -1,0 +1,117 @@
+"""The collect-multi-dataset flow: per-dataset settings reach the agent; resume after a kill."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from conftest import AgentServer, read_jsonl
+
+from flows.multi import MultiSummary, collect_multi_dataset
+from rollouts.models import MultiDatasetConfig
+from rollouts.reference_agent import write_tasks
+from rollouts.run_state import run_dir_for
+
+TEMPERATURES = {"high_quality": 0.2, "exploration": 0.6, "hard": 0.4}
+REPEATS = {"high_quality": 1, "exploration": 1, "hard": 3}
+
+
+def lines(chunks_dir: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in chunks_dir.glob("*.rollouts.jsonl"))
+
+
+def pattern_6_4(tmp_path: Path, sizes: dict[str, int], total: int, **ds: Any) -> dict[str, Any]:
+    datasets = []
+    for name, n in sizes.items():
+        inp = tmp_path / f"{name}_tasks.jsonl"
+        write_tasks(inp, n, seed=len(name))
+        datasets.append({
+            "name": name, "input": str(inp), "output": str(tmp_path / f"train_{name}.jsonl"),
+            "agent_name": "sim", "responses_create_params": {"temperature": TEMPERATURES[name]},
+            "num_repeats": REPEATS[name], **ds,
+        })  # fmt: skip
+    return {
+        "datasets": datasets,
+        "mix": {"output": str(tmp_path / "train_mixed.jsonl"), "total": total, "seed": 0,
+                "proportions": {"high_quality": 0.6, "exploration": 0.3, "hard": 0.1}},
+    }  # fmt: skip
+
+
+def test_each_dataset_reaches_the_agent_with_its_own_temperature_and_repeats(
+    tmp_path: Path, agent: AgentServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROLLOUTS_AGENTS", orjson.dumps({"sim": agent.url}).decode())
+    sizes = {"high_quality": 120, "exploration": 80, "hard": 30}
+    config = MultiDatasetConfig.model_validate(pattern_6_4(tmp_path, sizes, total=150))
+
+    state = asyncio.run(collect_multi_dataset(config=config, return_state=True))
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert isinstance(summary, MultiSummary)
+    by_temperature: dict[float, Counter[int]] = {}
+    for q in agent.requests():
+        by_temperature.setdefault(q["temperature"], Counter())[q["_ng_rollout_index"]] += 1
+    for name, n in sizes.items():
+        seen = by_temperature[TEMPERATURES[name]]
+        assert seen == dict.fromkeys(range(REPEATS[name]), n), name
+    mixed = read_jsonl(tmp_path / "train_mixed.jsonl")
+    counts = Counter(r["_mix_source"] for r in mixed)
+    assert counts == {"high_quality": 90, "exploration": 45, "hard": 15}  # groups of 3 fit 15
+    hard_groups = Counter(r["_ng_task_index"] for r in mixed if r["_mix_source"] == "hard")
+    assert set(hard_groups.values()) == {3}  # keep_groups defaulted on (hard has repeats)
+    assert summary.mix_rows == 150
+
+
+def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    agent = start_agent("--latency-ms", "25")
+    config = pattern_6_4(
+        tmp_path, {"high_quality": 40, "exploration": 600, "hard": 20}, total=60,
+        chunk_size=100, num_samples_in_parallel=4,
+    )  # fmt: skip
+    config_path = tmp_path / "mix.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "rollouts.cli", "multi", "--config", str(config_path)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api,
+           "ROLLOUTS_AGENTS": orjson.dumps({"sim": agent.url}).decode()}  # fmt: skip
+
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    small_done = [tmp_path / "train_high_quality.jsonl", tmp_path / "train_hard.jsonl"]
+    exploration_chunks = run_dir_for(tmp_path / "train_exploration.jsonl", None) / "chunks"
+    deadline = time.monotonic() + 120
+    # kill when the small datasets are finished and exploration is partway through
+    while not (all(p.exists() for p in small_done) and lines(exploration_chunks) >= 150):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "train_exploration.jsonl").exists()
+    sent_before = agent.requests()
+
+    rerun = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True,
+                           timeout=300)  # fmt: skip
+
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    sent_after = agent.requests()[len(sent_before) :]
+    # the finished datasets were not redone at all
+    assert {q["temperature"] for q in sent_after} == {0.6}
+    # every exploration rollout was sent once, but for those in flight at the kill
+    per_key = Counter(q["_ng_task_index"] for q in sent_before + sent_after
+                      if q["temperature"] == 0.6)  # fmt: skip
+    assert set(per_key) == set(range(600))
+    assert sum(1 for c in per_key.values() if c > 1) <= 4
+    assert len(read_jsonl(tmp_path / "train_exploration.jsonl")) == 600
+    assert len(read_jsonl(tmp_path / "train_mixed.jsonl")) == 60  # 36 + 18 + 2 groups of 3
