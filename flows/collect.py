@@ -7,10 +7,17 @@ chunk skips the rollouts already written.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
 from prefect.states import Failed, State
 from pydantic import BaseModel, ValidationError
 
@@ -20,8 +27,10 @@ from rollouts.dispatchers import close_dispatcher, open_dispatcher
 from rollouts.errors import ConfigError, IncompleteRun, RolloutsError
 from rollouts.metrics import AgentSummary
 from rollouts.models import ChunkResult, CollectConfig
+from rollouts.progress import update_progress_artifact_forever
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
 from rollouts.settings import RolloutsSettings
+from rollouts.status import StatusReader
 from tasks.collect import collect_chunk_task
 from tasks.merge import merge_task
 from tasks.metrics import metrics_task
@@ -133,6 +142,13 @@ async def run_collection(
             add_seed=config.num_repeats_add_seed,
         )
 
+        reader = StatusReader(config.output_jsonl_fpath, settings.work_dir)
+        progress_id = await acreate_progress_artifact(
+            progress=0.0, description=f"collecting {paths.rollouts.name}"
+        )
+        progress_updates = asyncio.create_task(
+            update_progress_artifact_forever(reader, progress_id)
+        )
         open_dispatcher(
             run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks
         )
@@ -145,6 +161,7 @@ async def run_collection(
                 *(chunk_task(spec, plan, run_id, return_state=True) for spec in split.chunks)
             )
         finally:
+            progress_updates.cancel()
             await close_dispatcher(run_id)
         from_cache = sum(1 for s in states if s.name == "Cached")
         results: list[ChunkResult] = [await s.aresult() for s in states if s.is_completed()]
@@ -178,6 +195,7 @@ async def run_collection(
         agents=[_agent_dict(a) for a in metrics.agents],
         missing_examples=merge.missing_examples,
     )
+    await publish_artifacts(summary, progress_id, paths.rollouts.stem)
     logger.info(
         "%d/%d rollouts written, %d failed, %d missing; %d of %d chunks from cache; %s",
         summary.succeeded, summary.expected, summary.failed, summary.missing,
@@ -194,6 +212,48 @@ async def run_collection(
         )
     _ = results
     return summary
+
+
+def _artifact_key(stem: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-") or "rollouts"
+
+
+async def publish_artifacts(summary: CollectSummary, progress_id: Any, stem: str) -> None:
+    """The run's final progress, a metrics table and a markdown summary, in the Prefect UI."""
+    done = summary.succeeded + summary.failed
+    await aupdate_progress_artifact(
+        artifact_id=progress_id,
+        progress=100.0 * done / summary.expected if summary.expected else 100.0,
+        description=f"{summary.succeeded}/{summary.expected} written, {summary.failed} failed",
+    )
+    rows = [
+        {"agent": a["agent"], "expected": a["expected"], "written": a["succeeded"],
+         "failed": a["failed"], "mean_reward": a["mean_reward"],
+         **{f"pass@{k}": v for k, v in a["pass_at_k"].items()}}
+        for a in summary.agents
+    ]  # fmt: skip
+    key = _artifact_key(stem)
+    await acreate_table_artifact(table=rows, key=f"{key}-metrics", description="Rollout metrics")
+    lines = [
+        f"# Rollouts: {Path(summary.output).name}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| expected | {summary.expected} |",
+        f"| written | {summary.succeeded} |",
+        f"| failed for good | {summary.failed} |",
+        f"| missing | {summary.missing} |",
+        f"| chunks (from cache) | {summary.chunks} ({summary.chunks_from_cache}) |",
+    ]
+    for a in summary.agents:
+        mean = "-" if a["mean_reward"] is None else f"{a['mean_reward']:.4f}"
+        passk = ", ".join(f"pass@{k} {v:.3f}" for k, v in a["pass_at_k"].items()) or "-"
+        lines.append(f"| reward ({a['agent']}) | mean {mean}; {passk} |")
+    lines += ["", f"- rollouts: `{summary.output}`", f"- failures: `{summary.failures}`",
+              f"- metrics: `{summary.metrics}`"]  # fmt: skip
+    await acreate_markdown_artifact(
+        markdown="\n".join(lines), key=f"{key}-summary", description="Collection summary"
+    )
 
 
 def _agent_dict(a: AgentSummary) -> dict[str, Any]:

@@ -150,9 +150,12 @@ def prefect_result_storage() -> Iterator[None]:
 def cmd_collect(args: argparse.Namespace) -> int:
     params = collect_params(args)
     from flows.collect import CollectSummary, collect_rollouts
+    from rollouts.progress import cli_progress_bar
     from rollouts.report import print_summary
+    from rollouts.settings import RolloutsSettings
 
-    state = _run_flow_state(collect_rollouts(**params, return_state=True))
+    with cli_progress_bar(params["output_jsonl_fpath"], RolloutsSettings().work_dir):
+        state = _run_flow_state(collect_rollouts(**params, return_state=True))
     if not state.is_completed():
         return _exit_for_failed("collect", state)
     summary = state.result()
@@ -253,6 +256,21 @@ def cmd_mix(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import orjson
+
+    from rollouts.report import print_status
+    from rollouts.settings import RolloutsSettings
+    from rollouts.status import read_status
+
+    status = read_status(args.output, RolloutsSettings().work_dir, sample_s=args.sample_s)
+    if args.json:
+        sys.stdout.write(orjson.dumps(status.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print_status(status)
+    return EXIT_OK if status.state != "not started" else EXIT_USAGE
+
+
 def cmd_serve_agent(args: argparse.Namespace) -> int:
     from rollouts.reference_agent import serve_agent_from_args
 
@@ -292,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     mix.set_defaults(func=cmd_mix)
 
+    status = sub.add_parser(
+        "status", help="progress of a collection (also while it runs, from another terminal)"
+    )
+    status.add_argument("output", help="the output file of the collection")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.add_argument(
+        "--sample-s", type=float, default=1.0,
+        help="seconds between two readings, for the rate and ETA (0: no rate)",
+    )  # fmt: skip
+    status.set_defaults(func=cmd_status)
+
     serve = sub.add_parser(
         "serve-agent",
         help="run the reference agent SIMULATOR (arithmetic tasks) for demos, tests, benchmarks",
@@ -303,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if sys.stderr.isatty():
+        # The progress bar says how it goes; Prefect's per-task console lines would scroll it
+        # away. Everything still reaches the Prefect API (and its UI) at INFO.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # argparse would read "+key=value" as a positional anyway; keep them last-resort safe.

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from rollouts.status import RunStatus
+
 if TYPE_CHECKING:
     from flows.collect import CollectSummary
     from flows.multi import MultiSummary
@@ -55,3 +57,31 @@ def print_multi_summary(summary: MultiSummary, console: Console | None = None) -
     console.print(table)
     console.print(f"{summary.mix_rows} rows -> {summary.mix_output}")
     console.print(f"manifest: {summary.mix_manifest}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def print_status(status: RunStatus, console: Console | None = None) -> None:
+    console = console or Console()
+    if status.state == "not started":
+        console.print(f"no collection state for {status.output} (looked in {status.run_dir})")
+        return
+    table = Table(title=f"{status.output}: {status.state}")
+    for col in ("chunk", "expected", "done", "failed", "worker"):
+        table.add_column(col, justify="left" if col == "worker" else "right")
+    for c in status.chunks:
+        table.add_row(f"{c.index:05d}", str(c.expected), str(c.done), str(c.failed),
+                      c.worker or "-")  # fmt: skip
+    console.print(table)
+    pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
+    rate = f"{status.rate_per_s:.1f}/s" if status.rate_per_s else "-"
+    console.print(
+        f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
+        f"rate {rate}; ETA {_duration(status.eta_s)}"
+    )

@@ -1,0 +1,172 @@
+"""Progress of a collection read from its run state: the replacement for `watch wc -l`.
+
+Works from any process (another terminal, the flow's progress artifact, the CLI's progress bar)
+while a run is going: it only reads the run directory. Counting is incremental: each poll reads
+only the bytes appended since the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from rollouts.run_state import read_run_state, run_dir_for, worker_id
+
+
+@dataclass
+class ChunkStatus:
+    index: int
+    expected: int
+    done: int
+    failed: int
+    worker: str | None
+
+
+@dataclass
+class RunStatus:
+    output: str
+    run_dir: str
+    expected: int
+    done: int  # rollouts written
+    failed: int  # rollouts failed for good
+    chunks: list[ChunkStatus] = field(default_factory=list)
+    rate_per_s: float | None = None
+    eta_s: float | None = None
+    state: str = "unknown"  # not started | running | complete | incomplete
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LineCounter:
+    """Counts complete lines of an append-only file, reading only what was appended."""
+
+    def __init__(self, path: Path, terminal_only: bool = False) -> None:
+        self.path = path
+        self.terminal_only = terminal_only
+        self.offset = 0
+        self.count = 0
+
+    def poll(self) -> int:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return self.count
+        if size < self.offset:  # rewritten (repair or fresh start): count again
+            self.offset = self.count = 0
+        if size == self.offset:
+            return self.count
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        end = data.rfind(b"\n") + 1  # a torn last line is not counted
+        if self.terminal_only:
+            self.count += sum(
+                1 for line in data[:end].splitlines()
+                if line.strip() and orjson.loads(line).get("_ng_failure_terminal") is True
+            )  # fmt: skip
+        else:
+            self.count += data.count(b"\n", 0, end)
+        self.offset += end
+        return self.count
+
+
+class StatusReader:
+    """Reads a run's status again and again, cheaply."""
+
+    def __init__(self, output: str | Path, work_dir: Path | None = None) -> None:
+        self.output = Path(output)
+        self.run_dir = run_dir_for(output, work_dir)
+        self._counters: dict[Path, _LineCounter] = {}
+        self._tasks: dict[Path, tuple[int, int]] = {}  # tasks file -> (mtime_ns, rows)
+        self._samples: list[tuple[float, int]] = []
+
+    def _counter(self, path: Path, terminal_only: bool = False) -> int:
+        c = self._counters.get(path)
+        if c is None:
+            c = self._counters[path] = _LineCounter(path, terminal_only)
+        return c.poll()
+
+    def _tasks_in(self, tasks_path: Path) -> int:
+        mtime = tasks_path.stat().st_mtime_ns
+        cached = self._tasks.get(tasks_path)
+        if cached is None or cached[0] != mtime:
+            cached = self._tasks[tasks_path] = (mtime, tasks_path.read_bytes().count(b"\n"))
+        return cached[1]
+
+    def read(self) -> RunStatus:
+        state = read_run_state(self.run_dir)
+        status = RunStatus(str(self.output), str(self.run_dir), 0, 0, 0, state="not started")
+        if state is None:
+            return status
+        repeats = int(state["result_params"]["num_repeats"])
+        for tasks in sorted((self.run_dir / "chunks").glob("*.tasks.jsonl")):
+            stem = tasks.name.removesuffix(".tasks.jsonl")
+            expected = self._tasks_in(tasks) * repeats
+            done = min(expected, self._counter(tasks.with_name(f"{stem}.rollouts.jsonl")))
+            failed = self._counter(tasks.with_name(f"{stem}.failures.jsonl"), terminal_only=True)
+            worker = None
+            chunk_file = tasks.with_name(f"{stem}.status.json")
+            if chunk_file.exists():
+                try:
+                    worker = orjson.loads(chunk_file.read_bytes()).get("worker")
+                except orjson.JSONDecodeError:
+                    worker = None
+            status.chunks.append(
+                ChunkStatus(int(stem), expected, done, min(failed, expected - done), worker)
+            )
+        status.expected = sum(c.expected for c in status.chunks)
+        status.done = sum(c.done for c in status.chunks)
+        status.failed = sum(c.failed for c in status.chunks)
+        finished = status.done + status.failed
+        holder = lock_holder(self.run_dir)
+        if status.expected and finished >= status.expected:
+            status.state = "complete"
+        else:
+            status.state = f"running ({holder})" if holder else "stopped (incomplete)"
+        now = time.monotonic()
+        self._samples.append((now, finished))
+        self._samples = [s for s in self._samples if now - s[0] <= 30.0]  # a 30 s window
+        t0, n0 = self._samples[0]
+        if now - t0 > 0.5 and finished > n0:
+            status.rate_per_s = (finished - n0) / (now - t0)
+            status.eta_s = max(0.0, status.expected - finished) / status.rate_per_s
+        return status
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """`host:pid` of the process collecting into this run, if it is alive (on this host)."""
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    try:
+        holder = lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+    host, _, pid = holder.rpartition(":")
+    if not pid.isdigit():
+        return None
+    if host != worker_id().rpartition(":")[0]:
+        return holder  # another host: cannot check; report what the lock says
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return holder
+
+
+def read_status(
+    output: str | Path, work_dir: Path | None = None, sample_s: float = 1.0
+) -> RunStatus:
+    """One status with a rate measured over ``sample_s`` seconds (0: no rate)."""
+    reader = StatusReader(output, work_dir)
+    status = reader.read()
+    if sample_s > 0 and status.state.startswith("running"):
+        time.sleep(sample_s)
+        status = reader.read()
+    return status
