@@ -160,9 +160,11 @@ class AgentClient:
             return _Attempt("invalid_response", _short(f"answer is not JSON: {e}"), True)
         if not isinstance(answer, dict):
             return _Attempt("invalid_response", "answer is not a JSON object", True)
-        if "_ng_failure_class" in answer:
+        # NeMo Gym's routing: `_ng_no_persist` (with or without a class) is stored nowhere; a
+        # non-null `_ng_failure_class` is a failure; a null one is an ordinary answer.
+        if answer.get("_ng_failure_class") is not None or answer.get("_ng_no_persist") is True:
             return _Attempt(
-                str(answer["_ng_failure_class"]),
+                str(answer.get("_ng_failure_class") or "no_persist"),
                 _short(str(answer.get("error", "agent reported a failure"))),
                 retryable=answer.get("_ng_failure_terminal") is not True,
                 answer=answer,

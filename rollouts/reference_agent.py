@@ -16,6 +16,9 @@ to end without GPUs:
   reset (TCP RST, no response), hang, HTTP 400 for chosen task indices, and a hard process exit
   (``os._exit(3)``) after N ``/run`` requests. Fault and latency draws use a server-wide RNG seeded
   from ``seed`` (not the per-rollout key), so a retried rollout can succeed.
+* Agent-declared failures for chosen task indices (NeMo Gym's sentinel keys in a 200 answer):
+  ``fail_class_tasks`` answer with ``_ng_failure_class`` (``FAILURE_CLASS``) and
+  ``_ng_failure_terminal: true``; ``no_persist_tasks`` answer with ``_ng_no_persist: true``.
 * ``responses_create_params`` is validated like real agents do (pydantic ``extra="forbid"``): an
   unknown key gives 422 naming it; ``input`` is required.
 * With an API key configured, ``/run`` and ``/aggregate_metrics`` require
@@ -23,7 +26,8 @@ to end without GPUs:
   environment variable ``ROLLOUTS_AGENT_API_KEY`` by the CLI and is never logged.
 
 Order of checks for one ``/run`` request: crash-after, auth (401), body JSON (400),
-``responses_create_params`` (422), ``fail_400_tasks`` (400), injected faults (500 / 429 / reset /
+``responses_create_params`` (422), ``fail_400_tasks`` (400), ``fail_class_tasks`` and
+``no_persist_tasks`` (200 with the sentinel keys), injected faults (500 / 429 / reset /
 hang, exclusive bands of one uniform draw, so each ``p_*`` is its exact marginal rate), then the
 latency sleep and the 200 answer. The optional request log gets one line per ``/run`` request as
 soon as its outcome is decided (before the fault is acted on and before any sleep).
@@ -60,6 +64,7 @@ from aiohttp import web
 
 API_KEY_ENV = "ROLLOUTS_AGENT_API_KEY"
 MODEL_NAME = "reference-simulator"
+FAILURE_CLASS = "simulated_agent_failure"  # what fail_class_tasks answers carry
 
 # OpenAI Responses API create params (non-streaming); anything else is rejected like NeMo Gym's
 # pydantic model with extra="forbid" would. Note: no "seed" (not a Responses API parameter).
@@ -147,6 +152,8 @@ class AgentSimConfig:
     p_hang: float = 0.0
     hang_s: float = 3600.0
     fail_400_tasks: frozenset[int] = frozenset()
+    fail_class_tasks: frozenset[int] = frozenset()
+    no_persist_tasks: frozenset[int] = frozenset()
     crash_after: int | None = None
 
     def __post_init__(self) -> None:
@@ -166,6 +173,8 @@ class AgentSimConfig:
         if self.crash_after is not None and self.crash_after < 0:
             raise ValueError("crash_after must be >= 0")
         self.fail_400_tasks = frozenset(self.fail_400_tasks)
+        self.fail_class_tasks = frozenset(self.fail_class_tasks)
+        self.no_persist_tasks = frozenset(self.no_persist_tasks)
         if self.request_log is not None:
             self.request_log = Path(self.request_log)
 
@@ -467,6 +476,10 @@ class _ReferenceAgent:
         task_index = body.get("_ng_task_index")
         if isinstance(task_index, int) and task_index in self.config.fail_400_tasks:
             return "400", temperature, _error(400, "simulated bad request for this task")
+        if isinstance(task_index, int) and task_index in self.config.fail_class_tasks:
+            return "fail_class", temperature, None
+        if isinstance(task_index, int) and task_index in self.config.no_persist_tasks:
+            return "no_persist", temperature, None
         return self._draw_fault() or "ok", temperature, None
 
     async def run(self, request: web.Request) -> web.StreamResponse:
@@ -508,7 +521,14 @@ class _ReferenceAgent:
         if delay > 0:
             await asyncio.sleep(delay)
         assert temperature is not None  # set for every outcome that reaches here
-        return _json_response(run_rollout(body, temperature, self.config.seed))
+        answer = run_rollout(body, temperature, self.config.seed)
+        if outcome == "fail_class":
+            # Shaped like a real agent's failure payload: a reward of 0 that must never count.
+            answer |= {"reward": 0.0, "_ng_failure_class": FAILURE_CLASS,
+                       "_ng_failure_terminal": True, "error": "simulated agent failure"}  # fmt: skip
+        elif outcome == "no_persist":
+            answer["_ng_no_persist"] = True
+        return _json_response(answer)
 
     async def aggregate(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -616,6 +636,11 @@ def add_serve_agent_arguments(parser: argparse.ArgumentParser) -> None:
     add("--hang-s", type=_non_negative, default=3600.0, help="duration of a hang in seconds")
     add("--fail-400-tasks", type=_task_indices, default=frozenset(), metavar="I,J,...",
         help="_ng_task_index values that always get HTTP 400")  # fmt: skip
+    add("--fail-class-tasks", type=_task_indices, default=frozenset(), metavar="I,J,...",
+        help=f"_ng_task_index values answered 200 with _ng_failure_class={FAILURE_CLASS} "
+             "and _ng_failure_terminal=true (an agent-declared, final failure)")  # fmt: skip
+    add("--no-persist-tasks", type=_task_indices, default=frozenset(), metavar="I,J,...",
+        help="_ng_task_index values answered 200 with _ng_no_persist=true (store nowhere)")  # fmt: skip
     add("--crash-after", type=int, default=None, metavar="N",
         help="serve N /run requests, then exit with code 3 on receiving the next one")  # fmt: skip
 
@@ -635,6 +660,8 @@ def config_from_args(args: argparse.Namespace) -> AgentSimConfig:
         p_hang=args.p_hang,
         hang_s=args.hang_s,
         fail_400_tasks=args.fail_400_tasks,
+        fail_class_tasks=args.fail_class_tasks,
+        no_persist_tasks=args.no_persist_tasks,
         crash_after=args.crash_after,
     )
 

@@ -1,0 +1,108 @@
+"""What a user watches: `rollouts status` during a run, and the run's artifacts in Prefect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from conftest import AgentServer, write_jsonl
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.collect import collect_rollouts
+from rollouts.reference_agent import generate_tasks, write_tasks
+from rollouts.run_state import run_dir_for
+
+
+def status_json(out: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    res = subprocess.run(
+        [sys.executable, "-m", "rollouts.cli", "status", str(out), "--json", "--sample-s", "0.5"],
+        check=True, capture_output=True, env=env, cwd=cwd,
+    )  # fmt: skip
+    return orjson.loads(res.stdout)
+
+
+def lines_in(run_dir: Path, kind: str) -> dict[int, int]:
+    return {
+        int(p.name.split(".")[0]): p.read_bytes().count(b"\n")
+        for p in (run_dir / "chunks").glob(f"*.{kind}.jsonl")
+    }
+
+
+def test_status_reports_true_counts_per_chunk_while_a_collection_runs(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    agent = start_agent("--latency-ms", "20", "--fail-400-tasks", "3,7")
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 600, seed=5)
+    out = tmp_path / "rollouts.jsonl"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollouts.cli", "collect", f"+agent_url={agent.url}",
+         f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}", "+chunk_size=100",
+         "+num_samples_in_parallel=8", "+max_parallel_chunks=2"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    run_dir = run_dir_for(out, None)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(lines_in(run_dir, "rollouts").values()) < 100:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+
+        before = sum(lines_in(run_dir, "rollouts").values())
+        status = status_json(out, env, tmp_path)
+        after = sum(lines_in(run_dir, "rollouts").values())
+
+        assert proc.poll() is None, "the collection should still be running"
+        assert status["expected"] == 600
+        assert before <= status["done"] <= after < 600
+        assert status["failed"] == 2  # tasks 3 and 7 answer 400: terminal
+        assert status["state"].startswith("running")
+        assert status["rate_per_s"] > 0 and status["eta_s"] > 0
+        chunks = {c["index"]: c for c in status["chunks"]}
+        assert set(chunks) <= set(range(6)) and chunks[0]["expected"] == 100
+        assert sum(c["done"] for c in status["chunks"]) == status["done"]
+        started = [c for c in status["chunks"] if c["worker"]]
+        assert started and all(c["worker"] == f"{socket.gethostname()}:{proc.pid}"
+                               for c in started)  # fmt: skip
+    finally:
+        assert proc.wait(120) == 0
+    final = status_json(out, env, tmp_path)
+    assert (final["done"], final["failed"], final["state"]) == (598, 2, "complete")
+
+
+def test_run_has_progress_metrics_table_and_summary_artifacts(
+    tmp_path: Path, agent: AgentServer
+) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(40)))
+    out = tmp_path / "my_rollouts.jsonl"
+    state = asyncio.run(collect_rollouts(agent_url=agent.url, agent_name="sim",
+                                         input_jsonl_fpath=str(inp),
+                                         output_jsonl_fpath=str(out), num_repeats=2,
+                                         return_state=True))  # fmt: skip
+    assert state.is_completed()
+
+    async def artifacts() -> list[Any]:
+        async with get_client() as client:
+            flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return await client.read_artifacts(flow_run_filter=flow_run_filter)
+
+    by_type: dict[str, list[Any]] = {}
+    for a in asyncio.run(artifacts()):
+        by_type.setdefault(a.type, []).append(a)
+    (progress,) = by_type["progress"]
+    assert float(progress.data) == 100.0
+    (table,) = by_type["table"]
+    rows = orjson.loads(table.data) if isinstance(table.data, str) else table.data
+    assert rows[0]["agent"] == "sim" and rows[0]["written"] == 80 and "pass@2" in rows[0]
+    (markdown,) = by_type["markdown"]
+    assert "| written | 80 |" in markdown.data and str(out) in markdown.data
+    assert table.key == "my-rollouts-metrics" and markdown.key == "my-rollouts-summary"
