@@ -4,7 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint clean
+# Local Prefect: a server on 127.0.0.1 (SQLite under .prefect/ by default), a process work pool
+# `rollouts`, the deployments of prefect.yaml and a worker. For concurrent subflows use
+# PostgreSQL (SQLite stalls them on database locks):
+#   PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://USER:PASS@127.0.0.1:5432/prefect
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export ROLLOUTS_AGENTS ?= {"reference": "http://127.0.0.1:8765"}
+export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+PREFECT_PORT ?= 4200
+
+.PHONY: install demo test lint clean server deploy worker agent
 
 $(BIN)/rollouts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +36,22 @@ lint: install
 
 clean:
 	rm -rf out .rollouts
+
+## A Prefect server on 127.0.0.1:$(PREFECT_PORT) with its UI (foreground).
+server: install
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+## The `rollouts` process pool, every deployment of prefect.yaml, the crash-resume automation.
+deploy: install
+	$(BIN)/prefect work-pool inspect rollouts >/dev/null 2>&1 || \
+		$(BIN)/prefect work-pool create rollouts --type process
+	$(BIN)/prefect --no-prompt deploy --all
+	$(BIN)/python -m rollouts.prefect_setup
+
+## A worker for the `rollouts` pool (foreground).
+worker: install
+	$(BIN)/prefect worker start --pool rollouts
+
+## The reference agent simulator as agent `reference` for the deployments' defaults.
+agent: install
+	$(BIN)/rollouts serve-agent --port 8765 --latency-ms 20

@@ -94,11 +94,26 @@ async def collect_rollouts(
     except ValidationError as e:
         return Failed(message=str(ConfigError(_validation_message(e))))
     try:
+        check_auto_resume_budget(RolloutsSettings())
         return await run_collection(config)
     except RolloutsError as e:
         # A user-facing failure: its message says what to do; a traceback would only bury it.
         get_run_logger().error("%s", e)
         return Failed(message=str(e), data=e)
+
+
+def check_auto_resume_budget(settings: RolloutsSettings) -> None:
+    """Stop a run that keeps crashing: the resume automation reschedules it, this bounds it."""
+    from prefect.runtime import flow_run
+
+    runs = int(flow_run.run_count or 1)
+    if runs > settings.max_auto_resumes + 1:
+        raise RolloutsError(
+            f"this flow run already started {runs - 1} times and was resumed "
+            f"{runs - 2} times after crashes (ROLLOUTS_MAX_AUTO_RESUMES="
+            f"{settings.max_auto_resumes}); not resuming again. Find the cause in its logs, "
+            "then run it again by hand: everything written so far is kept."
+        )
 
 
 def _validation_message(e: ValidationError) -> str:

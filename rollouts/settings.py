@@ -53,3 +53,9 @@ class RolloutsSettings(BaseSettings):
         "(e.g. the agent was down); each retry resumes the chunk.",
     )
     chunk_retry_delay_s: float = Field(default=10.0, ge=0, description="Delay before them.")
+    max_auto_resumes: int = Field(
+        default=3,
+        ge=0,
+        description="How many times a crashed deployed run is resumed automatically "
+        "(the automation reschedules it; the flow refuses to start past this bound).",
+    )

@@ -1,0 +1,68 @@
+"""Prefect objects our deployments rely on, beyond prefect.yaml: the automatic-resume automation.
+
+`python -m rollouts.prefect_setup` (run by `make deploy`) creates or updates it on the server
+that PREFECT_API_URL names.
+
+A flow run whose process dies (worker or flow-run process killed, OOM) ends Crashed. The
+automation puts it back to Scheduled: the same run, same parameters, picked up again by a
+worker, where finished chunks are cache hits and unfinished ones skip what was written. The
+flow itself refuses to start after `ROLLOUTS_MAX_AUTO_RESUMES` such resumes, so a run that
+crashes every time stops instead of looping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
+from prefect.client.schemas.objects import StateType
+
+AUTOMATION_NAME = "rollouts-resume-crashed-runs"
+CRASH_REPORT_WINDOW_S = 30
+FLOW_NAMES = ["collect-rollouts", "collect-multi-dataset"]
+
+
+def resume_automation() -> Automation:
+    return Automation(
+        name=AUTOMATION_NAME,
+        description="Reschedule crashed rollout collections; they resume from the cache.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive,
+            threshold=1,
+            # One crash is reported twice (by the flow-run's runner and by the worker). A
+            # reactive trigger fires once per window, so the run is rescheduled once.
+            within=timedelta(seconds=CRASH_REPORT_WINDOW_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.SCHEDULED,
+                name="AwaitingRetry",
+                message="rescheduled after a crash: resuming from the cache",
+                force=True,
+            )
+        ],
+    )
+
+
+async def ensure_resume_automation() -> None:
+    wanted = resume_automation()
+    try:
+        existing = await Automation.aread(name=AUTOMATION_NAME)
+    except ValueError:
+        existing = None
+    if existing is not None:
+        await existing.adelete()
+    await wanted.acreate()
+
+
+def main() -> None:
+    asyncio.run(ensure_resume_automation())
+    print(f"automation {AUTOMATION_NAME!r} is in place")
+
+
+if __name__ == "__main__":
+    main()
