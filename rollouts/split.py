@@ -129,7 +129,8 @@ def _parsed_rows(
                 except UnicodeDecodeError as ue:
                     yield number, None, f"not valid UTF-8 (byte {ue.start} of the line)"
                     continue
-                yield number, None, f"malformed JSON: {e}"
+                # orjson's own "line 1 column 8" would contradict the file line we report
+                yield number, None, f"malformed JSON at column {e.colno}: {e.msg}"
                 continue
             problem = _check_row(obj, require_agent_ref)
             yield number, (obj if problem is None else None), problem

@@ -92,7 +92,9 @@ def test_run_has_progress_metrics_table_and_summary_artifacts(
 
     async def artifacts() -> list[Any]:
         async with get_client() as client:
-            flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            flow_run_filter = FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
             return await client.read_artifacts(flow_run_filter=flow_run_filter)
 
     by_type: dict[str, list[Any]] = {}

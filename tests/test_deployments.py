@@ -1,0 +1,210 @@
+"""Deployments on a real Prefect server and process worker, deployed from prefect.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from conftest import ROOT, AgentServer, read_jsonl, write_jsonl
+
+from rollouts.reference_agent import generate_tasks, write_tasks
+from rollouts.run_state import run_dir_for
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrefectStack:
+    env: dict[str, str]
+    agent: AgentServer
+    tmp: Path
+
+    def prefect(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, capture_output=True,
+            text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def run_deployment(self, name: str, *args: str, watch: bool = True) -> str:
+        """The flow run's id; with ``watch``, `prefect deployment run --watch` waits for it
+        (its exit code says whether it completed)."""
+        res = self.prefect("deployment", "run", name, *args, *(["--watch"] if watch else []),
+                           timeout=300)  # fmt: skip
+        assert "UUID:" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout.split("UUID:")[1].split()[0]
+
+    async def flow_run(self, flow_run_id: str) -> Any:
+        from prefect.client.orchestration import PrefectClient
+
+        async with PrefectClient(self.env["PREFECT_API_URL"]) as client:
+            return await client.read_flow_run(flow_run_id)
+
+    def wait_final(self, flow_run_id: str, timeout: float = 180) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fr = asyncio.run(self.flow_run(flow_run_id))
+            if fr.state and fr.state.is_final() and fr.state.type.value != "CRASHED":
+                return fr
+            time.sleep(1)
+        raise AssertionError(f"flow run {flow_run_id} did not finish: {fr.state}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
+    tmp = tmp_path_factory.mktemp("prefect-stack")
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ROLLOUTS_", "PREFECT_"))},
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "results"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "ROLLOUTS_CHUNK_RETRY_DELAY_S": "0",
+        "ROLLOUTS_BACKOFF_BASE_S": "0.02",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    agent_log = tmp / "agent-requests.jsonl"
+    agent_proc = subprocess.Popen(
+        [sys.executable, "-m", "rollouts.reference_agent", "--port", "0", "--latency-ms", "10",
+         "--request-log", str(agent_log)], stdout=subprocess.PIPE,
+    )  # fmt: skip
+    procs.append(agent_proc)
+    assert agent_proc.stdout is not None
+    agent_url = agent_proc.stdout.readline().decode().rsplit(" ", 1)[-1].strip()
+    env["ROLLOUTS_AGENTS"] = orjson.dumps({"reference": agent_url}).decode()
+    try:
+        procs.append(subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        s = PrefectStack(env, AgentServer(agent_url, agent_proc, agent_log), tmp)
+        res = s.prefect("work-pool", "create", "rollouts", "--type", "process")
+        assert res.returncode == 0, res.stderr
+        res = s.prefect("--no-prompt", "deploy", "--all")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        res = subprocess.run([sys.executable, "-m", "rollouts.prefect_setup"], env=env,
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        procs.append(subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "rollouts"],
+            env=env, cwd=tmp, stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+        yield s
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp / "prefect-home", ignore_errors=True)
+
+
+def keys(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in rows]
+
+
+def test_deployment_run_with_param_and_params(stack: PrefectStack) -> None:
+    out = stack.tmp / "deployed" / "sample.jsonl"
+    flow_run_id = stack.run_deployment(
+        "collect-rollouts/local",
+        "--param", f"output_jsonl_fpath={out}",
+        "--param", "num_repeats=2",
+        "--params", '{"responses_create_params": {"temperature": 0.7}, "limit": 30}',
+    )  # fmt: skip
+    fr = stack.wait_final(flow_run_id)
+    assert fr.state.is_completed(), fr.state
+    rows = read_jsonl(out)
+    assert keys(rows) == [(t, r) for t in range(30) for r in range(2)]
+    assert {r["responses_create_params"]["temperature"] for r in rows} == {0.7}
+    assert {r["agent_ref"]["name"] for r in rows} == {"reference"}
+    assert (out.parent / "sample_aggregate_metrics.json").exists()
+    assert (out.parent / "sample_failures.jsonl").read_bytes() == b""
+
+
+def test_killed_flow_run_process_resumes_by_itself(stack: PrefectStack) -> None:
+    inp = stack.tmp / "big.jsonl"
+    write_tasks(inp, 1500, seed=9)
+    out = stack.tmp / "deployed" / "big.jsonl"
+    sent_before = len(stack.agent.requests())
+    flow_run_id = stack.run_deployment(
+        "collect-rollouts/local", "--param", f"input_jsonl_fpath={inp}",
+        "--param", f"output_jsonl_fpath={out}", "--param", "num_repeats=1",
+        "--param", "chunk_size=300", "--param", "num_samples_in_parallel=4", watch=False,
+    )  # fmt: skip
+    run_dir = run_dir_for(out, None)
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    deadline = time.monotonic() + 120
+    while sum(p.read_bytes().count(b"\n") for p in (run_dir / "chunks").glob("*.rollouts.jsonl")
+              ) < 200 if run_dir.exists() else True:  # fmt: skip
+        assert time.monotonic() < deadline, "the deployed run made no progress"
+        time.sleep(0.1)
+    pid = int(lock.read_text().rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)  # the flow-run process, as an OOM kill would
+
+    fr = stack.wait_final(flow_run_id, timeout=240)
+
+    assert fr.state.is_completed(), fr.state
+    assert fr.run_count == 2  # crashed once, resumed once, by the automation alone
+    assert keys(read_jsonl(out)) == [(t, 0) for t in range(1500)]
+    per_key = Counter(q["_ng_task_index"] for q in stack.agent.requests()[sent_before:])
+    assert set(per_key) == set(range(1500))
+    assert sum(1 for c in per_key.values() if c > 1) <= 4  # only those in flight at the kill
+
+
+def test_continuous_deployment_collects_exactly_the_new_rows(stack: PrefectStack) -> None:
+    tasks = list(generate_tasks(90, seed=3))
+    inp = write_jsonl(stack.tmp / "stream.jsonl", tasks[:50])
+    out = stack.tmp / "deployed" / "stream.jsonl"
+    params = ("--param", f"input_jsonl_fpath={inp}", "--param", f"output_jsonl_fpath={out}")
+
+    def run_once() -> Any:
+        return stack.wait_final(stack.run_deployment("collect-rollouts/continuous", *params))
+
+    sent_before = len(stack.agent.requests())
+    assert run_once().state.is_completed()
+    write_jsonl(inp, tasks)  # 40 rows land between two scheduled runs
+    assert run_once().state.is_completed()
+
+    rows = read_jsonl(out)
+    assert keys(rows) == [(t, r) for t in range(90) for r in range(2)]
+    per_key = Counter((q["_ng_task_index"], q["_ng_rollout_index"])
+                      for q in stack.agent.requests()[sent_before:])  # fmt: skip
+    assert len(per_key) == 180 and set(per_key.values()) == {1}
+
+    tasks[10]["expected_answer"] = "changed"
+    write_jsonl(inp, tasks)
+    fr = run_once()
+    assert fr.state.is_failed() and "stream.jsonl:11" in fr.state.message
+    assert keys(read_jsonl(out)) == [(t, r) for t in range(90) for r in range(2)]
