@@ -23,10 +23,17 @@ from pydantic import BaseModel, ValidationError
 
 from rollouts.agent_client import resolve_agent_urls
 from rollouts.collect import DispatchPlan
+from rollouts.dask_support import (
+    check_shared_storage,
+    dask_enabled,
+    make_task_runner,
+    prepare_worker_environment,
+    worker_in_flight,
+)
 from rollouts.dispatchers import close_dispatcher, open_dispatcher
 from rollouts.errors import ConfigError, IncompleteRun, RolloutsError
 from rollouts.metrics import AgentSummary
-from rollouts.models import ChunkResult, CollectConfig
+from rollouts.models import ChunkResult, ChunkSpec, CollectConfig
 from rollouts.progress import update_progress_artifact_forever
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
 from rollouts.settings import RolloutsSettings
@@ -102,6 +109,38 @@ async def collect_rollouts(
         return Failed(message=str(e), data=e)
 
 
+def collect_on_dask(
+    chunk_task: Any,
+    chunks: list[ChunkSpec],
+    plan: DispatchPlan,
+    run_id: str,
+    run_dir: Path,
+    settings: RolloutsSettings,
+    run_in_flight: int,
+) -> list[State]:
+    """Run the chunk tasks on Dask workers (prefect-dask); each worker has its own budget."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    prepare_worker_environment(settings, api_url)
+    runner = make_task_runner(settings)
+    with runner:
+        n_workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
+        per_worker = worker_in_flight(settings, run_in_flight, n_workers)
+        get_run_logger().info(
+            "collecting on Dask: %d workers, %d requests in flight each", n_workers, per_worker
+        )
+        futures = [
+            runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
+                                                  "worker_in_flight": per_worker})
+            for spec in chunks
+        ]  # fmt: skip
+        for future in futures:
+            future.wait()
+        return [future.state for future in futures]
+
+
 def check_auto_resume_budget(settings: RolloutsSettings) -> None:
     """Stop a run that keeps crashing: the resume automation reschedules it, this bounds it."""
     from prefect.runtime import flow_run
@@ -164,20 +203,28 @@ async def run_collection(
         progress_updates = asyncio.create_task(
             update_progress_artifact_forever(reader, progress_id)
         )
-        open_dispatcher(
-            run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks
-        )
         chunk_task = collect_chunk_task.with_options(
             retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
         )
         try:
-            # Awaited together on this event loop, the chunk tasks share one dispatcher.
-            states = await asyncio.gather(
-                *(chunk_task(spec, plan, run_id, return_state=True) for spec in split.chunks)
-            )
+            if dask_enabled(settings):
+                states = await asyncio.to_thread(
+                    collect_on_dask, chunk_task, split.chunks, plan, run_id, run_dir, settings,
+                    config.num_samples_in_parallel,
+                )  # fmt: skip
+            else:
+                open_dispatcher(
+                    run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks
+                )
+                try:
+                    # Awaited together on this event loop, chunk tasks share one dispatcher.
+                    states = await asyncio.gather(
+                        *(chunk_task(s, plan, run_id, return_state=True) for s in split.chunks)
+                    )
+                finally:
+                    await close_dispatcher(run_id)
         finally:
             progress_updates.cancel()
-            await close_dispatcher(run_id)
         from_cache = sum(1 for s in states if s.name == "Cached")
         results: list[ChunkResult] = [await s.aresult() for s in states if s.is_completed()]
         crashed = [s for s in states if not s.is_completed()]

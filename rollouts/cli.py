@@ -104,6 +104,12 @@ def _add_collect_parser(sub: Any) -> None:
         "--fresh", action="store_true", default=None,
         help="+fresh: discard this output's state and files, start over",
     )  # fmt: skip
+    p.add_argument(
+        "--dask-address", help="run chunks on this Dask scheduler (tcp://host:8786); needs [dask]"
+    )
+    p.add_argument(
+        "--dask-local-workers", type=int, help="run chunks on a local Dask cluster of N processes"
+    )
     p.add_argument("plus", nargs="*", metavar="+key=value", help="NeMo Gym-style arguments")
     p.set_defaults(func=cmd_collect)
 
@@ -149,6 +155,11 @@ def prefect_result_storage() -> Iterator[None]:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     params = collect_params(args)
+    # Where chunks run is infrastructure, not a result-changing parameter: a setting.
+    if args.dask_address:
+        os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
+    if args.dask_local_workers:
+        os.environ["ROLLOUTS_DASK_LOCAL_WORKERS"] = str(args.dask_local_workers)
     from flows.collect import CollectSummary, collect_rollouts
     from rollouts.progress import cli_progress_bar
     from rollouts.report import print_summary

@@ -7,6 +7,9 @@ free of clients or locks.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 from rollouts.agent_client import RetryPolicy
 from rollouts.collect import Dispatcher
 from rollouts.settings import RolloutsSettings
@@ -39,3 +42,38 @@ async def close_dispatcher(run_id: str) -> None:
     dispatcher = _dispatchers.pop(run_id, None)
     if dispatcher is not None:
         await dispatcher.aclose()
+
+
+# On Dask workers each task run may get its own thread and event loop, while the worker's
+# budget and HTTP client must be shared by all chunks it runs. So a worker's dispatcher lives
+# on one background event loop per process, and chunk coroutines are handed to that loop.
+_worker_loop: asyncio.AbstractEventLoop | None = None
+_worker_dispatchers: dict[str, Dispatcher] = {}
+_worker_lock = threading.Lock()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    global _worker_loop  # noqa: PLW0603 - one loop per process, created lazily
+    if _worker_loop is None:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="rollouts-dispatch", daemon=True).start()
+        _worker_loop = loop
+    return _worker_loop
+
+
+def worker_dispatcher(
+    run_id: str, settings: RolloutsSettings, max_in_flight: int
+) -> tuple[asyncio.AbstractEventLoop, Dispatcher]:
+    """This process's dispatcher for ``run_id`` and the loop it lives on (created once)."""
+    with _worker_lock:
+        loop = _background_loop()
+        if run_id not in _worker_dispatchers:
+            api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
+
+            async def make() -> Dispatcher:
+                # Many chunks may run here at once (one per Dask thread): no chunk slots.
+                return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight, 1 << 20,
+                                  api_key)  # fmt: skip
+
+            _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
+        return loop, _worker_dispatchers[run_id]

@@ -46,3 +46,7 @@ class AgentResolutionError(RolloutsError):
 
 class IncompleteRun(RolloutsError):
     """The run ended with rollouts neither written nor terminally failed."""
+
+
+class SharedStorageError(RolloutsError):
+    """A Dask worker cannot see the run's work directory or result storage."""

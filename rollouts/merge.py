@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import orjson
 
-from rollouts.fileio import atomic_writer, iter_jsonl
+from rollouts.fileio import atomic_writers, iter_jsonl
 from rollouts.models import ChunkSpec, RolloutKey
 
 Entry = tuple[RolloutKey, int, int]  # (key, byte offset, length incl. newline)
@@ -156,7 +156,7 @@ def merge_chunks(
                         missing_examples.append((t, r))
         return idx
 
-    with atomic_writer(output_path) as out, atomic_writer(failures_path) as fout:
+    with atomic_writers([output_path, failures_path]) as (out, fout):
         if _disjoint_ranges(chunks):
             for spec in sorted(chunks, key=_min_task):
                 idx = visit(spec)

@@ -22,8 +22,9 @@ from typing import Any
 import orjson
 
 from rollouts.errors import RunConflict, RunLocked
-from rollouts.fileio import write_json_atomic
+from rollouts.fileio import ensure_writable_dir, write_json_atomic
 from rollouts.models import CollectConfig
+from rollouts.split import chunk_tasks_path
 
 RUN_FILE = "run.json"
 
@@ -60,8 +61,13 @@ def worker_id() -> str:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
-    """Exclusive, non-blocking lock per output. The kernel drops it when the holder dies."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Exclusive, non-blocking lock per output. The kernel drops it when the holder dies.
+
+    Taken first, so it also refuses, before any work, an output or run-state directory that
+    cannot be written.
+    """
+    ensure_writable_dir(Path(output).parent, f"the output {output}")
+    ensure_writable_dir(run_dir.parent, f"the run state of {output} (ROLLOUTS_WORK_DIR)")
     lock_path = run_dir.with_name(run_dir.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -98,7 +104,9 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
             p.unlink(missing_ok=True)
 
     run_file = run_dir / RUN_FILE
-    if run_file.exists():
+    # Before a first chunk is committed (e.g. the input was refused) nothing was collected, so
+    # nothing pins the parameters: the state is simply written anew.
+    if run_file.exists() and chunk_tasks_path(run_dir, 0).exists():
         state = orjson.loads(run_file.read_bytes())
         if state["fingerprint"] != config.result_fingerprint():
             raise RunConflict(

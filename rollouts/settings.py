@@ -59,3 +59,16 @@ class RolloutsSettings(BaseSettings):
         description="How many times a crashed deployed run is resumed automatically "
         "(the automation reschedules it; the flow refuses to start past this bound).",
     )
+    dask_address: str | None = Field(
+        default=None,
+        description="Run chunk tasks on this Dask scheduler (tcp://host:8786) via prefect-dask.",
+    )
+    dask_local_workers: int | None = Field(
+        default=None, ge=1, description="Or start a local Dask cluster of this many processes."
+    )
+    dask_worker_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests in flight per Dask worker process. Default: the run's "
+        "num_samples_in_parallel divided over the workers.",
+    )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prefect import get_run_logger, task
 
 from rollouts.collect import DispatchPlan, collect_chunk
-from rollouts.dispatchers import get_dispatcher
+from rollouts.dispatchers import get_dispatcher, worker_dispatcher
 from rollouts.errors import IncompleteRun
 from rollouts.models import ChunkResult, ChunkSpec
+from rollouts.settings import RolloutsSettings
 from tasks.cache_policies import content_policy
 
 
@@ -34,11 +36,21 @@ def _chunk_identity(inputs: dict[str, Any]) -> Any:
     retries=2,
     retry_delay_seconds=10,
 )
-async def collect_chunk_task(spec: ChunkSpec, plan: DispatchPlan, run_id: str) -> ChunkResult:
-    """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing."""
+async def collect_chunk_task(
+    spec: ChunkSpec, plan: DispatchPlan, run_id: str, worker_in_flight: int | None = None
+) -> ChunkResult:
+    """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
+
+    ``worker_in_flight`` None: in the flow's process, sharing the flow's dispatcher. Else on a
+    Dask worker, sharing that process's dispatcher with this budget.
+    """
     logger = get_run_logger()
-    dispatcher = get_dispatcher(run_id)
-    result = await collect_chunk(spec, plan, dispatcher)
+    if worker_in_flight is None:
+        result = await collect_chunk(spec, plan, get_dispatcher(run_id))
+    else:
+        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), worker_in_flight)
+        running = asyncio.run_coroutine_threadsafe(collect_chunk(spec, plan, dispatcher), loop)
+        result = await asyncio.wrap_future(running)
     logger.info(
         "chunk %05d: %d/%d written, %d failed, %d missing (%d requests, worker %s)",
         spec.index, result.succeeded, result.expected, result.failed, result.missing,

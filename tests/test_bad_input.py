@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,22 @@ BAD_FILES: dict[str, tuple[bytes | None, int | None, list[str]]] = {
     "blank_lines_only": (b"\n  \n\n", None, ["no tasks: the file is empty"]),
     "missing_file": (None, None, ["file not found"]),
 }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentServer]:
+    """One reference agent for the whole module: no case may send it anything at all."""
+    log = tmp_path_factory.mktemp("agent") / "requests.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollouts.reference_agent", "--port", "0", "--request-log",
+         str(log)], stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    assert "listening on" in line, line
+    server = AgentServer(line.rsplit(" ", 1)[-1].strip(), proc, log)
+    yield server
+    server.stop()
 
 
 def run_collect(**params: Any) -> State:
@@ -112,12 +129,14 @@ def test_a_malformed_line_is_reported_by_its_file_line_not_the_parser_line(
     tmp_path: Path, agent: AgentServer
 ) -> None:
     inp = tmp_path / "bad.jsonl"
-    inp.write_bytes(GOOD * 6 + b'{"responses_create_params": {"input": "x"},}\n')
+    bad = b'{"responses_create_params": {"input": "x"},}'
+    inp.write_bytes(GOOD * 6 + bad + b"\n")
     state = run_collect(agent_url=agent.url, input_jsonl_fpath=str(inp),
                         output_jsonl_fpath=str(tmp_path / "out.jsonl"))  # fmt: skip
     problem = state.message.split(f"{inp}:7: ", 1)[1]
-    # the only line number in the message is the file's: no "line 1 column 44" from orjson
-    assert "line" not in problem and "column 44" in problem, problem
+    # the only line number in the message is the file's (orjson alone says "line 1 column 43")
+    column = bad.index(b",}") + 1  # 1-based position of the trailing comma
+    assert problem == f"malformed JSON at column {column}: trailing comma is not allowed"
 
 
 def test_every_problem_is_listed_up_to_a_cap(tmp_path: Path, agent: AgentServer) -> None:
@@ -184,8 +203,9 @@ def test_cli_exits_2_on_bad_parameters(
 
 
 def test_a_refused_input_does_not_pin_the_parameters_of_the_next_run(
-    tmp_path: Path, agent: AgentServer
+    tmp_path: Path, start_agent: Any
 ) -> None:
+    agent = start_agent()
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(GOOD + b"[]\n")
     out = tmp_path / "out.jsonl"

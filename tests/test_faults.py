@@ -9,6 +9,7 @@ the summary and the CLI's exit code say whether the run is complete.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from conftest import AgentServer, read_jsonl
+from conftest import AgentServer
 from prefect.states import State
 
 from flows.collect import CollectSummary, collect_rollouts
@@ -181,7 +182,7 @@ def test_429_retry_waits_at_least_retry_after(
     gaps = [
         later["time"] - earlier["time"]
         for log in by_key.values()
-        for earlier, later in zip(log, log[1:], strict=False)
+        for earlier, later in itertools.pairwise(log)
         if earlier["outcome"] == "429"
     ]
     assert gaps, "no 429 was retried"
@@ -463,3 +464,19 @@ def test_kill_9_at_random_moments_then_rerun_is_exact_every_time(
         assert set(resent) == set(expected) - before and set(resent.values()) <= {1}
         print(f"kill trial {trial}: {len(before)}/{total} written before the kill, "
               f"{len(resent)} sent by the rerun")  # fmt: skip
+
+
+def test_serve_agent_takes_every_fault_flag() -> None:
+    from rollouts.cli import build_parser
+    from rollouts.reference_agent import AgentSimConfig, config_from_args
+
+    args = build_parser().parse_args(
+        ["serve-agent", "--p-500", "0.1", "--p-429", "0.1", "--retry-after-s", "2",
+         "--p-reset", "0.1", "--p-hang", "0.1", "--hang-s", "30", "--fail-400-tasks", "1,2",
+         "--fail-class-tasks", "3", "--no-persist-tasks", "4,5", "--crash-after", "9"]
+    )  # fmt: skip
+    assert config_from_args(args) == AgentSimConfig(
+        p_500=0.1, p_429=0.1, retry_after_s=2.0, p_reset=0.1, p_hang=0.1, hang_s=30.0,
+        fail_400_tasks=frozenset({1, 2}), fail_class_tasks=frozenset({3}),
+        no_persist_tasks=frozenset({4, 5}), crash_after=9, api_key=None,
+    )  # fmt: skip

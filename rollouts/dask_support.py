@@ -1,0 +1,124 @@
+"""Chunk collection on a Dask cluster through prefect-dask (the `[dask]` extra).
+
+The flow stays where it is; chunk tasks go to Dask workers. Every worker must see the run's
+work directory and Prefect's result storage (a shared filesystem): `check_shared_storage`
+refuses, before any request is sent, a cluster where one cannot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from rollouts.errors import ConfigError, SharedStorageError
+from rollouts.settings import RolloutsSettings
+
+PROBE_NAME = ".rollouts-probe"
+
+
+def dask_enabled(settings: RolloutsSettings) -> bool:
+    return bool(settings.dask_address or settings.dask_local_workers)
+
+
+def prepare_worker_environment(settings: RolloutsSettings, api_url: str) -> None:
+    """Workers must talk to this run's Prefect API and share its result storage.
+
+    A local cluster's worker processes inherit this process's environment: point them at the
+    API in use (even an ephemeral one). A remote cluster is configured by its operator; without
+    a Prefect server it cannot work, so say so before anything starts.
+    """
+    from prefect.settings import get_current_settings
+
+    current = get_current_settings()
+    if settings.dask_address:
+        if not current.api.url:
+            raise ConfigError(
+                "Dask workers need a Prefect server they can reach: set PREFECT_API_URL (e.g. "
+                "`make server`) here and on every worker. This run uses a temporary local API."
+            )
+        return
+    os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(
+        Path(current.results.local_storage_path).expanduser()
+    )
+
+
+def make_task_runner(settings: RolloutsSettings) -> Any:
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError(
+            "Dask was asked for (ROLLOUTS_DASK_ADDRESS / --dask-address / --dask-local-workers) "
+            "but prefect-dask is not installed: pip install -e '.[dask]'"
+        ) from None
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={"n_workers": settings.dask_local_workers, "threads_per_worker": 2,
+                        "processes": True, "dashboard_address": None}
+    )  # fmt: skip
+
+
+def probe_shared_storage(
+    run_dir: str, marker: str, results_marker: str | None, api_url: str
+) -> str | None:
+    """Runs on each worker: the problem it has with the shared paths, or None."""
+    from prefect.settings import get_current_settings
+
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    worker_api = get_current_settings().api.url
+    if not worker_api or worker_api.rstrip("/") != api_url.rstrip("/"):
+        return (
+            f"worker {where} uses Prefect API {worker_api or '(a temporary local one)'}, not "
+            f"this run's {api_url}: set PREFECT_API_URL on the workers"
+        )
+    if not (Path(run_dir) / marker).exists():
+        return f"worker {where} cannot see the work directory {run_dir}"
+    if results_marker is not None:
+        storage = Path(get_current_settings().results.local_storage_path).expanduser()
+        if not (storage / results_marker).exists():
+            return (
+                f"worker {where} does not share the flow's Prefect result storage (its "
+                f"PREFECT_RESULTS_LOCAL_STORAGE_PATH is {storage})"
+            )
+    return None
+
+
+def check_shared_storage(client: Any, run_dir: Path, run_id: str, api_url: str) -> int:
+    """Refuse a cluster whose workers cannot see the work dir or result storage.
+
+    Returns the number of workers.
+    """
+    from prefect.settings import get_current_settings
+
+    marker = f"{PROBE_NAME}-{run_id}"
+    (run_dir / marker).write_text(run_id)
+    storage = Path(get_current_settings().results.local_storage_path).expanduser()
+    storage.mkdir(parents=True, exist_ok=True)
+    (storage / marker).write_text(run_id)
+    try:
+        answers: dict[str, str | None] = client.run(
+            probe_shared_storage, str(run_dir), marker, marker, api_url
+        )
+    finally:
+        for path in (run_dir / marker, storage / marker):
+            path.unlink(missing_ok=True)
+    if not answers:
+        raise SharedStorageError("the Dask cluster has no workers")
+    problems = sorted(p for p in answers.values() if p)
+    if problems:
+        raise SharedStorageError(
+            "; ".join(problems)
+            + ". Every Dask worker must see ROLLOUTS_WORK_DIR and PREFECT_RESULTS_LOCAL_STORAGE_PATH"
+            " at the same paths (a shared filesystem); see README, 'Scale past one machine'."
+        )
+    return len(answers)
+
+
+def worker_in_flight(settings: RolloutsSettings, run_total: int, n_workers: int) -> int:
+    if settings.dask_worker_in_flight:
+        return settings.dask_worker_in_flight
+    return max(1, math.ceil(run_total / n_workers))
