@@ -99,7 +99,7 @@ def test_chunks_spread_over_two_workers_and_survive_killing_one(
         assert proc.poll() is None, (tmp_path / "collect.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "chunks did not spread over both workers"
         pids = set(worker_pids(run_dir).values()) if run_dir.exists() else set()
-        if len(pids) >= 2 and victim.pid in {p for p in pids}:
+        if len(pids) >= 2 and victim.pid in pids:
             break
         time.sleep(0.1)
     time.sleep(0.3)
