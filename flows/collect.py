@@ -33,7 +33,7 @@ from rollouts.dask_support import (
 from rollouts.dispatchers import close_dispatcher, open_dispatcher
 from rollouts.errors import ConfigError, IncompleteRun, RolloutsError
 from rollouts.metrics import AgentSummary
-from rollouts.models import ChunkResult, ChunkSpec, CollectConfig
+from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.progress import update_progress_artifact_forever
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
 from rollouts.settings import RolloutsSettings
@@ -99,7 +99,9 @@ async def collect_rollouts(
             fresh=fresh,
         )
     except ValidationError as e:
-        return Failed(message=str(ConfigError(_validation_message(e))))
+        error = ConfigError(_validation_message(e))
+        get_run_logger().error("%s", error)
+        return Failed(message=str(error), data=error)
     try:
         check_auto_resume_budget(RolloutsSettings())
         return await run_collection(config)
@@ -226,7 +228,6 @@ async def run_collection(
         finally:
             progress_updates.cancel()
         from_cache = sum(1 for s in states if s.name == "Cached")
-        results: list[ChunkResult] = [await s.aresult() for s in states if s.is_completed()]
         crashed = [s for s in states if not s.is_completed()]
 
         outputs_missing = not (paths.rollouts.exists() and paths.failures.exists())
@@ -272,7 +273,6 @@ async def run_collection(
             f"{len(crashed)} chunk(s) did not finish. Rerun the same command to retry them: "
             "everything already written is kept."
         )
-    _ = results
     return summary
 
 

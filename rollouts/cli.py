@@ -138,6 +138,23 @@ def collect_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def _check_parameters(params: dict[str, Any]) -> None:
+    """Refuse bad parameters before Prefect starts (the flow checks them again)."""
+    from pydantic import ValidationError
+
+    from rollouts.models import CollectConfig
+
+    try:
+        CollectConfig(**params)
+    except ValidationError as e:
+        raise UsageError(
+            "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}"
+                for err in e.errors()
+            )
+        ) from None
+
+
 @contextlib.contextmanager
 def prefect_result_storage() -> Iterator[None]:
     """Apply ROLLOUTS_RESULT_STORAGE to Prefect (its result store is fixed when a flow starts)."""
@@ -155,6 +172,7 @@ def prefect_result_storage() -> Iterator[None]:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     params = collect_params(args)
+    _check_parameters(params)
     # Where chunks run is infrastructure, not a result-changing parameter: a setting.
     if args.dask_address:
         os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
