@@ -258,7 +258,7 @@ async def run_collection(
         agents=[_agent_dict(a) for a in metrics.agents],
         missing_examples=merge.missing_examples,
     )
-    await publish_artifacts(summary, progress_id, paths.rollouts.stem)
+    await publish_artifacts(summary, progress_id, paths.rollouts.stem, reader)
     logger.info(
         "%d/%d rollouts written, %d failed, %d missing; %d of %d chunks from cache; %s",
         summary.succeeded, summary.expected, summary.failed, summary.missing,
@@ -280,8 +280,10 @@ def _artifact_key(stem: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-") or "rollouts"
 
 
-async def publish_artifacts(summary: CollectSummary, progress_id: Any, stem: str) -> None:
-    """The run's final progress, a metrics table and a markdown summary, in the Prefect UI."""
+async def publish_artifacts(
+    summary: CollectSummary, progress_id: Any, stem: str, reader: StatusReader
+) -> None:
+    """The run's final progress, metrics and chunk tables, a markdown summary, in the UI."""
     done = summary.succeeded + summary.failed
     await aupdate_progress_artifact(
         artifact_id=progress_id,
@@ -296,6 +298,21 @@ async def publish_artifacts(summary: CollectSummary, progress_id: Any, stem: str
     ]  # fmt: skip
     key = _artifact_key(stem)
     await acreate_table_artifact(table=rows, key=f"{key}-metrics", description="Rollout metrics")
+    status = await asyncio.to_thread(reader.read)
+    await acreate_table_artifact(
+        table=[
+            {
+                "chunk": c.index,
+                "expected": c.expected,
+                "done": c.done,
+                "failed": c.failed,
+                "worker": c.worker,
+            }
+            for c in status.chunks
+        ],
+        key=f"{key}-chunks",
+        description="Chunks and the worker (host:pid) that collected each",
+    )
     lines = [
         f"# Rollouts: {Path(summary.output).name}",
         "",

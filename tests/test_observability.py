@@ -102,9 +102,16 @@ def test_run_has_progress_metrics_table_and_summary_artifacts(
         by_type.setdefault(a.type, []).append(a)
     (progress,) = by_type["progress"]
     assert float(progress.data) == 100.0
-    (table,) = by_type["table"]
+    tables = {a.key: a for a in by_type["table"]}
+    table = tables["my-rollouts-metrics"]
     rows = orjson.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows[0]["agent"] == "sim" and rows[0]["written"] == 80 and "pass@2" in rows[0]
     (markdown,) = by_type["markdown"]
     assert "| written | 80 |" in markdown.data and str(out) in markdown.data
-    assert table.key == "my-rollouts-metrics" and markdown.key == "my-rollouts-summary"
+    assert markdown.key == "my-rollouts-summary"
+    chunk_table = tables["my-rollouts-chunks"]
+    chunks = (
+        orjson.loads(chunk_table.data) if isinstance(chunk_table.data, str) else chunk_table.data
+    )
+    assert [c["done"] for c in chunks] == [80]
+    assert chunks[0]["worker"] == f"{socket.gethostname()}:{os.getpid()}"
