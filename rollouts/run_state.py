@@ -67,7 +67,7 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
     cannot be written.
     """
     ensure_writable_dir(Path(output).parent, f"the output {output}")
-    ensure_writable_dir(run_dir.parent, f"the run state of {output} (ROLLOUTS_WORK_DIR)")
+    ensure_writable_dir(run_dir.parent, f"the run state of {output} (ROLLOUTS_WORK_DIR moves it)")
     lock_path = run_dir.with_name(run_dir.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

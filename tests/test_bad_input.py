@@ -182,11 +182,6 @@ def test_bad_parameters_are_refused_before_anything(
     assert not run_dir_for(out, None).exists()  # refused before any state was created
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/collect.py returns Failed(message=...) without data= for a ConfigError, so "
-    "the CLI cannot see a RolloutsError and exits 1, not 2 as the README says",
-)
 @pytest.mark.parametrize("case", ["unknown_override", "limit_zero", "repeats_negative"])
 def test_cli_exits_2_on_bad_parameters(
     case: str, tmp_path: Path, agent: AgentServer, capsys: pytest.CaptureFixture[str]
