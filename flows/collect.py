@@ -37,6 +37,7 @@ from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.progress import update_progress_artifact_forever
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
 from rollouts.settings import RolloutsSettings
+from rollouts.split import validate_input
 from rollouts.status import StatusReader
 from tasks.collect import collect_chunk_task
 from tasks.merge import merge_task
@@ -173,6 +174,11 @@ async def run_collection(
     run_dir = run_dir_for(config.output_jsonl_fpath, settings.work_dir)
 
     with run_lock(run_dir, config.output_jsonl_fpath):
+        if config.fresh:
+            await asyncio.to_thread(
+                validate_input, Path(config.input_jsonl_fpath), limit=config.limit,
+                require_agent_ref=config.agent_identity is None, scratch_dir=run_dir.parent,
+            )  # fmt: skip
         run_id = prepare_run_dir(config, run_dir)
         split = await split_task(
             input_path=config.input_jsonl_fpath,
@@ -266,12 +272,15 @@ async def run_collection(
     )  # fmt: skip
     if merge.missing:
         examples = ", ".join(f"({t}, {r})" for t, r in merge.missing_examples[:5])
-        classes = ", ".join(f"{k}: {v}" for k, v in sorted(merge.failure_classes.items()))
+        classes = ", ".join(f"{k}: {v}" for k, v in sorted(merge.retryable_classes.items()))
+        untraced = merge.missing - merge.retryable_failed
+        why = f"last failures: {classes}" if classes else "no failure recorded"
+        if classes and untraced:
+            why += f"; {untraced} more not persisted by the agent (_ng_no_persist) or not sent"
         raise IncompleteRun(
             f"{merge.missing} of {merge.expected} rollouts are neither written nor failed for "
-            f"good (e.g. (task, rollout) {examples}); failure classes: {classes or 'none'}; "
-            f"{len(crashed)} chunk(s) did not finish. Rerun the same command to retry them: "
-            "everything already written is kept."
+            f"good (e.g. (task, rollout) {examples}); {why}; {len(crashed)} chunk(s) did not "
+            "finish. Rerun the same command to retry them: everything already written is kept."
         )
     return summary
 

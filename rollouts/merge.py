@@ -33,7 +33,8 @@ class MergeReport:
     missing: int  # neither written nor terminally failed
     missing_examples: list[RolloutKey] = field(default_factory=list)
     expected_by_agent: dict[str, int] = field(default_factory=dict)
-    failure_classes: dict[str, int] = field(default_factory=dict)
+    failure_classes: dict[str, int] = field(default_factory=dict)  # of the final failures
+    retryable_classes: dict[str, int] = field(default_factory=dict)  # why the missing failed
 
     @property
     def complete(self) -> bool:
@@ -134,6 +135,7 @@ def merge_chunks(
 
     succeeded = terminal = retryable = 0
     classes: Counter[str] = Counter()
+    retry_classes: Counter[str] = Counter()
     missing_examples: list[RolloutKey] = []
 
     def visit(spec: ChunkSpec) -> _ChunkIndex:
@@ -143,11 +145,12 @@ def merge_chunks(
         succeeded += len(idx.rollouts)
         done = {k for k, _, _ in idx.rollouts}
         for f in idx.failure_rows:
-            classes[f["class"]] += 1
             if f["terminal"]:
+                classes[f["class"]] += 1
                 terminal += 1
                 done.add(f["key"])
             else:
+                retry_classes[f["class"]] += 1
                 retryable += 1
         if len(missing_examples) < MAX_MISSING_EXAMPLES:
             for t in sorted(tasks):
@@ -176,6 +179,7 @@ def merge_chunks(
         missing_examples=missing_examples,
         expected_by_agent=dict(expected_by_agent),
         failure_classes=dict(classes),
+        retryable_classes=dict(retry_classes),
     )
 
 

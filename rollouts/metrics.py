@@ -39,7 +39,7 @@ class AgentSummary:
     agent: str
     expected: int  # rollouts expected for this agent (tasks x repeats)
     succeeded: int
-    failed: int  # rows in the failures file for this agent
+    failed: int  # final failures in the failures file (not those a rerun retries)
     mean_reward: float | None
     pass_at_k: dict[int, float]  # empty unless rewards are binary and repeats > 1
 
@@ -131,6 +131,8 @@ def _count_failures(path: Path | None) -> dict[str, int]:
     if path is None or not path.exists():
         return counts
     for line, row in _iter_rows(path):
+        if row.get("_ng_failure_terminal") is False:
+            continue  # retried on the next run: missing, not failed
         name = _agent_name(row, path, line)
         counts[name] = counts.get(name, 0) + 1
     return counts

@@ -19,7 +19,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rollouts.errors import ConfigError, InputError
-from rollouts.fileio import atomic_writer, write_json_atomic
+from rollouts.fileio import atomic_writers
 
 ShortfallPolicy = Literal["error", "redistribute", "allow_short"]
 
@@ -246,22 +246,6 @@ def mix_sources(request: MixRequest) -> MixResult:
     _rng(request.seed, "order").shuffle(order)
 
     out = Path(request.output)
-    with atomic_writer(out) as f:
-        handles = [open(indices[n].path, "rb") for n in names]
-        try:
-            for b in order:
-                si = b_source[b]
-                idx, h, row_order = indices[names[si]], handles[si], spans[names[si]][0]
-                for pos in range(b_start[b], b_start[b] + b_count[b]):
-                    r = row_order[pos]
-                    h.seek(idx.offsets[r])
-                    row = orjson.loads(h.read(idx.lengths[r]))
-                    row["_mix_source"] = names[si]
-                    f.write(orjson.dumps(row) + b"\n")
-        finally:
-            for h in handles:
-                h.close()
-
     per_source = {
         n: {
             "path": str(indices[n].path),
@@ -278,16 +262,30 @@ def mix_sources(request: MixRequest) -> MixResult:
         for n in names
     }
     manifest = out.with_name(f"{out.stem}_manifest.json")
-    write_json_atomic(
-        manifest,
-        {
-            "output": str(out),
-            "seed": request.seed,
-            "total_requested": request.total,
-            "total_written": sum(selected.values()),
-            "keep_groups": keep_groups,
-            "shortfall_policy": request.shortfall,
-            "sources": per_source,
-        },
-    )
+    manifest_doc = {
+        "output": str(out),
+        "seed": request.seed,
+        "total_requested": request.total,
+        "total_written": sum(selected.values()),
+        "keep_groups": keep_groups,
+        "shortfall_policy": request.shortfall,
+        "sources": per_source,
+    }
+    # The mix and its manifest are renamed into place together: never one without the other.
+    with atomic_writers([out, manifest]) as (f, mf):
+        handles = [open(indices[n].path, "rb") for n in names]
+        try:
+            for b in order:
+                si = b_source[b]
+                idx, h, row_order = indices[names[si]], handles[si], spans[names[si]][0]
+                for pos in range(b_start[b], b_start[b] + b_count[b]):
+                    r = row_order[pos]
+                    h.seek(idx.offsets[r])
+                    row = orjson.loads(h.read(idx.lengths[r]))
+                    row["_mix_source"] = names[si]
+                    f.write(orjson.dumps(row) + b"\n")
+        finally:
+            for h in handles:
+                h.close()
+        mf.write(orjson.dumps(manifest_doc, option=orjson.OPT_INDENT_2) + b"\n")
     return MixResult(out, manifest, sum(selected.values()), per_source)

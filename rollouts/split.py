@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -217,6 +218,7 @@ def split_input(
     except BaseException:
         for w in [*closed, *([writer] if writer else [])]:
             w.abort()
+        shutil.rmtree(run_dir / "chunks.staging", ignore_errors=True)
         raise
     for w in closed:
         w.commit()
@@ -229,3 +231,19 @@ def split_input(
         chunks=specs,
         agent_names=sorted(agent_names),
     )
+
+
+def validate_input(
+    input_path: Path, *, limit: int | None, require_agent_ref: bool, scratch_dir: Path
+) -> None:
+    """Check every row without touching a run's state (raises InputError like split_input).
+
+    Used before `--fresh` discards what was collected: bad input must not cost the old output.
+    """
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".validate-", dir=scratch_dir))
+    try:
+        split_input(input_path, scratch, run_id="validate", chunk_size=1 << 30, limit=limit,
+                    require_agent_ref=require_agent_ref)  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -161,6 +161,21 @@ def test_other_result_changing_parameters_are_refused_and_fresh_starts_over(
     assert {r["responses_create_params"]["temperature"] for r in read_jsonl(out)} == {0.9}
 
 
+def test_fresh_with_bad_input_keeps_what_was_collected(tmp_path: Path, agent: AgentServer) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(10)))
+    out = tmp_path / "out.jsonl"
+    base = {"agent_url": agent.url, "input_jsonl_fpath": str(inp), "output_jsonl_fpath": str(out)}
+    collect_ok(**base)
+    before = out.read_bytes()
+    inp.write_bytes(inp.read_bytes() + b"not json\n")
+
+    state = run_collect(**base, fresh=True)
+
+    assert isinstance(state.result(raise_on_failure=False), InputError)
+    assert "in.jsonl:11" in state.message
+    assert out.read_bytes() == before  # --fresh discards nothing until the input is valid
+
+
 def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path, agent: AgentServer) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(5)))
     out = tmp_path / "out.jsonl"

@@ -53,7 +53,9 @@ def test_status_reports_true_counts_per_chunk_while_a_collection_runs(
     run_dir = run_dir_for(out, None)
     try:
         deadline = time.monotonic() + 60
-        while sum(lines_in(run_dir, "rollouts").values()) < 100:
+        # until 100 are written and both always-400 tasks have failed
+        while (sum(lines_in(run_dir, "rollouts").values()) < 100
+               or sum(lines_in(run_dir, "failures").values()) < 2):  # fmt: skip
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
 
