@@ -361,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # offline machines: no telemetry, no notice
     if sys.stderr.isatty():
         # The progress bar says how it goes; Prefect's per-task console lines would scroll it
         # away. Everything still reaches the Prefect API (and its UI) at INFO.
