@@ -62,21 +62,15 @@ from typing import IO, Any
 import orjson
 from aiohttp import web
 
+from rollouts.models import RESPONSES_CREATE_PARAMS_KEYS
+
 API_KEY_ENV = "ROLLOUTS_AGENT_API_KEY"
 MODEL_NAME = "reference-simulator"
 FAILURE_CLASS = "simulated_agent_failure"  # what fail_class_tasks answers carry
 
-# OpenAI Responses API create params (non-streaming); anything else is rejected like NeMo Gym's
-# pydantic model with extra="forbid" would. Note: no "seed" (not a Responses API parameter).
-ALLOWED_CREATE_PARAMS: frozenset[str] = frozenset(
-    {
-        "background", "conversation", "include", "input", "instructions", "max_output_tokens",
-        "max_tool_calls", "metadata", "model", "parallel_tool_calls", "previous_response_id",
-        "prompt", "prompt_cache_key", "reasoning", "safety_identifier", "service_tier", "store",
-        "stream", "stream_options", "temperature", "text", "tool_choice", "tools",
-        "top_logprobs", "top_p", "truncation", "user",
-    }
-)  # fmt: skip
+# OpenAI Responses API create params; anything else is rejected like NeMo Gym's pydantic model
+# with extra="forbid" would. One list for the collector's check and this simulator.
+ALLOWED_CREATE_PARAMS: frozenset[str] = RESPONSES_CREATE_PARAMS_KEYS
 
 _OPS = ("+", "-", "*")
 _QUESTION_RE = re.compile(r"What is\s+(-?\d+)\s*([-+*])\s*(-?\d+)")
