@@ -274,9 +274,12 @@ async def run_collection(
         examples = ", ".join(f"({t}, {r})" for t, r in merge.missing_examples[:5])
         classes = ", ".join(f"{k}: {v}" for k, v in sorted(merge.retryable_classes.items()))
         untraced = merge.missing - merge.retryable_failed
-        why = f"last failures: {classes}" if classes else "no failure recorded"
-        if classes and untraced:
-            why += f"; {untraced} more not persisted by the agent (_ng_no_persist) or not sent"
+        why = f"last failures: {classes}" if classes else ""
+        if untraced:
+            why += (
+                f"{'; ' if why else ''}{untraced} with no failure recorded (answers the agent "
+                "marked _ng_no_persist, or requests never sent)"
+            )
         raise IncompleteRun(
             f"{merge.missing} of {merge.expected} rollouts are neither written nor failed for "
             f"good (e.g. (task, rollout) {examples}); {why}; {len(crashed)} chunk(s) did not "

@@ -30,6 +30,16 @@ def lines(chunks_dir: Path) -> int:
     return sum(p.read_bytes().count(b"\n") for p in chunks_dir.glob("*.rollouts.jsonl"))
 
 
+def written_keys(chunks_dir: Path) -> set[tuple[int, int]]:
+    keys = set()
+    for p in chunks_dir.glob("*.rollouts.jsonl"):
+        data = p.read_bytes()
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            row = orjson.loads(line)
+            keys.add((row["_ng_task_index"], row["_ng_rollout_index"]))
+    return keys
+
+
 def pattern_6_4(tmp_path: Path, sizes: dict[str, int], total: int, **ds: Any) -> dict[str, Any]:
     datasets = []
     for name, n in sizes.items():
@@ -78,7 +88,7 @@ def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
 ) -> None:
     agent = start_agent("--latency-ms", "25")
     config = pattern_6_4(
-        tmp_path, {"high_quality": 40, "exploration": 600, "hard": 20}, total=60,
+        tmp_path, {"high_quality": 40, "exploration": 1500, "hard": 20}, total=60,
         chunk_size=100, num_samples_in_parallel=4,
     )  # fmt: skip
     config_path = tmp_path / "mix.yaml"
@@ -86,19 +96,21 @@ def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
     cmd = [sys.executable, "-m", "rollouts.cli", "multi", "--config", str(config_path)]
     env = {**os.environ, "PREFECT_API_URL": prefect_api,
            "ROLLOUTS_AGENTS": orjson.dumps({"sim": agent.url}).decode()}  # fmt: skip
+    outputs = {n: tmp_path / f"train_{n}.jsonl" for n in TEMPERATURES}
+    chunk_dirs = {n: run_dir_for(p, None) / "chunks" for n, p in outputs.items()}
 
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    small_done = [tmp_path / "train_high_quality.jsonl", tmp_path / "train_hard.jsonl"]
-    exploration_chunks = run_dir_for(tmp_path / "train_exploration.jsonl", None) / "chunks"
     deadline = time.monotonic() + 120
-    # kill when the small datasets are finished and exploration is partway through
-    while not (all(p.exists() for p in small_done) and lines(exploration_chunks) >= 150):
+    # kill while exploration (6 s of work at least) is partway through
+    while lines(chunk_dirs["exploration"]) < 300:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "train_exploration.jsonl").exists()
+    assert not outputs["exploration"].exists()
+    finished = {n for n, p in outputs.items() if p.exists()}
+    written = {n: written_keys(d) for n, d in chunk_dirs.items()}
     sent_before = agent.requests()
 
     rerun = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True,
@@ -106,12 +118,14 @@ def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
 
     assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
     sent_after = agent.requests()[len(sent_before) :]
-    # the finished datasets were not redone at all
-    assert {q["temperature"] for q in sent_after} == {0.6}
-    # every exploration rollout was sent once, but for those in flight at the kill
-    per_key = Counter(q["_ng_task_index"] for q in sent_before + sent_after
-                      if q["temperature"] == 0.6)  # fmt: skip
-    assert set(per_key) == set(range(600))
-    assert sum(1 for c in per_key.values() if c > 1) <= 4
-    assert len(read_jsonl(tmp_path / "train_exploration.jsonl")) == 600
+    name_of = {t: n for n, t in TEMPERATURES.items()}
+    resent = {(name_of[q["temperature"]], q["_ng_task_index"], q["_ng_rollout_index"])
+              for q in sent_after}  # fmt: skip
+    # datasets finished before the kill were not redone at all
+    assert not {n for n, _, _ in resent} & finished
+    # no rollout written before the kill was asked for again, in any dataset
+    for name, keys in written.items():
+        assert not {(name, t, r) for t, r in keys} & resent, name
+    for name, n in {"high_quality": 40, "exploration": 1500, "hard": 20}.items():
+        assert len(read_jsonl(outputs[name])) == n * REPEATS[name]
     assert len(read_jsonl(tmp_path / "train_mixed.jsonl")) == 60  # 36 + 18 + 2 groups of 3
