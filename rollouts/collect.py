@@ -207,6 +207,13 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
             raise
     try:
         await asyncio.gather(*list(tasks))
+    except BaseException:
+        # One rollout failed unexpectedly (a full disk, say): stop the rest before the
+        # files close under them; what was written stays, the next try resumes from it.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     finally:
         writer.close()
     # Recount from the files: they, not this process's tallies, are the truth on resume.
