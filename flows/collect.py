@@ -7,6 +7,7 @@ chunk skips the rollouts already written.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,9 @@ async def run_collection(
         chunk_task = collect_chunk_task.with_options(
             retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
         )
+        # Prefect and pandas leave a large, long-lived heap; full collections over it stall the
+        # event loop while requests wait. Freezing it keeps the collector's GC work small.
+        gc.freeze()
         try:
             if dask_enabled(settings):
                 states = await asyncio.to_thread(
