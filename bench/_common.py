@@ -591,8 +591,20 @@ def machine() -> dict[str, Any]:
     for pkg in ("prefect", "httpx", "httpx-aiohttp", "aiohttp", "orjson", "pandas", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
+    import hashlib
+
+    code = {}
+    for rel in ("rollouts/agent_client.py", "rollouts/collect.py", "rollouts/dispatchers.py",
+                "rollouts/split.py", "rollouts/merge.py", "rollouts/metrics.py", "rollouts/mix.py",
+                "rollouts/fileio.py", "rollouts/cli.py", "flows/collect.py", "tasks/collect.py"):  # fmt: skip
+        with contextlib.suppress(OSError):
+            p = ROOT / rel
+            code[rel] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()[:12],
+                         "mtime": time.strftime("%Y-%m-%d %H:%M:%S",
+                                                time.gmtime(p.stat().st_mtime))}  # fmt: skip
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "code": code,
         "nproc": os.cpu_count(),
         "mem_gb": round(mem_kb / 1024 / 1024, 1),
         "cpu": cpu,

@@ -10,10 +10,12 @@
   keep only the collection window.
 
 Experiments, without touching the product code (environment variables):
-- LOOPWATCH_GC_FREEZE=1: when the flow opens its dispatcher (right before the first request),
+- LOOPWATCH_GC_FREEZE=on: when the flow opens its dispatcher (right before the first request),
   gc.collect() then gc.freeze(): everything alive then (imported modules, Prefect's client and
   engine objects) moves to the permanent generation, which later full passes skip.
-- LOOPWATCH_GC_THRESHOLD=a,b,c: gc.set_threshold(a, b, c) at the same moment.
+  (flows/collect.py itself calls gc.freeze() there since 2026-11-26 05:34; this is a no-op then.)
+- LOOPWATCH_GC_FREEZE=off: gc.freeze() becomes a no-op, to measure the collector without it.
+- LOOPWATCH_GC_THRESHOLD=a,b,c: gc.set_threshold(a, b, c) when the dispatcher opens.
 """
 
 from __future__ import annotations
@@ -104,8 +106,10 @@ def main() -> None:
 
     asyncio.run = run  # type: ignore[assignment]
 
-    freeze = os.environ.get("LOOPWATCH_GC_FREEZE") == "1"
+    freeze = os.environ.get("LOOPWATCH_GC_FREEZE") == "on"
     threshold = os.environ.get("LOOPWATCH_GC_THRESHOLD")
+    if os.environ.get("LOOPWATCH_GC_FREEZE") == "off":
+        gc.freeze = lambda: None  # the product's own call becomes a no-op
     if freeze or threshold:
         import flows.collect
 

@@ -217,11 +217,12 @@ def profile_run(agent: Any, tasks: Path, n: int, parallel: int, chunk: int, tmp:
 
 def gc_experiment(agent: Any, tasks: Path, n: int, parallel: int, chunk: int, tmp: Path,
                   gate: Any) -> list[dict[str, Any]]:  # fmt: skip
-    """The same collection under bench/_loopwatch.py, as is and with gc.freeze() at dispatch."""
+    """The same collection under bench/_loopwatch.py, as is and with the gc.freeze() that
+    flows/collect.py makes before dispatch patched out."""
     out = []
-    for label, env in (("as is", {}), ("gc.freeze() at dispatch", {"LOOPWATCH_GC_FREEZE": "1"})):
+    for label, env in (("as is", {}), ("gc.freeze() patched out", {"LOOPWATCH_GC_FREEZE": "off"})):
         load = gate.wait(f"gc experiment: {label}")
-        slug = "freeze" if env else "asis"
+        slug = "nofreeze" if env else "asis"
         t = run_collect(agent, tasks, tmp / "out" / f"gc-{slug}.jsonl", n=n, parallel=parallel,
                         chunk_size=chunk, prefect_home=tmp / "prefect-home",
                         work_dir=tmp / "work", extra=[f"+limit={n}"],
@@ -259,7 +260,7 @@ def main() -> None:
     ap.add_argument(
         "--gc-experiment",
         action="store_true",
-        help="also run the CLI as is and with gc.freeze() at dispatch (--gc-n)",
+        help="also run the CLI as is and with its gc.freeze() patched out (--gc-n)",
     )
     ap.add_argument("--gc-n", type=int, default=50_000)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (and the profile)")
