@@ -242,6 +242,12 @@ async def run_collection(
             progress_updates.cancel()
         from_cache = sum(1 for s in states if s.name == "Cached")
         crashed = [s for s in states if not s.is_completed()]
+        for state in crashed:
+            # A chunk stopped by something a rerun alone will not fix (a full disk): say that,
+            # rather than the rollouts it left missing.
+            error = await state.aresult(raise_on_failure=False)
+            if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
+                raise error
 
         outputs_missing = not (paths.rollouts.exists() and paths.failures.exists())
         merge = await merge_task.with_options(refresh_cache=outputs_missing)(

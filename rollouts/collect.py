@@ -19,7 +19,13 @@ from typing import IO, Any
 import orjson
 
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy
-from rollouts.fileio import dumps_line, iter_jsonl, repair_torn_tail, write_json_atomic
+from rollouts.fileio import (
+    UnwritablePathError,
+    dumps_line,
+    iter_jsonl,
+    repair_torn_tail,
+    write_json_atomic,
+)
 from rollouts.models import ChunkResult, ChunkSpec, RolloutKey
 from rollouts.run_state import worker_id
 
@@ -121,10 +127,16 @@ class _ResultWriter:
         self._last_sync = time.monotonic()
 
     def write(self, f: IO[bytes], row: dict[str, Any]) -> None:
-        f.write(dumps_line(row))
-        f.flush()
-        if time.monotonic() - self._last_sync > FSYNC_EVERY_S:
-            self.sync()
+        try:
+            f.write(dumps_line(row))
+            f.flush()
+            if time.monotonic() - self._last_sync > FSYNC_EVERY_S:
+                self.sync()
+        except OSError as e:  # a full disk: the user's to fix, in one message
+            raise UnwritablePathError(
+                f"cannot write the run state {f.name}: {e.strerror or e}. Free space (or move "
+                "ROLLOUTS_WORK_DIR), then rerun the same command: what was written is kept."
+            ) from e
 
     def sync(self) -> None:
         for f in (self.rollouts, self.failures):
