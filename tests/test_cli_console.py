@@ -164,3 +164,43 @@ def test_a_healthy_run_prints_its_summary_and_no_error_or_warning(
     assert res.stderr == ""
     assert "40/40 written, 0 failed, 0 missing; 0/1 chunks from cache" in res.stdout
     assert not re.search(r"ERROR|WARNING|Traceback", res.stdout)
+
+
+def test_the_run_logs_of_a_failed_run_hold_its_message_and_no_traceback(
+    tmp_path: Path, start_agent: Any, monkeypatch: Any
+) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.collect import collect_rollouts
+
+    monkeypatch.setenv("ROLLOUTS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("ROLLOUTS_CHUNK_RETRIES", "1")
+    broken = start_agent("--p-500", "1")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"responses_create_params": 3}\n')
+    good = tmp_path / "good.jsonl"
+    write_tasks(good, 3)
+
+    async def logs_of(**params: Any) -> tuple[Any, list[str]]:
+        state = await collect_rollouts(**params, return_state=True)
+        by_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        async with get_client() as client:
+            for _ in range(100):  # logs reach the API in batches
+                logs = await client.read_logs(log_filter=by_run)
+                if any("Finished in state" in log.message for log in logs):
+                    break
+                await asyncio.sleep(0.1)
+        return state, [log.message for log in logs]
+
+    for params, words in (
+        ({"input_jsonl_fpath": str(bad)}, "field 'responses_create_params' must be an object"),
+        ({"input_jsonl_fpath": str(good)}, "3 of 3 rollouts are neither written nor failed"),
+    ):
+        state, messages = asyncio.run(logs_of(agent_url=broken.url, output_jsonl_fpath=str(
+            tmp_path / f"out{len(words)}.jsonl"), **params))  # fmt: skip
+        assert state.is_failed() and words in state.message
+        assert any(words in m for m in messages), messages
+        assert not [m for m in messages if "Traceback" in m], messages
