@@ -39,7 +39,8 @@ def lines_in(run_dir: Path, kind: str) -> dict[int, int]:
 def test_status_reports_true_counts_per_chunk_while_a_collection_runs(
     tmp_path: Path, start_agent: Any, prefect_api: str
 ) -> None:
-    agent = start_agent("--latency-ms", "20", "--fail-400-tasks", "3,7")
+    # 600 rollouts at 8 in flight take ~6 s: time for `rollouts status` to start mid-run
+    agent = start_agent("--latency-ms", "80", "--fail-400-tasks", "3,7")
     inp = tmp_path / "tasks.jsonl"
     write_tasks(inp, 600, seed=5)
     out = tmp_path / "rollouts.jsonl"
