@@ -21,14 +21,24 @@ from prefect.client.schemas.objects import StateType
 AUTOMATION_NAME = "rollouts-resume-crashed-runs"
 CRASH_REPORT_WINDOW_S = 30
 FLOW_NAMES = ["collect-rollouts", "collect-multi-dataset"]
+CRASHED_EVENT = "prefect.flow-run.Crashed"
 
 
 def resume_automation() -> Automation:
+    # The UI describes a trigger matched by flow *name* only as "A custom trigger" (its
+    # flow-run-state template wants flow ids, which differ per server): the automation's
+    # description, shown with it, says what it watches and what it does.
     return Automation(
         name=AUTOMATION_NAME,
-        description="Reschedule crashed rollout collections; they resume from the cache.",
+        description=(
+            f"When a flow run of {' or '.join(FLOW_NAMES)} enters Crashed (event "
+            f"{CRASHED_EVENT}, e.g. its process was killed), set it back to Scheduled "
+            "(AwaitingRetry): a worker picks it up again and it resumes from the cache. "
+            "Runs in other states (Failed, Cancelled, Completed) are left alone; the flow "
+            "stops by itself after ROLLOUTS_MAX_AUTO_RESUMES resumes."
+        ),
         trigger=EventTrigger(
-            expect={"prefect.flow-run.Crashed"},
+            expect={CRASHED_EVENT},
             match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive,
