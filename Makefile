@@ -4,14 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-# Local Prefect: a server on 127.0.0.1 (SQLite under .prefect/ by default), a process work pool
-# `rollouts`, the deployments of prefect.yaml and a worker. For concurrent subflows use
-# PostgreSQL (SQLite stalls them on database locks):
-#   PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://USER:PASS@127.0.0.1:5432/prefect
+# Prefect state of this checkout (its result cache, the local server's SQLite database).
 export PREFECT_HOME ?= $(CURDIR)/.prefect
-export ROLLOUTS_AGENTS ?= {"reference": "http://127.0.0.1:8765"}
-export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+
+# The local Prefect server. Only `server`, `deploy` and `worker` talk to it: `demo` and `test`
+# must work whether or not a server runs (a test suite or a demo that fails because port 4200
+# is down, or up, is a trap). Change the port here and every server target follows:
+#   make server PREFECT_PORT=4300   (and in other shells: export PREFECT_API_URL=http://127.0.0.1:4300/api)
+# For concurrent subflows use PostgreSQL (SQLite stalls them on database locks):
+#   PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://USER:PASS@127.0.0.1:5432/prefect
 PREFECT_PORT ?= 4200
+SERVER_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:8765"}
 
 .PHONY: install demo test lint clean server deploy worker agent
 
@@ -39,16 +43,19 @@ clean:
 
 ## A Prefect server on 127.0.0.1:$(PREFECT_PORT) with its UI (foreground).
 server: install
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_API_URL=$(SERVER_API_URL) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 ## The `rollouts` process pool, every deployment of prefect.yaml, the crash-resume automation.
+deploy: export PREFECT_API_URL ?= $(SERVER_API_URL)
 deploy: install
 	$(BIN)/prefect work-pool inspect rollouts >/dev/null 2>&1 || \
 		$(BIN)/prefect work-pool create rollouts --type process
 	$(BIN)/prefect --no-prompt deploy --all
 	$(BIN)/python -m rollouts.prefect_setup
 
-## A worker for the `rollouts` pool (foreground).
+## A worker for the `rollouts` pool (foreground). Agents resolve in its environment.
+worker: export PREFECT_API_URL ?= $(SERVER_API_URL)
+worker: export ROLLOUTS_AGENTS ?= $(REFERENCE_AGENTS)
 worker: install
 	$(BIN)/prefect worker start --pool rollouts
 

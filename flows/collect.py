@@ -22,7 +22,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel, ValidationError
 
 from flows.ui import artifact_key, own_run_context, rounded, run_name, title
-from rollouts.agent_client import resolve_agent_urls
+from rollouts.agent_client import check_agents_reachable, resolve_agent_urls
 from rollouts.collect import DispatchPlan
 from rollouts.dask_support import (
     check_shared_storage,
@@ -230,6 +230,9 @@ async def run_collection(
         )
 
         reader = StatusReader(config.output_jsonl_fpath, settings.work_dir)
+        if (await asyncio.to_thread(reader.read)).state != "complete":
+            # A dead address would otherwise spend every attempt and chunk retry first.
+            await check_agents_reachable(plan.agents_in_use(), settings.connect_timeout_s)
         progress_id = await acreate_progress_artifact(
             progress=0.0, description=f"collecting {paths.rollouts.name}"
         )
@@ -300,7 +303,10 @@ async def run_collection(
     )  # fmt: skip
     if merge.missing:
         examples = ", ".join(f"({t}, {r})" for t, r in merge.missing_examples[:5])
-        classes = ", ".join(f"{k}: {v}" for k, v in sorted(merge.retryable_classes.items()))
+        classes = "; ".join(
+            _failure_class_line(cls, n, merge.retryable_samples.get(cls), plan)
+            for cls, n in sorted(merge.retryable_classes.items())
+        )
         untraced = merge.missing - merge.retryable_failed
         why = f"last failures: {classes}" if classes else ""
         if untraced:
@@ -314,6 +320,18 @@ async def run_collection(
             "finish. Rerun the same command to retry them: everything already written is kept."
         )
     return summary
+
+
+def _failure_class_line(
+    failure_class: str, count: int, sample: tuple[str, str] | None, plan: DispatchPlan
+) -> str:
+    """`connection_error: 5 (e.g. agent 'x' at http://h:p: <its error>)`."""
+    if sample is None:
+        return f"{failure_class}: {count}"
+    agent, error = sample
+    url = plan.agent_url or plan.agent_urls.get(agent)
+    who = f"agent {agent!r} at {url}" if url and url != agent else f"agent {agent}"
+    return f"{failure_class}: {count} (e.g. {who}: {error})"
 
 
 async def publish_artifacts(

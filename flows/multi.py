@@ -29,6 +29,7 @@ class MultiSummary(BaseModel):
     mix_manifest: str | None = None
     mix_rows: int | None = None
     mix_sources: dict[str, dict[str, Any]] = {}
+    mix_from_cache: bool = False
 
 
 class DatasetFailed(RolloutsError):
@@ -109,16 +110,20 @@ async def collect_multi_dataset(
     out = Path(config.mix.output)
     manifest = out.with_name(f"{out.stem}_manifest.json")
     fresh_mix = mix_task.with_options(refresh_cache=not (out.exists() and manifest.exists()))
-    try:
-        mixed = await fresh_mix(request)
-    except RolloutsError as e:
-        logger.error("%s", e)
-        return Failed(message=str(e), data=e)
+    mix_state = await fresh_mix(request, return_state=True)
+    if not mix_state.is_completed():
+        error = await mix_state.aresult(raise_on_failure=False)
+        if not isinstance(error, RolloutsError):
+            raise error
+        logger.error("%s", error)
+        return Failed(message=str(error), data=error)
+    mixed = await mix_state.aresult()
     logger.info("mixed %d rollouts into %s", mixed.rows, mixed.output)
     result.mix_output = str(mixed.output)
     result.mix_manifest = str(mixed.manifest)
     result.mix_rows = mixed.rows
     result.mix_sources = mixed.per_source
+    result.mix_from_cache = mix_state.name == "Cached"
     await publish_mix_artifacts(result, config.mix.output)
     return result
 

@@ -8,8 +8,10 @@ go through aiohttp underneath via httpx-aiohttp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,7 +22,7 @@ import orjson
 import yaml
 from httpx_aiohttp import AiohttpTransport
 
-from rollouts.errors import AgentResolutionError
+from rollouts.errors import AgentResolutionError, AgentUnreachable
 from rollouts.settings import RolloutsSettings
 
 MAX_ERROR_CHARS = 500
@@ -247,3 +249,54 @@ def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str
             )
         urls[name] = f"http://{entry['host']}:{entry['port']}"
     return urls
+
+
+async def _connect_problem(url: str, timeout_s: float) -> str | None:
+    """Why ``url``'s host:port accepts no TCP connection (refused, DNS, timeout), or None.
+
+    A connection is the whole test: an agent busy with a full load still accepts one, and any
+    HTTP answer it would give (404 included) says no more than that.
+    """
+    parsed = httpx.URL(url)
+    host = parsed.host
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens there)"
+    except socket.gaierror as e:
+        return f"host name {host!r} not found (DNS: {e.strerror or e})"
+    except TimeoutError:
+        return f"no connection within {timeout_s:g} s (timeout)"
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+async def check_agents_reachable(agents: dict[str, str], timeout_s: float) -> None:
+    """Refuse, before any rollout is sent, when an agent's address accepts no connection.
+
+    ``agents`` maps a label (the agent name, or the URL itself) to its base URL. Without this a
+    dead address costs the whole retry budget (every attempt of every rollout, every chunk
+    retry) before the run says anything.
+    """
+    urls = sorted(set(agents.values()))
+    problems = await asyncio.gather(*(_connect_problem(u, timeout_s) for u in urls))
+    down = {u: p for u, p in zip(urls, problems, strict=True) if p is not None}
+    if not down:
+        return
+    lines = []
+    for label, url in sorted(agents.items()):
+        if url in down:
+            who = f"agent {label!r} at {url}" if label != url else f"agent {url}"
+            lines.append(f"{who}: {down[url]}")
+    raise AgentUnreachable(
+        "cannot reach the agent, nothing was sent: "
+        + "; ".join(lines)
+        + ". Start it or fix its address (ROLLOUTS_AGENTS, ROLLOUTS_HEAD_SERVER_URL or "
+        "--agent-url), then rerun the same command."
+    )

@@ -64,9 +64,19 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     return k, yaml.safe_load(v)
 
 
+def _output_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", "-v", action="store_true",
+        help="show Prefect's own log lines and full tracebacks (also: ROLLOUTS_VERBOSE=1)",
+    )  # fmt: skip
+    return common
+
+
 def _add_collect_parser(sub: Any) -> None:
     p = sub.add_parser(
         "collect",
+        parents=[_output_options()],
         help="collect rollouts of one dataset (resumable; NeMo Gym +key=value accepted)",
         description="Collect rollouts. Every flag has a NeMo Gym form: --input = "
         "+input_jsonl_fpath=, --temperature 0.2 = +responses_create_params.temperature=0.2, ...",
@@ -170,9 +180,30 @@ def prefect_result_storage() -> Iterator[None]:
         yield
 
 
+def check_agent_first(params: dict[str, Any]) -> None:
+    """An unknown or unreachable run-level agent is refused in about a second, before Prefect
+    starts (its temporary API alone takes seconds). The flow checks again, for deployments."""
+    from rollouts.agent_client import check_agents_reachable, resolve_agent_urls
+    from rollouts.settings import RolloutsSettings
+
+    name, url = params.get("agent_name"), params.get("agent_url")
+    if not (name or url):
+        return  # each row names its agent: known after the split
+    settings = RolloutsSettings()
+    agents = {name or url: url} if url else resolve_agent_urls([name], settings)
+    asyncio.run(check_agents_reachable(agents, settings.connect_timeout_s))
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
+    from rollouts.errors import RolloutsError
+
     params = collect_params(args)
     _check_parameters(params)
+    try:
+        check_agent_first(params)
+    except RolloutsError as e:
+        print(f"rollouts collect: {e}", file=sys.stderr)
+        return e.exit_code
     # Where chunks run is infrastructure, not a result-changing parameter: a setting.
     if args.dask_address:
         os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
@@ -184,7 +215,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from rollouts.settings import RolloutsSettings
 
     with cli_progress_bar(params["output_jsonl_fpath"], RolloutsSettings().work_dir):
-        state = _run_flow_state(collect_rollouts(**params, return_state=True))
+        state = _run_flow_state(collect_rollouts, params)
     if not state.is_completed():
         return _exit_for_failed("collect", state)
     summary = state.result()
@@ -193,21 +224,48 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_flow_state(coro: Any) -> Any:
+def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
+    from rollouts.logs import console_reports_failures_once
+
+    console_reports_failures_once()  # Prefect's logging is set up by now
     with prefect_result_storage():
-        return asyncio.run(coro)
+        state = asyncio.run(flow(**params, return_state=True))
+    return state
 
 
 def _exit_for_failed(command: str, state: Any) -> int:
-    """Bad input, parameters or a conflicting run are the caller's to fix (2); anything else,
-    an incomplete run or a crash, is fixed by rerunning (1)."""
-    from rollouts.errors import IncompleteRun, RolloutsError
+    """Bad input, parameters or settings are the caller's to fix (2); an incomplete run, an
+    agent down or a crash are fixed by rerunning (1). Each error class says which."""
+    from rollouts.errors import RolloutsError
 
     error = state.result(raise_on_failure=False)
     print(f"rollouts {command}: {state.message or error}", file=sys.stderr)
-    if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
-        return EXIT_USAGE
+    if isinstance(error, RolloutsError):
+        return error.exit_code
     return EXIT_INCOMPLETE
+
+
+def check_prefect_api() -> None:
+    """Empty PREFECT_API_URL means none; a URL where no server answers is refused in one line
+    (Prefect would fail after seconds with a traceback, or half-start with ERROR lines)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url is None:
+        return
+    if not url.strip():
+        del os.environ["PREFECT_API_URL"]
+        return
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as e:
+        cause = str(e) or type(e).__name__
+        if isinstance(e, httpx.ConnectError):
+            cause = "connection refused"
+        raise UsageError(
+            f"no Prefect server answers at PREFECT_API_URL={url} ({cause}). Start it "
+            "(`make server`), or unset PREFECT_API_URL to run with a temporary local API."
+        ) from None
 
 
 def load_multi_config(path: str) -> Any:
@@ -237,7 +295,7 @@ def cmd_multi(args: argparse.Namespace) -> int:
     from flows.multi import collect_multi_dataset
     from rollouts.report import print_multi_summary
 
-    state = _run_flow_state(collect_multi_dataset(config=config, return_state=True))
+    state = _run_flow_state(collect_multi_dataset, {"config": config})
     if not state.is_completed():
         return _exit_for_failed("multi", state)
     print_multi_summary(state.result())
@@ -316,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_collect_parser(sub)
     multi = sub.add_parser(
-        "multi", help="collect several datasets (own temperature, repeats) and mix them"
+        "multi", help="collect several datasets (own temperature, repeats) and mix them",
+        parents=[_output_options()],
     )
     multi.add_argument("--config", required=True, help="YAML: datasets + mix (see examples/)")
     multi.set_defaults(func=cmd_multi)
@@ -359,18 +418,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _console_settings(verbose: bool) -> None:
+    """Before Prefect is imported: it reads these when it sets up logging."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")  # offline machines: no telemetry, no notice
-    if sys.stderr.isatty():
-        # The progress bar says how it goes; Prefect's per-task console lines would scroll it
-        # away. Everything still reaches the Prefect API (and its UI) at INFO.
+    if verbose:
+        os.environ["ROLLOUTS_VERBOSE"] = "1"
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO")
+    elif "PREFECT_LOGGING_LEVEL" not in os.environ:
+        # The command prints its own progress and summary; Prefect's per-task lines would
+        # bury them. Everything still reaches the Prefect API (and its UI) at INFO.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # argparse would read "+key=value" as a positional anyway; keep them last-resort safe.
     args = parser.parse_args(argv)
+    _console_settings(getattr(args, "verbose", False))
     try:
+        if args.command in ("collect", "multi"):
+            check_prefect_api()
         return int(args.func(args))
     except UsageError as e:
         print(f"rollouts {args.command}: {e}", file=sys.stderr)

@@ -44,6 +44,12 @@ class DispatchPlan:
             return {"name": row["agent_ref"]["name"]}
         return {"name": self.agent_url or "agent"}
 
+    def agents_in_use(self) -> dict[str, str]:
+        """Agent label -> base URL, for every agent this plan can send to."""
+        if self.agent_url:
+            return {self.agent_name or self.agent_url: self.agent_url}
+        return dict(self.agent_urls)
+
     def url_for(self, agent_ref: dict[str, str]) -> str:
         base = self.agent_url or self.agent_urls[agent_ref["name"]]
         return base.rstrip("/") + "/run"

@@ -6,7 +6,13 @@ from pathlib import Path
 
 
 class RolloutsError(Exception):
-    """Base of every error we raise on purpose; the CLI prints its message without a traceback."""
+    """Base of every error we raise on purpose; the CLI prints its message without a traceback.
+
+    ``exit_code``: 2 when the caller must change something (input, parameters, settings) before
+    rerunning, 1 when rerunning the same command later is the fix.
+    """
+
+    exit_code = 2
 
 
 class InputError(RolloutsError):
@@ -46,6 +52,14 @@ class AgentResolutionError(RolloutsError):
 
 class IncompleteRun(RolloutsError):
     """The run ended with rollouts neither written nor terminally failed."""
+
+    exit_code = 1
+
+
+class AgentUnreachable(RolloutsError):
+    """An agent's address does not accept connections; found before any rollout is sent."""
+
+    exit_code = 1
 
 
 class SharedStorageError(RolloutsError):

@@ -35,6 +35,8 @@ class MergeReport:
     expected_by_agent: dict[str, int] = field(default_factory=dict)
     failure_classes: dict[str, int] = field(default_factory=dict)  # of the final failures
     retryable_classes: dict[str, int] = field(default_factory=dict)  # why the missing failed
+    # One example per retryable class: (agent name, error), so a message can say who and how.
+    retryable_samples: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -91,6 +93,8 @@ def _chunk_index(
                     "key": k,
                     "terminal": r.get("_ng_failure_terminal") is True,
                     "class": str(r.get("_ng_failure_class")),
+                    "agent": str((r.get("agent_ref") or {}).get("name", "")),
+                    "error": str(r.get("error", "")),
                 }
                 for k, (_, _, r) in fails.items()
                 if r is not None
@@ -136,6 +140,7 @@ def merge_chunks(
     succeeded = terminal = retryable = 0
     classes: Counter[str] = Counter()
     retry_classes: Counter[str] = Counter()
+    retry_samples: dict[str, tuple[str, str]] = {}
     missing_examples: list[RolloutKey] = []
 
     def visit(spec: ChunkSpec) -> _ChunkIndex:
@@ -151,6 +156,7 @@ def merge_chunks(
                 done.add(f["key"])
             else:
                 retry_classes[f["class"]] += 1
+                retry_samples.setdefault(f["class"], (f["agent"], f["error"]))
                 retryable += 1
         if len(missing_examples) < MAX_MISSING_EXAMPLES:
             for t in sorted(tasks):
@@ -180,6 +186,7 @@ def merge_chunks(
         expected_by_agent=dict(expected_by_agent),
         failure_classes=dict(classes),
         retryable_classes=dict(retry_classes),
+        retryable_samples=retry_samples,
     )
 
 

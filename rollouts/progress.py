@@ -34,11 +34,43 @@ async def update_progress_artifact_forever(reader: StatusReader, artifact_id: ob
             )
 
 
+LINE_EVERY_S = 30.0
+
+
+@contextlib.contextmanager
+def _progress_lines(output: str | Path, work_dir: Path | None) -> Iterator[None]:
+    """Not a terminal (a log file, a batch job): a plain progress line every LINE_EVERY_S."""
+    reader = StatusReader(output, work_dir)
+    stop = threading.Event()
+    name = Path(output).name
+
+    def poll() -> None:
+        while not stop.wait(LINE_EVERY_S):
+            with contextlib.suppress(Exception):  # a half-written run dir: try again later
+                s = reader.read()
+                if s.expected:
+                    done = s.done + s.failed
+                    rate = f", {s.rate_per_s:,.0f}/s" if s.rate_per_s else ""
+                    eta = f", ETA {int(s.eta_s) // 60}m{int(s.eta_s) % 60:02d}s" if s.eta_s else ""
+                    print(f"{name}: {done:,}/{s.expected:,} ({100.0 * done / s.expected:.1f}%), "
+                          f"{s.failed:,} failed{rate}{eta}", file=sys.stderr, flush=True)  # fmt: skip
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @contextlib.contextmanager
 def cli_progress_bar(output: str | Path, work_dir: Path | None) -> Iterator[None]:
-    """A progress bar with rate and ETA on stderr while the block runs (interactive only)."""
+    """Progress on stderr while the block runs: a bar with rate and ETA in a terminal, else a
+    plain line now and then."""
     if not sys.stderr.isatty():
-        yield
+        with _progress_lines(output, work_dir):
+            yield
         return
     from rich.console import Console
     from rich.progress import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -14,8 +15,13 @@ if TYPE_CHECKING:
     from flows.multi import MultiSummary
 
 
+def _console() -> Console:
+    # Not a terminal (a log file, CI): rich would assume 80 columns and cut the pass@k column.
+    return Console(width=None if sys.stdout.isatty() else 110)
+
+
 def print_summary(summary: CollectSummary, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     table = Table(title="rollouts", show_header=True)
     table.add_column("agent", overflow="fold", min_width=12)
     for col in ("expected", "written", "failed", "mean reward"):
@@ -39,7 +45,7 @@ def print_summary(summary: CollectSummary, console: Console | None = None) -> No
 
 
 def print_multi_summary(summary: MultiSummary, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     for name, ds in summary.datasets.items():
         console.rule(name)
         print_summary(ds, console)
@@ -55,7 +61,8 @@ def print_multi_summary(summary: MultiSummary, console: Console | None = None) -
                       str(s["selected"]), str(s["shortfall"]),
                       f"{s['deviation_from_quota']:+d}")  # fmt: skip
     console.print(table)
-    console.print(f"{summary.mix_rows} rows -> {summary.mix_output}")
+    cached = " (mix from cache)" if summary.mix_from_cache else ""
+    console.print(f"{summary.mix_rows} rows -> {summary.mix_output}{cached}")
     console.print(f"manifest: {summary.mix_manifest}")
 
 

@@ -20,3 +20,7 @@ url=$(grep -o 'http://[^ ]*' "$log")
 echo "reference agent (simulator) at $url"
 
 ROLLOUTS_AGENTS="{\"reference\": \"$url\"}" "$BIN/rollouts" multi --config examples/mix.yaml
+
+echo
+echo "Run it again (make demo): every chunk and the mix come back from the cache, nothing is sent."
+echo "To watch runs in the Prefect UI, see \"Run it from Prefect\" in README.md (make server)."

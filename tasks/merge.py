@@ -25,6 +25,7 @@ def _merge_identity(inputs: dict[str, Any]) -> Any:
         "output": str(Path(inputs["output_path"]).resolve()),
         "failures": str(Path(inputs["failures_path"]).resolve()),
         "num_repeats": inputs["plan"].num_repeats,
+        "report": 2,  # MergeReport's fields; a cached older report lacks retryable_samples
     }
 
 

@@ -13,7 +13,7 @@ from conftest import AgentServer, read_jsonl, write_jsonl
 from prefect.states import State
 
 from flows.collect import CollectSummary, collect_rollouts
-from rollouts.errors import IncompleteRun, InputError, RunConflict, RunLocked
+from rollouts.errors import AgentUnreachable, InputError, RunConflict, RunLocked
 from rollouts.reference_agent import generate_tasks, write_tasks
 from rollouts.run_state import run_dir_for, run_lock
 
@@ -229,11 +229,9 @@ def test_empty_or_missing_file_is_refused(case: str, tmp_path: Path, agent: Agen
     assert agent.requests() == []
 
 
-def test_unreachable_agent_ends_incomplete_then_resumes(
+def test_unreachable_agent_is_refused_before_dispatch_then_the_run_resumes(
     tmp_path: Path, start_agent: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ROLLOUTS_MAX_ATTEMPTS", "2")
-    monkeypatch.setenv("ROLLOUTS_CHUNK_RETRIES", "0")
     inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(10)))
     out = tmp_path / "out.jsonl"
     dead = start_agent()
@@ -242,11 +240,9 @@ def test_unreachable_agent_ends_incomplete_then_resumes(
 
     monkeypatch.setenv("ROLLOUTS_AGENTS", orjson.dumps({"sim": dead.url}).decode())
     state = run_collect(agent_name="sim", **params)
-    assert isinstance(state.result(raise_on_failure=False), IncompleteRun)
-    assert "10 of 10" in state.message and "connection_error" in state.message
-    failures = read_jsonl(tmp_path / "out_failures.jsonl")
-    assert len(failures) == 10 and not any(f["_ng_failure_terminal"] for f in failures)
-    assert read_jsonl(out) == []
+    assert isinstance(state.result(raise_on_failure=False), AgentUnreachable)
+    assert f"agent 'sim' at {dead.url}: connection refused" in state.message
+    assert not out.exists() and not (tmp_path / "out_failures.jsonl").exists()
 
     live = start_agent()  # the agent came back elsewhere: same name, new address
     monkeypatch.setenv("ROLLOUTS_AGENTS", orjson.dumps({"sim": live.url}).decode())
