@@ -16,7 +16,9 @@ import asyncio
 from datetime import timedelta
 
 from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
 
 AUTOMATION_NAME = "rollouts-resume-crashed-runs"
 CRASH_REPORT_WINDOW_S = 30
@@ -24,10 +26,9 @@ FLOW_NAMES = ["collect-rollouts", "collect-multi-dataset"]
 CRASHED_EVENT = "prefect.flow-run.Crashed"
 
 
-def resume_automation() -> Automation:
-    # The UI describes a trigger matched by flow *name* only as "A custom trigger" (its
-    # flow-run-state template wants flow ids, which differ per server): the automation's
-    # description, shown with it, says what it watches and what it does.
+def resume_automation(flow_ids: list[str]) -> Automation:
+    """The automation for the flows with these ids (the UI names the flows and the state only
+    for a trigger in the shape of its own "flow run state" form: flows matched by id)."""
     return Automation(
         name=AUTOMATION_NAME,
         description=(
@@ -38,8 +39,12 @@ def resume_automation() -> Automation:
             "stops by itself after ROLLOUTS_MAX_AUTO_RESUMES resumes."
         ),
         trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
             expect={CRASHED_EVENT},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
+            match_related={
+                "prefect.resource.role": "flow",
+                "prefect.resource.id": [f"prefect.flow.{i}" for i in flow_ids],
+            },
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive,
             threshold=1,
@@ -59,7 +64,16 @@ def resume_automation() -> Automation:
 
 
 async def ensure_resume_automation() -> None:
-    wanted = resume_automation()
+    """Create (or replace) the automation; run after `prefect deploy`, which registers the flows."""
+    async with get_client() as client:
+        try:
+            flow_ids = [str((await client.read_flow_by_name(n)).id) for n in FLOW_NAMES]
+        except ObjectNotFound:
+            raise SystemExit(
+                f"the flows {', '.join(FLOW_NAMES)} are not on this server yet: deploy first "
+                "(`make deploy` does both)"
+            ) from None
+    wanted = resume_automation(flow_ids)
     try:
         existing = await Automation.aread(name=AUTOMATION_NAME)
     except ValueError:

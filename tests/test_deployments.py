@@ -244,3 +244,11 @@ def test_deployed_forms_describe_every_field_and_the_automation_says_what_it_doe
     (automation,) = automations
     for words in ("collect-rollouts", "collect-multi-dataset", "Crashed", "Scheduled"):
         assert words in automation.description
+    # The UI's "flow run state" shape (else it reads "A custom trigger"): flow runs, matched to
+    # our two flows by id, one state, threshold 1.
+    trigger = automation.trigger
+    flow_ids = {f"prefect.flow.{d.flow_id}" for d in deployments}
+    assert len(flow_ids) == 2
+    assert trigger.match["prefect.resource.id"] == "prefect.flow-run.*"
+    assert set(trigger.match_related["prefect.resource.id"]) == flow_ids
+    assert trigger.expect == {"prefect.flow-run.Crashed"} and trigger.threshold == 1
