@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -22,6 +21,7 @@ from prefect.artifacts import (
 from prefect.states import Failed, State
 from pydantic import BaseModel, ValidationError
 
+from flows.ui import artifact_key, own_run_context, rounded, run_name, title
 from rollouts.agent_client import check_agents_reachable, resolve_agent_urls
 from rollouts.collect import DispatchPlan
 from rollouts.dask_support import (
@@ -66,51 +66,75 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     params = flow_run.parameters
-    return f"collect-{Path(params['output_jsonl_fpath']).stem}"
+    return run_name(f"collect-{Path(params['output_jsonl_fpath']).stem}")
 
 
 @flow(name="collect-rollouts", flow_run_name=_flow_run_name, validate_parameters=True)
 async def collect_rollouts(
-    input_jsonl_fpath: str,
-    output_jsonl_fpath: str,
-    agent_name: str | None = None,
-    agent_url: str | None = None,
-    limit: int | None = None,
-    num_repeats: int = 1,
-    num_samples_in_parallel: int = 64,
-    responses_create_params: dict[str, Any] | None = None,
-    num_repeats_add_seed: bool = False,
-    chunk_size: int = 10_000,
-    max_parallel_chunks: int = 4,
-    fresh: bool = False,
+    input_jsonl_fpath: Annotated[str, title("Input tasks (JSONL)")],
+    output_jsonl_fpath: Annotated[str, title("Output rollouts (JSONL)")],
+    agent_name: Annotated[str | None, title("Agent name")] = None,
+    agent_url: Annotated[str | None, title("Agent URL")] = None,
+    limit: Annotated[int | None, title("Row limit")] = None,
+    num_repeats: Annotated[int, title("Rollouts per task")] = 1,
+    num_samples_in_parallel: Annotated[int, title("Requests in flight")] = 64,
+    responses_create_params: Annotated[
+        dict[str, Any] | None, title("Sampling overrides (Responses API)")
+    ] = None,
+    num_repeats_add_seed: Annotated[bool, title("Seed each repeat")] = False,
+    chunk_size: Annotated[int, title("Tasks per chunk")] = 10_000,
+    max_parallel_chunks: Annotated[int, title("Chunks at once")] = 4,
+    fresh: Annotated[bool, title("Start fresh")] = False,
 ) -> CollectSummary | State:
-    """Collect rollouts of one dataset from one agent into NeMo Gym-compatible files."""
-    try:
-        config = CollectConfig(
-            input_jsonl_fpath=input_jsonl_fpath,
-            output_jsonl_fpath=output_jsonl_fpath,
-            agent_name=agent_name,
-            agent_url=agent_url,
-            limit=limit,
-            num_repeats=num_repeats,
-            num_samples_in_parallel=num_samples_in_parallel,
-            responses_create_params=responses_create_params or {},
-            num_repeats_add_seed=num_repeats_add_seed,
-            chunk_size=chunk_size,
-            max_parallel_chunks=max_parallel_chunks,
-            fresh=fresh,
-        )
-    except ValidationError as e:
-        error = ConfigError(_validation_message(e))
-        get_run_logger().error("%s", error)
-        return Failed(message=str(error), data=error)
-    try:
-        check_auto_resume_budget(RolloutsSettings())
-        return await run_collection(config)
-    except RolloutsError as e:
-        # A user-facing failure: its message says what to do; a traceback would only bury it.
-        get_run_logger().error("%s", e)
-        return Failed(message=str(e), data=e)
+    """Collect rollouts of one dataset from one agent into NeMo Gym-compatible files.
+
+    Args:
+        input_jsonl_fpath: Input tasks, one JSON object per line.
+        output_jsonl_fpath: Rollouts JSONL to write (sorted, written atomically); failures
+            and metrics files are written next to it.
+        agent_name: Optional (text). Agent to resolve through ROLLOUTS_AGENTS or the head
+            server; empty: each row's agent_ref names its agent.
+        agent_url: Optional (text). Agent base URL, used as is (no name resolution).
+        limit: Optional (integer). Collect only the first N input rows; empty: all rows.
+        num_repeats: Rollouts per task.
+        num_samples_in_parallel: Requests in flight at once, for the whole run.
+        responses_create_params: Optional (object). Shallow overrides of each request's
+            Responses API create parameters, e.g. {"temperature": 0.2}.
+        num_repeats_add_seed: Put {"seed": rollout_index} into metadata.extra_body of each
+            request, so repeats differ reproducibly.
+        chunk_size: Tasks per chunk; a chunk is one cached, resumable task run.
+        max_parallel_chunks: Chunks dispatching requests at once.
+        fresh: Discard the previous run state of this output and start over.
+    """
+    # Called from a task (collect-multi-dataset), this flow's artifacts and logs must still
+    # belong to this flow run, not to the calling task.
+    with own_run_context():
+        try:
+            config = CollectConfig(
+                input_jsonl_fpath=input_jsonl_fpath,
+                output_jsonl_fpath=output_jsonl_fpath,
+                agent_name=agent_name,
+                agent_url=agent_url,
+                limit=limit,
+                num_repeats=num_repeats,
+                num_samples_in_parallel=num_samples_in_parallel,
+                responses_create_params=responses_create_params or {},
+                num_repeats_add_seed=num_repeats_add_seed,
+                chunk_size=chunk_size,
+                max_parallel_chunks=max_parallel_chunks,
+                fresh=fresh,
+            )
+        except ValidationError as e:
+            error = ConfigError(_validation_message(e))
+            get_run_logger().error("%s", error)
+            return Failed(message=str(error), data=error)
+        try:
+            check_auto_resume_budget(RolloutsSettings())
+            return await run_collection(config)
+        except RolloutsError as e:
+            # A user-facing failure: its message says what to do; a traceback would only bury it.
+            get_run_logger().error("%s", e)
+            return Failed(message=str(e), data=e)
 
 
 def collect_on_dask(
@@ -277,7 +301,7 @@ async def run_collection(
         agents=[_agent_dict(a) for a in metrics.agents],
         missing_examples=merge.missing_examples,
     )
-    await publish_artifacts(summary, progress_id, paths.rollouts.stem, reader)
+    await publish_artifacts(summary, progress_id, reader)
     logger.info(
         "%d/%d rollouts written, %d failed, %d missing; %d of %d chunks from cache; %s",
         summary.succeeded, summary.expected, summary.failed, summary.missing,
@@ -316,12 +340,8 @@ def _failure_class_line(
     return f"{failure_class}: {count} (e.g. {who}: {error})"
 
 
-def _artifact_key(stem: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-") or "rollouts"
-
-
 async def publish_artifacts(
-    summary: CollectSummary, progress_id: Any, stem: str, reader: StatusReader
+    summary: CollectSummary, progress_id: Any, reader: StatusReader
 ) -> None:
     """The run's final progress, metrics and chunk tables, a markdown summary, in the UI."""
     done = summary.succeeded + summary.failed
@@ -332,12 +352,13 @@ async def publish_artifacts(
     )
     rows = [
         {"agent": a["agent"], "expected": a["expected"], "written": a["succeeded"],
-         "failed": a["failed"], "mean_reward": a["mean_reward"],
-         **{f"pass@{k}": v for k, v in a["pass_at_k"].items()}}
+         "failed": a["failed"], "mean_reward": rounded(a["mean_reward"]),
+         **{f"pass@{k}": rounded(v) for k, v in a["pass_at_k"].items()}}
         for a in summary.agents
     ]  # fmt: skip
-    key = _artifact_key(stem)
-    await acreate_table_artifact(table=rows, key=f"{key}-metrics", description="Rollout metrics")
+    await acreate_table_artifact(
+        table=rows, key=artifact_key(summary.output, "metrics"), description="Rollout metrics"
+    )
     status = await asyncio.to_thread(reader.read)
     await acreate_table_artifact(
         table=[
@@ -350,13 +371,13 @@ async def publish_artifacts(
             }
             for c in status.chunks
         ],
-        key=f"{key}-chunks",
+        key=artifact_key(summary.output, "chunks"),
         description="Chunks and the worker (host:pid) that collected each",
     )
     lines = [
         f"# Rollouts: {Path(summary.output).name}",
         "",
-        "| | |",
+        "| Rollouts | Count |",
         "|---|---|",
         f"| expected | {summary.expected} |",
         f"| written | {summary.succeeded} |",
@@ -371,7 +392,9 @@ async def publish_artifacts(
     lines += ["", f"- rollouts: `{summary.output}`", f"- failures: `{summary.failures}`",
               f"- metrics: `{summary.metrics}`"]  # fmt: skip
     await acreate_markdown_artifact(
-        markdown="\n".join(lines), key=f"{key}-summary", description="Collection summary"
+        markdown="\n".join(lines),
+        key=artifact_key(summary.output, "summary"),
+        description="Collection summary",
     )
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flows.collect import CollectSummary, collect_rollouts
+from flows.ui import artifact_key, rounded, run_name, title
 from rollouts.errors import RolloutsError
 from rollouts.mix import MixRequest, MixSource
 from rollouts.models import DatasetConfig, MultiDatasetConfig
@@ -45,9 +47,33 @@ async def collect_dataset_task(dataset: DatasetConfig) -> CollectSummary:
     return await state.aresult()
 
 
-@flow(name="collect-multi-dataset", task_runner=ThreadPoolTaskRunner(max_workers=32))
-async def collect_multi_dataset(config: MultiDatasetConfig) -> MultiSummary | State:
-    """Collect every dataset (resumable, each its own subflow), then mix them."""
+def _multi_run_name() -> str:
+    """``multi-<mix output stem>``, or ``multi-<dataset names>`` without a mix."""
+    from prefect.runtime import flow_run
+
+    try:
+        config = MultiDatasetConfig.model_validate(flow_run.parameters["config"])
+    except (KeyError, ValidationError):
+        return run_name("multi-dataset")  # the flow itself reports the bad config
+    if config.mix is not None:
+        return run_name(f"multi-{Path(config.mix.output).stem}")
+    return run_name("multi-" + "+".join(d.name for d in config.datasets))
+
+
+@flow(
+    name="collect-multi-dataset",
+    flow_run_name=_multi_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=32),
+)
+async def collect_multi_dataset(
+    config: Annotated[MultiDatasetConfig, title("Datasets and mix")],
+) -> MultiSummary | State:
+    """Collect every dataset (resumable, each its own subflow), then mix them.
+
+    Args:
+        config: The datasets to collect, each with its own agent and sampling settings, and
+            optionally how to mix their rollouts into one training set.
+    """
     logger = get_run_logger()
     # Prefect 3 runs async subflows awaited together one after another (PrefectHQ/prefect
     # #15415). Each subflow is called from its own submitted task instead: its own thread and
@@ -98,4 +124,40 @@ async def collect_multi_dataset(config: MultiDatasetConfig) -> MultiSummary | St
     result.mix_rows = mixed.rows
     result.mix_sources = mixed.per_source
     result.mix_from_cache = mix_state.name == "Cached"
+    await publish_mix_artifacts(result, config.mix.output)
     return result
+
+
+MIX_COLUMNS = ("proportion", "target", "available", "selected", "shortfall",
+               "deviation_from_quota")  # fmt: skip
+
+
+async def publish_mix_artifacts(result: MultiSummary, mix_output: str) -> None:
+    """The mix per source as a table, and what the run wrote as markdown, on the multi run."""
+    rows = [
+        {"source": name, **{c: rounded(source.get(c)) for c in MIX_COLUMNS}}
+        for name, source in result.mix_sources.items()
+    ]
+    await acreate_table_artifact(
+        table=rows,
+        key=artifact_key(mix_output, "mix"),
+        description="Mix per source: target proportion, quota and what was selected",
+    )
+    lines = [
+        f"# Multi-dataset collection: {Path(mix_output).name}",
+        "",
+        "| Dataset | Expected | Written | Failed | Missing | Output |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {s.expected} | {s.succeeded} | {s.failed} | {s.missing} | `{s.output}` |"
+            for name, s in result.datasets.items()
+        ),
+        "",
+        f"- mix: `{result.mix_output}` ({result.mix_rows} rollouts)",
+        f"- manifest: `{result.mix_manifest}`",
+    ]
+    await acreate_markdown_artifact(
+        markdown="\n".join(lines),
+        key=artifact_key(mix_output, "multi-summary"),
+        description="Datasets collected and the mix written",
+    )

@@ -149,17 +149,56 @@ class DatasetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names its subflow and mix share.")
-    input: str = Field(description="Input tasks, JSONL.")
-    output: str = Field(description="This dataset's rollouts JSONL.")
-    agent_name: str | None = None
-    agent_url: str | None = None
-    responses_create_params: dict[str, Any] = Field(default_factory=dict)
-    num_repeats: int = Field(default=1, ge=1)
-    num_samples_in_parallel: int = Field(default=64, ge=1)
-    limit: int | None = Field(default=None, gt=0)
-    chunk_size: int = Field(default=10_000, ge=1)
-    max_parallel_chunks: int = Field(default=4, ge=1)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        title="Name",
+        description="Names the dataset's subflow run and its share in the mix's proportions.",
+    )
+    input: str = Field(title="Input tasks (JSONL)", description="Input tasks, JSONL.")
+    output: str = Field(
+        title="Output rollouts (JSONL)", description="This dataset's rollouts JSONL."
+    )
+    agent_name: str | None = Field(
+        default=None,
+        title="Agent name",
+        description="Optional. Agent to resolve through ROLLOUTS_AGENTS or the head server; "
+        "empty: each row's agent_ref names its agent.",
+    )
+    agent_url: str | None = Field(
+        default=None,
+        title="Agent URL",
+        description="Optional. Agent base URL, used as is (no name resolution).",
+    )
+    responses_create_params: dict[str, Any] = Field(
+        default_factory=dict,
+        title="Sampling overrides (Responses API)",
+        description="Shallow overrides of each request's create parameters, e.g. "
+        '{"temperature": 0.2}.',
+    )
+    num_repeats: int = Field(
+        default=1, ge=1, title="Rollouts per task", description="Rollouts per task."
+    )
+    num_samples_in_parallel: int = Field(
+        default=64,
+        ge=1,
+        title="Requests in flight",
+        description="Requests in flight at once for this dataset.",
+    )
+    limit: int | None = Field(
+        default=None,
+        gt=0,
+        title="Row limit",
+        description="Optional. Collect only the first N input rows; empty: all rows.",
+    )
+    chunk_size: int = Field(
+        default=10_000,
+        ge=1,
+        title="Tasks per chunk",
+        description="Tasks per chunk; a chunk is one cached, resumable task run.",
+    )
+    max_parallel_chunks: int = Field(
+        default=4, ge=1, title="Chunks at once", description="Chunks dispatching requests at once."
+    )
 
     def collect_parameters(self) -> dict[str, Any]:
         """The collect-rollouts flow's parameters for this dataset."""
@@ -183,16 +222,34 @@ class DatasetConfig(BaseModel):
 
 
 class MixConfig(BaseModel):
+    """How the datasets' rollouts are mixed into one training set."""
+
     model_config = ConfigDict(extra="forbid")
 
-    output: str
-    total: int = Field(gt=0)
-    seed: int = 0
-    proportions: dict[str, float]
-    keep_groups: bool | None = Field(
-        default=None, description="Default: true when any dataset has num_repeats > 1."
+    output: str = Field(
+        title="Mix output (JSONL)",
+        description="The mixed rollouts JSONL; its manifest is written next to it.",
     )
-    shortfall: Literal["error", "redistribute", "allow_short"] = "error"
+    total: int = Field(gt=0, title="Total rollouts", description="Rollouts in the mix.")
+    seed: int = Field(
+        default=0, title="Seed", description="Random seed: the same seed gives the same mix."
+    )
+    proportions: dict[str, float] = Field(
+        title="Proportions",
+        description='Target share per dataset name, e.g. {"hard": 0.1}; normalized to 1.',
+    )
+    keep_groups: bool | None = Field(
+        default=None,
+        title="Keep repeat groups",
+        description="Optional. Select all rollouts of a task together; "
+        "default: true when any dataset has num_repeats > 1.",
+    )
+    shortfall: Literal["error", "redistribute", "allow_short"] = Field(
+        default="error",
+        title="When a dataset is short",
+        description="error: fail; redistribute: fill from the other datasets; "
+        "allow_short: write a smaller mix.",
+    )
 
     @field_validator("proportions")
     @classmethod
@@ -208,8 +265,16 @@ class MultiDatasetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    datasets: list[DatasetConfig] = Field(min_length=1)
-    mix: MixConfig | None = None
+    datasets: list[DatasetConfig] = Field(
+        min_length=1,
+        title="Datasets",
+        description="Datasets to collect concurrently, each in its own subflow run.",
+    )
+    mix: MixConfig | None = Field(
+        default=None,
+        title="Mix",
+        description="Optional. How to mix the datasets' rollouts; empty: no mix.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> MultiDatasetConfig:

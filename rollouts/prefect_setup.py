@@ -16,20 +16,35 @@ import asyncio
 from datetime import timedelta
 
 from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
 
 AUTOMATION_NAME = "rollouts-resume-crashed-runs"
 CRASH_REPORT_WINDOW_S = 30
 FLOW_NAMES = ["collect-rollouts", "collect-multi-dataset"]
+CRASHED_EVENT = "prefect.flow-run.Crashed"
 
 
-def resume_automation() -> Automation:
+def resume_automation(flow_ids: list[str]) -> Automation:
+    """The automation for the flows with these ids (the UI names the flows and the state only
+    for a trigger in the shape of its own "flow run state" form: flows matched by id)."""
     return Automation(
         name=AUTOMATION_NAME,
-        description="Reschedule crashed rollout collections; they resume from the cache.",
+        description=(
+            f"When a flow run of {' or '.join(FLOW_NAMES)} enters Crashed (event "
+            f"{CRASHED_EVENT}, e.g. its process was killed), set it back to Scheduled "
+            "(AwaitingRetry): a worker picks it up again and it resumes from the cache. "
+            "Runs in other states (Failed, Cancelled, Completed) are left alone; the flow "
+            "stops by itself after ROLLOUTS_MAX_AUTO_RESUMES resumes."
+        ),
         trigger=EventTrigger(
-            expect={"prefect.flow-run.Crashed"},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            expect={CRASHED_EVENT},
+            match_related={
+                "prefect.resource.role": "flow",
+                "prefect.resource.id": [f"prefect.flow.{i}" for i in flow_ids],
+            },
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive,
             threshold=1,
@@ -49,7 +64,16 @@ def resume_automation() -> Automation:
 
 
 async def ensure_resume_automation() -> None:
-    wanted = resume_automation()
+    """Create (or replace) the automation; run after `prefect deploy`, which registers the flows."""
+    async with get_client() as client:
+        try:
+            flow_ids = [str((await client.read_flow_by_name(n)).id) for n in FLOW_NAMES]
+        except ObjectNotFound:
+            raise SystemExit(
+                f"the flows {', '.join(FLOW_NAMES)} are not on this server yet: deploy first "
+                "(`make deploy` does both)"
+            ) from None
+    wanted = resume_automation(flow_ids)
     try:
         existing = await Automation.aread(name=AUTOMATION_NAME)
     except ValueError:

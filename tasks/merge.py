@@ -29,7 +29,13 @@ def _merge_identity(inputs: dict[str, Any]) -> Any:
     }
 
 
-@task(name="merge", cache_policy=content_policy(_merge_identity), persist_result=True, retries=1)
+@task(
+    name="merge",
+    task_run_name="merge",
+    cache_policy=content_policy(_merge_identity),
+    persist_result=True,
+    retries=1,
+)
 async def merge_task(
     chunks: list[ChunkSpec], plan: DispatchPlan, output_path: str, failures_path: str
 ) -> MergeReport:

@@ -24,7 +24,11 @@ def _metrics_identity(inputs: dict[str, Any]) -> Any:
 
 
 @task(
-    name="metrics", cache_policy=content_policy(_metrics_identity), persist_result=True, retries=1
+    name="metrics",
+    task_run_name="metrics",
+    cache_policy=content_policy(_metrics_identity),
+    persist_result=True,
+    retries=1,
 )
 async def metrics_task(
     rollouts_path: str,

@@ -20,6 +20,12 @@ def _mix_identity(inputs: dict[str, Any]) -> Any:
     }
 
 
-@task(name="mix", cache_policy=content_policy(_mix_identity), persist_result=True, retries=1)
+@task(
+    name="mix",
+    task_run_name="mix",
+    cache_policy=content_policy(_mix_identity),
+    persist_result=True,
+    retries=1,
+)
 async def mix_task(request: MixRequest) -> MixResult:
     return await asyncio.to_thread(mix_sources, request)

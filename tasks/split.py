@@ -38,6 +38,7 @@ def _split_identity(inputs: dict[str, Any]) -> Any:
 
 @task(
     name="split",
+    task_run_name="split",
     cache_policy=content_policy(_split_identity),
     persist_result=True,
     retries=0,  # bad input does not get better by retrying

@@ -139,12 +139,14 @@ def test_deployment_run_with_param_and_params(stack: PrefectStack) -> None:
     out = stack.tmp / "deployed" / "sample.jsonl"
     flow_run_id = stack.run_deployment(
         "collect-rollouts/local",
+        "--flow-run-name", "ui-form-run",  # as typed into the UI's run form
         "--param", f"output_jsonl_fpath={out}",
         "--param", "num_repeats=2",
         "--params", '{"responses_create_params": {"temperature": 0.7}, "limit": 30}',
     )  # fmt: skip
     fr = stack.wait_final(flow_run_id)
     assert fr.state.is_completed(), fr.state
+    assert fr.name == "ui-form-run"  # a name given by the user is kept
     rows = read_jsonl(out)
     assert keys(rows) == [(t, r) for t in range(30) for r in range(2)]
     assert {r["responses_create_params"]["temperature"] for r in rows} == {0.7}
@@ -193,7 +195,9 @@ def test_continuous_deployment_collects_exactly_the_new_rows(stack: PrefectStack
         return stack.wait_final(stack.run_deployment("collect-rollouts/continuous", *params))
 
     sent_before = len(stack.agent.requests())
-    assert run_once().state.is_completed()
+    first = run_once()
+    assert first.state.is_completed()
+    assert first.name == "collect-stream"  # not the server's random name
     write_jsonl(inp, tasks)  # 40 rows land between two scheduled runs
     assert run_once().state.is_completed()
 
@@ -208,3 +212,43 @@ def test_continuous_deployment_collects_exactly_the_new_rows(stack: PrefectStack
     fr = run_once()
     assert fr.state.is_failed() and "stream.jsonl:11" in fr.state.message
     assert keys(read_jsonl(out)) == [(t, r) for t in range(90) for r in range(2)]
+
+
+def test_deployed_forms_describe_every_field_and_the_automation_says_what_it_does(
+    stack: PrefectStack,
+) -> None:
+    from prefect.client.orchestration import PrefectClient
+
+    async def read() -> tuple[list[Any], list[Any]]:
+        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+            deployments = [
+                await client.read_deployment_by_name(name)
+                for name in ("collect-rollouts/local", "collect-rollouts/continuous",
+                             "collect-multi-dataset/local")
+            ]  # fmt: skip
+            return deployments, await client.read_automations_by_name(
+                "rollouts-resume-crashed-runs"
+            )
+
+    deployments, automations = asyncio.run(read())
+    for d in deployments:
+        schema = d.parameter_openapi_schema
+        fields = [(name, p) for name, p in schema["properties"].items()] + [
+            (f"{model}.{name}", p)
+            for model, definition in schema.get("definitions", {}).items()
+            for name, p in definition.get("properties", {}).items()
+        ]
+        undescribed = [name for name, p in fields if not p.get("description")]
+        raw_titles = [name for name, p in fields if p.get("title") == name.split(".")[-1]]
+        assert not undescribed and not raw_titles, (d.name, undescribed, raw_titles)
+    (automation,) = automations
+    for words in ("collect-rollouts", "collect-multi-dataset", "Crashed", "Scheduled"):
+        assert words in automation.description
+    # The UI's "flow run state" shape (else it reads "A custom trigger"): flow runs, matched to
+    # our two flows by id, one state, threshold 1.
+    trigger = automation.trigger
+    flow_ids = {f"prefect.flow.{d.flow_id}" for d in deployments}
+    assert len(flow_ids) == 2
+    assert trigger.match["prefect.resource.id"] == "prefect.flow-run.*"
+    assert set(trigger.match_related["prefect.resource.id"]) == flow_ids
+    assert trigger.expect == {"prefect.flow-run.Crashed"} and trigger.threshold == 1

@@ -17,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.collect import collect_rollouts
+from flows.ui import artifact_key
 from rollouts.reference_agent import generate_tasks, write_tasks
 from rollouts.run_state import run_dir_for
 
@@ -106,13 +107,20 @@ def test_run_has_progress_metrics_table_and_summary_artifacts(
     (progress,) = by_type["progress"]
     assert float(progress.data) == 100.0
     tables = {a.key: a for a in by_type["table"]}
-    table = tables["my-rollouts-metrics"]
+    key = artifact_key(out, "metrics")
+    # readable (the file's stem) and distinct per output path (same stem in another folder)
+    assert key.startswith("my-rollouts-") and key.endswith("-metrics")
+    assert key != artifact_key(tmp_path / "elsewhere" / out.name, "metrics")
+    table = tables[key]
     rows = orjson.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows[0]["agent"] == "sim" and rows[0]["written"] == 80 and "pass@2" in rows[0]
+    floats = [v for v in rows[0].values() if isinstance(v, float)]
+    assert floats and all(v == round(v, 4) for v in floats)  # 0.7778, not 0.7777777777777778
     (markdown,) = by_type["markdown"]
     assert "| written | 80 |" in markdown.data and str(out) in markdown.data
-    assert markdown.key == "my-rollouts-summary"
-    chunk_table = tables["my-rollouts-chunks"]
+    assert "| | |" not in markdown.data and "| Rollouts | Count |" in markdown.data
+    assert markdown.key == artifact_key(out, "summary")
+    chunk_table = tables[artifact_key(out, "chunks")]
     chunks = (
         orjson.loads(chunk_table.data) if isinstance(chunk_table.data, str) else chunk_table.data
     )

@@ -1,0 +1,98 @@
+"""What the Prefect UI shows of our flows: run names, form titles, artifact keys, run context."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+
+def title(text: str) -> Any:
+    """A parameter's title in the deployment form, for ``Annotated[T, title("...")]``.
+
+    Prefect always titles a parameter with its name and ignores a ``Field(title=...)``; it does
+    merge ``json_schema_extra`` into the schema, which overrides the title.
+    """
+    return Field(json_schema_extra={"title": text})
+
+
+def rounded(value: Any) -> Any:
+    """Floats to 4 decimals for artifact tables: 0.7777777777777778 reads as 0.7778."""
+    return round(value, 4) if isinstance(value, float) else value
+
+
+@cache
+def _generated_name_words() -> tuple[frozenset[str], frozenset[str]]:
+    import coolname
+    from coolname.loader import load_config
+
+    config = load_config(Path(coolname.__file__).parent / "data")
+
+    def words(key: str) -> frozenset[str]:
+        entry = config[key]
+        if entry["type"] == "words":
+            return frozenset(entry["words"])
+        if entry["type"] == "nested":
+            return frozenset().union(*(words(k) for k in entry["lists"]))
+        return frozenset()
+
+    adjectives, subjects = config["an"]["lists"]
+    return words(adjectives), words(subjects)
+
+
+def is_generated_run_name(name: str | None) -> bool:
+    """Whether ``name`` is one the Prefect server made up (``frisky-grouse``), not a user's.
+
+    A run created without a name (a direct call, a deployment run with no `--flow-run-name`)
+    gets ``coolname.generate_slug(2)``: an adjective and an animal. Any other name was given.
+    """
+    if not name:
+        return True
+    first, _, second = name.partition("-")
+    adjectives, subjects = _generated_name_words()
+    return first in adjectives and second in subjects
+
+
+def run_name(wanted: str) -> str:
+    """``wanted``, unless the run already has a name given by the user (UI form, CLI)."""
+    from prefect.runtime import flow_run
+
+    current = flow_run.name
+    return wanted if is_generated_run_name(current) else str(current)
+
+
+def artifact_key(output: str | Path, kind: str) -> str:
+    """``<stem>-<hash of the resolved path>-<kind>``: readable, and distinct per output file.
+
+    Two outputs with the same file name in different folders must not share one history.
+    Prefect keys allow lowercase letters, digits and dashes only.
+    """
+    path = Path(output).resolve()
+    stem = re.sub(r"[^a-z0-9-]+", "-", path.stem.lower()).strip("-") or "rollouts"
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:6]
+    return f"{stem}-{digest}-{kind}"
+
+
+@contextlib.contextmanager
+def own_run_context() -> Iterator[None]:
+    """Make the running flow's artifacts and `get_run_logger()` logs its own.
+
+    A subflow called from inside a task (collect-multi-dataset runs each dataset's subflow in
+    its own task, for concurrency) still sees that task's TaskRunContext, and Prefect's
+    artifacts and run logger prefer a task run over the flow run: they would land on the
+    calling task in the parent run. Hiding it for the flow's body fixes that; the subflow was
+    already created as that task's child, so the UI still nests it there.
+    """
+    from prefect.context import TaskRunContext
+
+    token = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        TaskRunContext.__var__.reset(token)

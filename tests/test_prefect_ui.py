@@ -1,0 +1,204 @@
+"""What a user sees in the Prefect UI, read back through the Prefect API: where artifacts and
+logs land, run and task run names, parameter forms."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import orjson
+import pytest
+import yaml
+from conftest import ROOT, AgentServer, write_jsonl
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterTaskRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+)
+from prefect.flow_engine import run_flow
+from prefect.flows import load_flow_from_entrypoint
+from prefect.logging.handlers import APILogHandler
+from test_multi_dataset import pattern_6_4
+
+from flows.collect import collect_rollouts
+from flows.multi import MIX_COLUMNS, collect_multi_dataset
+from flows.ui import artifact_key, is_generated_run_name
+from rollouts.models import MultiDatasetConfig
+from rollouts.reference_agent import generate_tasks
+
+SIZES = {"high_quality": 40, "exploration": 20, "hard": 10}
+RANDOM_SUFFIX = re.compile(r"-[0-9a-f]{3}$")  # Prefect's default task run name: `mix-282`
+
+
+@pytest.fixture
+def info_logs_to_api() -> Iterator[None]:
+    """The suite runs at WARNING; the summary lines a user reads are INFO."""
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+
+
+def data(artifact: Any) -> Any:
+    return orjson.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+async def read_run(parent_id: UUID) -> dict[str, Any]:
+    """The multi run, its subflow runs, and each run's task runs, artifacts and logs."""
+    await APILogHandler.aflush()
+    async with get_client() as client:
+        parent = await client.read_flow_run(parent_id)
+        subflows = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])
+            )
+        )
+        runs: dict[UUID, dict[str, Any]] = {}
+        for run in [parent, *subflows]:
+            runs[run.id] = {
+                "run": run,
+                "task_runs": await client.read_task_runs(
+                    task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]))
+                ),
+                "artifacts": await client.read_artifacts(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+                ),
+                "logs": await client.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+                ),
+            }
+        parent_task_ids = [t.id for t in runs[parent_id]["task_runs"]]
+        on_parent_tasks = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                task_run_id=ArtifactFilterTaskRunId(any_=parent_task_ids)
+            )
+        )
+    return {"parent": runs.pop(parent_id), "subflows": runs, "on_parent_tasks": on_parent_tasks}
+
+
+def test_multi_dataset_run_as_the_ui_shows_it(
+    tmp_path: Path, agent: AgentServer, monkeypatch: pytest.MonkeyPatch, info_logs_to_api: None
+) -> None:
+    monkeypatch.setenv("ROLLOUTS_AGENTS", orjson.dumps({"sim": agent.url}).decode())
+    config = MultiDatasetConfig.model_validate(pattern_6_4(tmp_path, SIZES, total=30))
+    state = asyncio.run(collect_multi_dataset(config=config, return_state=True))
+    assert state.is_completed(), state.message
+    seen = asyncio.run(read_run(state.state_details.flow_run_id))
+
+    # The parent run: a meaningful name, and the mix as a table (plus a summary).
+    parent = seen["parent"]
+    assert parent["run"].name == "multi-train_mixed"
+    mix_out = config.mix.output  # type: ignore[union-attr]
+    artifacts = {a.key: a for a in parent["artifacts"]}
+    mix_rows = {r["source"]: r for r in data(artifacts[artifact_key(mix_out, "mix")])}
+    assert set(mix_rows) == set(SIZES)
+    assert all(set(MIX_COLUMNS) <= set(r) for r in mix_rows.values())
+    assert mix_rows["high_quality"]["selected"] == 18 and mix_rows["hard"]["target"] == 3
+    summary = artifacts[artifact_key(mix_out, "multi-summary")].data
+    assert mix_out in summary and "_manifest.json" in summary
+    assert all(d.output in summary for d in config.datasets)
+
+    # Nothing of the datasets' collections is attached to the parent's tasks.
+    assert seen["on_parent_tasks"] == []
+    assert not any("rollouts written" in log.message for log in parent["logs"])
+
+    by_name = {s["run"].name: s for s in seen["subflows"].values()}
+    assert set(by_name) == {d.run_label() for d in config.datasets}
+    for d in config.datasets:
+        sub = by_name[d.run_label()]
+        run_id = sub["run"].id
+        # Each subflow run holds its own progress, metrics, chunks and summary artifacts...
+        kinds = {(a.type, a.key) for a in sub["artifacts"]}
+        assert kinds == {
+            ("progress", None),
+            ("table", artifact_key(d.output, "metrics")),
+            ("table", artifact_key(d.output, "chunks")),
+            ("markdown", artifact_key(d.output, "summary")),
+        }, d.name
+        assert all(a.flow_run_id == run_id and a.task_run_id is None for a in sub["artifacts"])
+        (progress,) = [a for a in sub["artifacts"] if a.type == "progress"]
+        assert float(progress.data) == 100.0
+        # ...its own summary log line, on the flow run (not on a task run)...
+        written = [log for log in sub["logs"] if "rollouts written" in log.message]
+        assert len(written) == 1 and written[0].task_run_id is None, d.name
+        # ...and each chunk's log line on that chunk's task run.
+        tasks = {t.id: t.name for t in sub["task_runs"]}
+        chunk_logs = [log for log in sub["logs"] if log.message.startswith("chunk ")]
+        assert chunk_logs and all(
+            tasks.get(log.task_run_id) == f"collect-chunk-{log.message[6:11]}" for log in chunk_logs
+        ), d.name
+        # Every task run has a stable, meaningful name.
+        assert {"split", "merge", "metrics", "collect-chunk-00000"} <= set(tasks.values())
+        assert not any(RANDOM_SUFFIX.search(n) for n in tasks.values()), tasks
+
+    subflow_trackers = {s["run"].parent_task_run_id for s in seen["subflows"].values()}
+    parent_tasks = {t.name for t in parent["task_runs"] if t.id not in subflow_trackers}
+    assert parent_tasks == {"mix", *(f"collect-dataset-{d.name}" for d in config.datasets)}
+
+
+def test_a_run_name_given_by_the_user_is_kept(tmp_path: Path, agent: AgentServer) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(5)))
+    params = {"input_jsonl_fpath": str(inp), "output_jsonl_fpath": str(tmp_path / "ui_form.jsonl"),
+              "agent_url": agent.url}  # fmt: skip
+
+    async def run_named(name: str | None) -> str:
+        # As a deployment run is: created on the server first (named or not), then executed.
+        async with get_client() as client:
+            created = await client.create_flow_run(
+                collect_rollouts,
+                name=name,
+                parameters=params,  # type: ignore[arg-type]
+            )
+        state = await run_flow(collect_rollouts, flow_run=created, parameters=params,
+                               return_type="state")  # type: ignore[misc]  # fmt: skip
+        assert state.is_completed(), state.message
+        async with get_client() as client:
+            return (await client.read_flow_run(created.id)).name
+
+    assert asyncio.run(run_named("ui-form-run")) == "ui-form-run"
+    assert asyncio.run(run_named(None)) == "collect-ui_form"  # the server made one up
+
+
+def test_prefect_generated_names_are_told_from_given_ones() -> None:
+    from prefect.utilities.names import generate_slug
+
+    assert all(is_generated_run_name(generate_slug(2)) for _ in range(2000))
+    for given in ("ui-form-run", "nightly", "collect-ui_form", "train-hard-2024"):
+        assert not is_generated_run_name(given), given
+
+
+def deployed_entrypoints() -> list[str]:
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return sorted({d["entrypoint"] for d in doc["deployments"]})
+
+
+@pytest.mark.parametrize("entrypoint", deployed_entrypoints())
+def test_every_form_field_has_a_title_and_a_description(entrypoint: str) -> None:
+    schema = load_flow_from_entrypoint(str(ROOT / entrypoint)).parameters.model_dump()
+    fields = [("", name, prop) for name, prop in schema["properties"].items()]
+    fields += [
+        (model, name, prop)
+        for model, definition in schema.get("definitions", {}).items()
+        for name, prop in definition.get("properties", {}).items()
+    ]
+    assert len(fields) >= 12
+    for model, name, prop in fields:
+        assert prop.get("description"), f"{model}.{name} has no description"
+        assert prop.get("title") and prop["title"] != name, f"{model}.{name} has a raw title"
+        if any(t.get("type") == "null" for t in prop.get("anyOf", [])):
+            assert "Optional" in prop["description"], f"{model}.{name}: say it is optional"
