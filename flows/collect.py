@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -33,7 +33,6 @@ from rollouts.dask_support import (
 )
 from rollouts.dispatchers import close_dispatcher, open_dispatcher
 from rollouts.errors import ConfigError, IncompleteRun, RolloutsError
-from rollouts.metrics import AgentSummary
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.progress import update_progress_artifact_forever
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
@@ -44,6 +43,9 @@ from tasks.collect import collect_chunk_task
 from tasks.merge import merge_task
 from tasks.metrics import metrics_task
 from tasks.split import split_task
+
+if TYPE_CHECKING:  # rollouts.metrics pulls in pandas: 0.4 s the first request need not wait
+    from rollouts.metrics import AgentSummary
 
 
 class CollectSummary(BaseModel):

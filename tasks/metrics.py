@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 
-from rollouts.metrics import MetricsSummary, write_aggregate_metrics
 from tasks.cache_policies import content_policy
 from tasks.split import file_identity
+
+if TYPE_CHECKING:
+    from rollouts.metrics import MetricsSummary
 
 
 def _metrics_identity(inputs: dict[str, Any]) -> Any:
@@ -37,6 +39,9 @@ async def metrics_task(
     num_repeats: int,
     expected_by_agent: dict[str, int],
 ) -> MetricsSummary:
+    # Imported here: pandas costs 0.4 s, which the flow's first request should not wait for.
+    from rollouts.metrics import write_aggregate_metrics
+
     return await asyncio.to_thread(
         write_aggregate_metrics,
         Path(rollouts_path),

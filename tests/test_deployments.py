@@ -249,6 +249,6 @@ def test_deployed_forms_describe_every_field_and_the_automation_says_what_it_doe
     trigger = automation.trigger
     flow_ids = {f"prefect.flow.{d.flow_id}" for d in deployments}
     assert len(flow_ids) == 2
-    assert trigger.match["prefect.resource.id"] == "prefect.flow-run.*"
+    assert trigger.match["prefect.resource.id"] in ("prefect.flow-run.*", ["prefect.flow-run.*"])
     assert set(trigger.match_related["prefect.resource.id"]) == flow_ids
     assert trigger.expect == {"prefect.flow-run.Crashed"} and trigger.threshold == 1
