@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import statistics
 import subprocess
@@ -104,30 +103,42 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
 
     mark("cli_imported")
     wrap_sync(cli, "build_parser", "build_parser")
-    orig_check = cli._check_parameters
+    wrap_sync(cli, "_check_parameters", "check_parameters")
+    if hasattr(cli, "check_agent_first"):  # newer trees probe the agent before Prefect starts
+        wrap_sync(cli, "check_agent_first", "check_agent_first")
+    import builtins
 
-    def check_then_patch(params: dict[str, Any]) -> None:
-        mark("check_parameters:start")
-        orig_check(params)
-        mark("check_parameters:end")
-        # cmd_collect imports flows.collect right after this; doing it here costs the same time
-        # and lets the probe wrap what the flow calls.
-        import flows.collect as fc
+    orig_import = builtins.__import__
 
-        mark("flows_imported")
-        _patch_flow(fc)
+    def traced_import(name: str, *a: Any, **k: Any) -> Any:
+        # cmd_collect's `from flows.collect import ...`: stamp it, then wrap what the flow calls.
+        # Prefect's server module is wrapped only once Prefect itself imports it (temporary API):
+        # importing it here would add ~2 s that a run against a server never pays.
+        if name == "flows.collect" and name not in sys.modules:
+            mark("flows_import:start")
+            mod = orig_import(name, *a, **k)
+            mark("flows_import:end")
+            _patch_flow(sys.modules["flows.collect"])
+            return mod
+        if name == "prefect.server.api.server" and name not in sys.modules:
+            mod = orig_import(name, *a, **k)
+            builtins.__import__ = orig_import
+            wrap_sync(sys.modules[name].SubprocessASGIServer, "start", "temporary_api")
+            return mod
+        return orig_import(name, *a, **k)
+
+    builtins.__import__ = traced_import
 
     def _patch_flow(fc: Any) -> None:
         import gc
         import types
 
         import prefect.client.base as pcb
+        from prefect.client.orchestration import PrefectClient
+
         import tasks.collect as tcollect
         import tasks.split as tsplit
-        from prefect.client.orchestration import PrefectClient
-        from prefect.server.api import server as srv
 
-        wrap_sync(srv.SubprocessASGIServer, "start", "temporary_api")
         wrap_async(PrefectClient, "create_flow_run", "create_flow_run")
         wrap_sync(fc, "check_auto_resume_budget", "flow_body")
         wrap_sync(fc, "prepare_run_dir", "prepare_run_dir")
@@ -150,7 +161,9 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
             try:
                 return await orig_send(self, request, *a, **k)
             finally:
-                api.append({"m": request.method, "p": request.url.path, "t0": t0, "t1": time.time()})
+                api.append(
+                    {"m": request.method, "p": request.url.path, "t0": t0, "t1": time.time()}
+                )
 
         pcb.PrefectHttpxAsyncClient.send = send  # type: ignore[method-assign]
         orig_ssend = pcb.PrefectHttpxSyncClient.send
@@ -165,7 +178,6 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
 
         pcb.PrefectHttpxSyncClient.send = ssend  # type: ignore[method-assign]
 
-    cli._check_parameters = check_then_patch
     sys.argv = ["rollouts", *argv]
     try:
         rc = cli.main(argv)
@@ -346,7 +358,8 @@ def run_one(agent: Agent, tmp: Path, label: str, i: int, home: Path, api_url: st
         out["stdout_tail"] = tail[-800:]
     if probe:
         out["phases"], out["api_before_first"] = phases_from_marks(
-            marks_path, res["start_ts"], first, None if res["hung"] else res["end_ts"])
+            marks_path, res["start_ts"], first, None if res["hung"] else res["end_ts"]
+        )
     if pyspy:
         out["pyspy_file"] = str(run / "pyspy.txt")
     return out
@@ -358,8 +371,10 @@ PHASES = [
     ("build_parser (imports reference_agent: aiohttp)", "build_parser:start", "build_parser:end"),
     ("_check_parameters (rollouts.models, pydantic)", "check_parameters:start",
      "check_parameters:end"),
-    ("import flows.collect (prefect, pandas, ...)", "check_parameters:end", "flows_imported"),
-    ("settings, progress bar -> flow call", "flows_imported", "flow_call:start"),
+    ("check_agent_first (connect to the agent)", "check_agent_first:start",
+     "check_agent_first:end"),
+    ("import flows.collect (prefect, pandas, ...)", "flows_import:start", "flows_import:end"),
+    ("settings, progress bar -> flow call", "flows_import:end", "flow_call:start"),
     ("flow call -> flow body (engine, API)", "flow_call:start", "flow_body:start"),
     ("  of which temporary API start", "temporary_api:start", "temporary_api:end"),
     ("  of which create_flow_run", "create_flow_run:start", "create_flow_run:end"),
@@ -552,18 +567,27 @@ def main() -> None:
     ap.add_argument("--pg-db", default="rollouts_bench", help="created when missing (kept)")
     ap.add_argument("--py-spy", default=None, metavar="PATH",
                     help="py-spy binary: also record one run per mode and list hot frames")  # fmt: skip
-    ap.add_argument("--timeout-s", type=float, default=60.0,
-                    help="a command still running after this is killed and reported hung "
-                    "(its first-request time still counts) (%(default)s)")
-    ap.add_argument("--code-dir", type=Path, default=None,
-                    help="run this copy of the code (PYTHONPATH), e.g. a `git archive HEAD` "
-                    "export, instead of the working tree")
+    ap.add_argument(
+        "--timeout-s",
+        type=float,
+        default=60.0,
+        help="a command still running after this is killed and reported hung "
+        "(its first-request time still counts) (%(default)s)",
+    )
+    ap.add_argument(
+        "--code-dir",
+        type=Path,
+        default=None,
+        help="run this copy of the code (PYTHONPATH), e.g. a `git archive HEAD` "
+        "export, instead of the working tree",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--json", type=Path, default=None, help="default bench/results/startup.json")
     from _common import add_gate_args
 
     add_gate_args(ap, budget_s=240.0)
-    ap.set_defaults(load_threshold=1.5, max_wait_s=60.0)
+    # a running Prefect server keeps a 2-core machine's load near 1-2 by itself: short waits
+    ap.set_defaults(load_threshold=1.5, max_wait_s=15.0)
     args = ap.parse_args()
 
     from _common import bench_dir, gate_from_args, machine, print_table, write_json
@@ -594,15 +618,36 @@ def main() -> None:
                             if i >= (args.probe_repeats if probe else args.repeats):
                                 continue
                             load = gate.wait(f"{mode} #{i}{' probe' if probe else ''}")
-                            r = run_one(agent, tmp, mode, i, home, api_url, args.n, probe, args.timeout_s,
-                                        args.code_dir)
+                            r = run_one(
+                                agent,
+                                tmp,
+                                mode,
+                                i,
+                                home,
+                                api_url,
+                                args.n,
+                                probe,
+                                args.timeout_s,
+                                args.code_dir,
+                            )
                             r["load_1m"] = load["load_1m"]
                             runs.append(r)
                             print(f"    first request {r['first_request_s']:.2f} s, total "
                                   f"{fmt_total(r)}{' (probe)' if probe else ''}", flush=True)  # fmt: skip
                     if args.py_spy:
-                        r = run_one(agent, tmp, mode, 0, home, api_url, args.n, False, args.timeout_s,
-                                    args.code_dir, args.py_spy)
+                        r = run_one(
+                            agent,
+                            tmp,
+                            mode,
+                            0,
+                            home,
+                            api_url,
+                            args.n,
+                            False,
+                            args.timeout_s,
+                            args.code_dir,
+                            args.py_spy,
+                        )
                         extra.setdefault("pyspy", {})[mode] = {
                             "first_request_s": r["first_request_s"], "total_s": r["total_s"],
                             "top_inclusive": pyspy_top(Path(r["pyspy_file"])),
@@ -610,8 +655,18 @@ def main() -> None:
 
                 if mode == "ephemeral":
                     gate.wait("ephemeral cold")
-                    cold = run_one(agent, tmp, "ephemeral-cold", 0, home, None, args.n, True,
-                                   args.timeout_s, args.code_dir)
+                    cold = run_one(
+                        agent,
+                        tmp,
+                        "ephemeral-cold",
+                        0,
+                        home,
+                        None,
+                        args.n,
+                        True,
+                        args.timeout_s,
+                        args.code_dir,
+                    )
                     extra["cold"] = cold
                     print(f"    cold: first request {cold['first_request_s']:.2f} s, total "
                           f"{fmt_total(cold)}", flush=True)  # fmt: skip
@@ -627,8 +682,18 @@ def main() -> None:
                 shome.mkdir()
                 with prefect_server(shome, tmp / f"server-{mode}.log", db_url) as (url, hs, _):
                     extra["servers"][mode] = {"healthy_after_s": round(hs, 2)}
-                    w = run_one(agent, tmp, mode + "-warmup", 0, home, url, args.n, True,
-                                args.timeout_s, args.code_dir)
+                    w = run_one(
+                        agent,
+                        tmp,
+                        mode + "-warmup",
+                        0,
+                        home,
+                        url,
+                        args.n,
+                        True,
+                        args.timeout_s,
+                        args.code_dir,
+                    )
                     extra["warmups"][mode] = w
                     print(f"    warm-up: first request {w['first_request_s']:.2f} s, total "
                           f"{fmt_total(w)}", flush=True)  # fmt: skip
@@ -675,7 +740,7 @@ def main() -> None:
         print("Phases (probe runs, median s)")
         prows = []
         phase_summary: dict[str, dict[str, float]] = {}
-        for label, _, _ in PHASES + [("(flow body start since t0)", "", "")]:
+        for label, _, _ in [*PHASES, ("(flow body start since t0)", "", "")]:
             row: list[Any] = [label]
             for mode in args.modes:
                 vals = [r["phases"][label] for r in runs
@@ -714,8 +779,10 @@ def main() -> None:
         if extra.get("pyspy"):
             print()
             for mode, d in extra["pyspy"].items():
-                print(f"py-spy {mode} (first request {d['first_request_s']:.1f} s, inclusive share of "
-                      "samples over the whole run):")
+                print(
+                    f"py-spy {mode} (first request {d['first_request_s']:.1f} s, inclusive share of "
+                    "samples over the whole run):"
+                )
                 for k, v in d["top_inclusive"]:
                     print(f"  {v:5.1%}  {k}")
 
