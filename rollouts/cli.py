@@ -366,7 +366,7 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rollouts.reference_agent import add_serve_agent_arguments
+    from rollouts.reference_agent_args import add_serve_agent_arguments
 
     parser = argparse.ArgumentParser(
         prog="rollouts", description="Resumable rollout collection for NeMo Gym agents."
