@@ -10,10 +10,10 @@ import asyncio
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rollouts.status import StatusReader
+from rollouts.status import RunStatus, StatusReader
 
 ARTIFACT_EVERY_S = 3.0
 
@@ -35,25 +35,26 @@ async def update_progress_artifact_forever(reader: StatusReader, artifact_id: ob
 
 
 LINE_EVERY_S = 30.0
+BAR_EVERY_S = 0.5
 
 
 @contextlib.contextmanager
-def _progress_lines(output: str | Path, work_dir: Path | None) -> Iterator[None]:
-    """Not a terminal (a log file, a batch job): a plain progress line every LINE_EVERY_S."""
-    reader = StatusReader(output, work_dir)
+def _polling(
+    reader: StatusReader, every_s: float, show: Callable[[RunStatus], None], *, last: bool
+) -> Iterator[None]:
+    """While the block runs, read the run's status every ``every_s`` in a thread and ``show``
+    it (once more at the end with ``last``). Runs with no expected count yet are skipped."""
     stop = threading.Event()
-    name = Path(output).name
+
+    def show_now() -> None:
+        with contextlib.suppress(Exception):  # a half-written run dir: try again later
+            status = reader.read()
+            if status.expected:
+                show(status)
 
     def poll() -> None:
-        while not stop.wait(LINE_EVERY_S):
-            with contextlib.suppress(Exception):  # a half-written run dir: try again later
-                s = reader.read()
-                if s.expected:
-                    done = s.done + s.failed
-                    rate = f", {s.rate_per_s:,.0f}/s" if s.rate_per_s else ""
-                    eta = f", ETA {int(s.eta_s) // 60}m{int(s.eta_s) % 60:02d}s" if s.eta_s else ""
-                    print(f"{name}: {done:,}/{s.expected:,} ({100.0 * done / s.expected:.1f}%), "
-                          f"{s.failed:,} failed{rate}{eta}", file=sys.stderr, flush=True)  # fmt: skip
+        while not stop.wait(every_s):
+            show_now()
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
@@ -62,14 +63,30 @@ def _progress_lines(output: str | Path, work_dir: Path | None) -> Iterator[None]
     finally:
         stop.set()
         thread.join()
+        if last:
+            show_now()
+
+
+def _progress_line(name: str, s: RunStatus) -> str:
+    done = s.done + s.failed
+    rate = f", {s.rate_per_s:,.0f}/s" if s.rate_per_s else ""
+    eta = f", ETA {int(s.eta_s) // 60}m{int(s.eta_s) % 60:02d}s" if s.eta_s else ""
+    return (f"{name}: {done:,}/{s.expected:,} ({100.0 * done / s.expected:.1f}%), "
+            f"{s.failed:,} failed{rate}{eta}")  # fmt: skip
 
 
 @contextlib.contextmanager
 def cli_progress_bar(output: str | Path, work_dir: Path | None) -> Iterator[None]:
-    """Progress on stderr while the block runs: a bar with rate and ETA in a terminal, else a
-    plain line now and then."""
+    """Progress on stderr while the block runs: a bar with rate and ETA in a terminal, else (a
+    log file, a batch job) a plain line every LINE_EVERY_S."""
+    reader = StatusReader(output, work_dir)
+    name = Path(output).name
     if not sys.stderr.isatty():
-        with _progress_lines(output, work_dir):
+
+        def print_line(s: RunStatus) -> None:
+            print(_progress_line(name, s), file=sys.stderr, flush=True)
+
+        with _polling(reader, LINE_EVERY_S, print_line, last=False):
             yield
         return
     from rich.console import Console
@@ -83,32 +100,16 @@ def cli_progress_bar(output: str | Path, work_dir: Path | None) -> Iterator[None
         TimeRemainingColumn,
     )  # fmt: skip
 
-    reader = StatusReader(output, work_dir)
-    stop = threading.Event()
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
         TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
     )  # fmt: skip
-    bar = progress.add_task(Path(output).name, total=None, rate="")
+    bar = progress.add_task(name, total=None, rate="")
 
-    def poll() -> None:
-        while not stop.wait(0.5):
-            with contextlib.suppress(Exception):  # a half-written run dir: try again later
-                s = reader.read()
-                if s.expected:
-                    rate = f"{s.rate_per_s:,.0f}/s" if s.rate_per_s else ""
-                    progress.update(bar, total=s.expected, completed=s.done + s.failed, rate=rate)
+    def update_bar(s: RunStatus) -> None:
+        rate = f"{s.rate_per_s:,.0f}/s" if s.rate_per_s else ""
+        progress.update(bar, total=s.expected, completed=s.done + s.failed, rate=rate)
 
-    thread = threading.Thread(target=poll, daemon=True)
-    with progress:
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-            with contextlib.suppress(Exception):
-                s = reader.read()
-                if s.expected:
-                    progress.update(bar, total=s.expected, completed=s.done + s.failed)
+    with progress, _polling(reader, BAR_EVERY_S, update_bar, last=True):
+        yield

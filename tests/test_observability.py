@@ -126,3 +126,23 @@ def test_run_has_progress_metrics_table_and_summary_artifacts(
     )
     assert [c["done"] for c in chunks] == [80]
     assert chunks[0]["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+
+
+def test_without_a_terminal_progress_is_a_plain_line_now_and_then(
+    tmp_path: Path, agent: AgentServer, monkeypatch: Any, capsys: Any
+) -> None:
+    import rollouts.progress
+
+    inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(30)))
+    out = tmp_path / "plain.jsonl"
+    state = asyncio.run(collect_rollouts(agent_url=agent.url, input_jsonl_fpath=str(inp),
+                                         output_jsonl_fpath=str(out), return_state=True))  # fmt: skip
+    assert state.is_completed()
+    monkeypatch.setattr(rollouts.progress, "LINE_EVERY_S", 0.05)
+    capsys.readouterr()
+
+    with rollouts.progress.cli_progress_bar(out, None):  # stderr is captured: not a terminal
+        time.sleep(0.3)
+
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and set(lines) == {"plain.jsonl: 30/30 (100.0%), 0 failed"}
