@@ -21,8 +21,9 @@ REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:8765"}
 
 $(BIN)/rollouts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@# -qq: errors only; this keeps a machine's pip configuration notes out of the first screen.
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq -e '.[dev]'
 	touch $@
 
 install: $(BIN)/rollouts
