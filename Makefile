@@ -17,7 +17,7 @@ PREFECT_PORT ?= 4200
 SERVER_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:8765"}
 
-.PHONY: install demo test lint clean server deploy worker agent
+.PHONY: install demo test test-fast lint clean server deploy worker agent
 
 $(BIN)/rollouts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+## The stages alone: no Prefect, no agent processes (seconds, not minutes).
+test-fast: install
+	$(BIN)/python -m pytest -q -m fast
+
 lint: install
-	$(BIN)/ruff check rollouts flows tasks tests
+	$(BIN)/ruff check rollouts rollouts_cli flows tasks tests
 
 clean:
 	rm -rf out .rollouts
@@ -52,7 +56,7 @@ deploy: install
 	$(BIN)/prefect work-pool inspect rollouts >/dev/null 2>&1 || \
 		$(BIN)/prefect work-pool create rollouts --type process
 	$(BIN)/prefect --no-prompt deploy --all
-	$(BIN)/python -m rollouts.prefect_setup
+	$(BIN)/python -m rollouts_cli.prefect_setup
 
 ## A worker for the `rollouts` pool (foreground). Agents resolve in its environment.
 worker: export PREFECT_API_URL ?= $(SERVER_API_URL)

@@ -379,7 +379,7 @@ def cli_env(prefect_home: Path, work_dir: Path, api_url: str | None = None) -> d
 
 def collect_cmd(agent_url: str, input_path: Path, output_path: Path, *, parallel: int,
                 chunk_size: int, extra: list[str] | None = None) -> list[str]:  # fmt: skip
-    return [PY, "-m", "rollouts.cli", "collect", f"+agent_url={agent_url}",
+    return [PY, "-m", "rollouts_cli", "collect", f"+agent_url={agent_url}",
             f"+input_jsonl_fpath={input_path}", f"+output_jsonl_fpath={output_path}",
             f"+num_samples_in_parallel={parallel}", f"+chunk_size={chunk_size}",
             *(extra or [])]  # fmt: skip
@@ -596,7 +596,7 @@ def machine() -> dict[str, Any]:
     code = {}
     for rel in ("rollouts/agent_client.py", "rollouts/collect.py", "rollouts/dispatchers.py",
                 "rollouts/split.py", "rollouts/merge.py", "rollouts/metrics.py", "rollouts/mix.py",
-                "rollouts/fileio.py", "rollouts/cli.py", "flows/collect.py", "tasks/collect.py"):  # fmt: skip
+                "rollouts/fileio.py", "rollouts_cli/main.py", "flows/collect.py", "tasks/collect.py"):  # fmt: skip
         with contextlib.suppress(OSError):
             p = ROOT / rel
             code[rel] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()[:12],

@@ -1,4 +1,4 @@
-"""Run `rollouts.cli` with an event-loop stall watchdog and GC accounting (a diagnostic).
+"""Run `rollouts_cli` with an event-loop stall watchdog and GC accounting (a diagnostic).
 
     python bench/_loopwatch.py OUT.jsonl collect +agent_url=... (the CLI's own arguments)
 
@@ -130,7 +130,7 @@ def main() -> None:
 
         flows.collect.open_dispatcher = open_dispatcher  # type: ignore[assignment]
 
-    from rollouts.cli import main as cli_main
+    from rollouts_cli.main import main as cli_main
 
     code = cli_main(argv)
     gc.callbacks.remove(on_gc)

@@ -69,7 +69,7 @@ def main() -> None:
     total_bytes = sum(p.stat().st_size for p in sources.values())
     out = args.dir / "mixed.jsonl"
     total = int(args.rows * 0.5)
-    cmd = [sys.executable, "-m", "rollouts.cli", "mix", "--total", str(total), "--seed", "0",
+    cmd = [sys.executable, "-m", "rollouts_cli", "mix", "--total", str(total), "--seed", "0",
            "--output", str(out), "--keep-groups"]  # fmt: skip
     for name, (share, _) in shares.items():
         cmd += ["--source", f"{name}={sources[name]}:{share}"]

@@ -1,7 +1,7 @@
 """Benchmark: the collector's own overhead against a zero-latency agent, beside bare loops.
 
 In one run, against one reference agent (zero latency) on 127.0.0.1, for each N:
-- our CLI (`python -m rollouts.cli collect`, chunk_size 10000, C = 64): collection phase
+- our CLI (`python -m rollouts_cli collect`, chunk_size 10000, C = 64): collection phase
   (first request -> last rollout written) and total (command start -> exit), its peak RSS
   (VmHWM of the CLI process; Prefect's temporary server is a separate process, shown apart),
 - bare httpx + httpx_aiohttp.AiohttpTransport loop (bench/_bare_client.py): the same HTTP stack,

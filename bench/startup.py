@@ -99,7 +99,7 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
 
         setattr(obj, attr, wrapper)
 
-    import rollouts.cli as cli
+    import rollouts_cli.main as cli
 
     mark("cli_imported")
     wrap_sync(cli, "build_parser", "build_parser")
@@ -367,7 +367,7 @@ def run_one(agent: Agent, tmp: Path, label: str, i: int, home: Path, api_url: st
 
 # Phases: (name, from mark, to mark); "t0" = process created, "first" = first /run received.
 PHASES = [
-    ("interpreter + import rollouts.cli", "t0", "cli_imported"),
+    ("interpreter + import rollouts_cli.main", "t0", "cli_imported"),
     ("build_parser (imports reference_agent: aiohttp)", "build_parser:start", "build_parser:end"),
     ("_check_parameters (rollouts.models, pydantic)", "check_parameters:start",
      "check_parameters:end"),
@@ -427,12 +427,12 @@ def phases_from_marks(path: Path, t0: float, first: float, end: float | None
 # ------------------------------------------------------------------------------------------
 
 IMPORT_SNIPPETS = {
-    "import rollouts.cli": "import rollouts.cli",
+    "import rollouts_cli.main": "import rollouts_cli.main",
     "CLI before the flow import (cli + build_parser + models)":
-        "import rollouts.cli as c; c.build_parser(); import rollouts.models",
+        "import rollouts_cli.main as c; c.build_parser(); import rollouts.models",
     "import flows.collect": "import flows.collect",
     "whole CLI path (cli + parser + models + flows.collect)":
-        "import rollouts.cli as c; c.build_parser(); import rollouts.models; import flows.collect",
+        "import rollouts_cli.main as c; c.build_parser(); import rollouts.models; import flows.collect",
     "import prefect": "import prefect",
     "import prefect + flow/task/artifacts API": "import prefect, prefect.artifacts, prefect.states",
 }  # fmt: skip

@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 
 def title(text: str) -> Any:
@@ -20,6 +20,13 @@ def title(text: str) -> Any:
     merge ``json_schema_extra`` into the schema, which overrides the title.
     """
     return Field(json_schema_extra={"title": text})
+
+
+def form_field(model: type[BaseModel], name: str) -> Any:
+    """``Annotated[T, form_field(Model, "name")]``: a flow parameter's title and description in
+    the deployment form, taken from the model field that declares it (one declaration)."""
+    info = model.model_fields[name]
+    return Field(json_schema_extra={"title": info.title or name, "description": info.description})
 
 
 def rounded(value: Any) -> Any:

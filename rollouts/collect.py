@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import orjson
 
-from rollouts.agent_client import AgentClient, Outcome, RetryPolicy
+from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, resolve_agent_urls
 from rollouts.fileio import (
     UnwritablePathError,
     dumps_line,
@@ -26,8 +26,9 @@ from rollouts.fileio import (
     repair_torn_tail,
     write_json_atomic,
 )
-from rollouts.models import ChunkResult, ChunkSpec, RolloutKey
+from rollouts.models import ChunkResult, ChunkSpec, CollectConfig, RolloutKey
 from rollouts.run_state import worker_id
+from rollouts.settings import RolloutsSettings
 
 FSYNC_EVERY_S = 5.0
 
@@ -49,6 +50,25 @@ class DispatchPlan:
         if "agent_ref" in row:
             return {"name": row["agent_ref"]["name"]}
         return {"name": self.agent_url or "agent"}
+
+    @classmethod
+    def for_run(
+        cls, config: CollectConfig, row_agents: list[str], settings: RolloutsSettings
+    ) -> DispatchPlan:
+        """The plan of a collection: its agents resolved to URLs (a run-level URL, a run-level
+        name, or else the agents the rows name), repeats and sampling overrides."""
+        if config.agent_url:
+            names: list[str] = []
+        else:
+            names = [config.agent_name] if config.agent_name else row_agents
+        return cls(
+            agent_urls=resolve_agent_urls(names, settings),
+            agent_name=config.agent_name,
+            agent_url=config.agent_url,
+            num_repeats=config.num_repeats,
+            overrides=config.responses_create_params,
+            add_seed=config.num_repeats_add_seed,
+        )
 
     def agents_in_use(self) -> dict[str, str]:
         """Agent label -> base URL, for every agent this plan can send to."""

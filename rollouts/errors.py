@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class RolloutsError(Exception):
@@ -64,3 +68,11 @@ class AgentUnreachable(RolloutsError):
 
 class SharedStorageError(RolloutsError):
     """A Dask worker cannot see the run's work directory or result storage."""
+
+
+def validation_message(error: ValidationError, top: str = "parameters") -> str:
+    """pydantic's errors as one line: `num_repeats: Value error, ...; limit: ...` (the field
+    path, or ``top`` for the model as a whole)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or top}: {e['msg']}" for e in error.errors()
+    )

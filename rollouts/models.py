@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from rollouts.mix import MixRequest
 
 # Keys of OpenAI's Responses API `create` params. Real agents validate with extra="forbid",
 # so an unknown override would make every request fail with 422: refuse it up front.
@@ -34,22 +37,56 @@ class CollectConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_jsonl_fpath: str = Field(description="Input tasks, JSONL.")
-    output_jsonl_fpath: str = Field(description="Rollouts JSONL to write (sorted, atomic).")
-    agent_name: str | None = Field(default=None, description="Agent name (settings/head server).")
-    agent_url: str | None = Field(default=None, description="Agent base URL; skips resolution.")
-    limit: int | None = Field(default=None, description="Only the first N input rows.")
-    num_repeats: int = Field(default=1, description="Rollouts per task.")
-    num_samples_in_parallel: int = Field(default=64, description="Requests in flight, run-wide.")
+    # The one declaration of a collection's parameters: the flow's signature and form, the
+    # CLI's `+key`s and flags and the multi-dataset config are derived from or checked
+    # against these fields (tests/test_parameters.py).
+    input_jsonl_fpath: str = Field(
+        title="Input tasks (JSONL)", description="Input tasks, one JSON object per line."
+    )
+    output_jsonl_fpath: str = Field(
+        title="Output rollouts (JSONL)",
+        description="Rollouts JSONL to write (sorted, written atomically); the failures and "
+        "metrics files are written next to it.",
+    )
+    agent_name: str | None = Field(
+        default=None, title="Agent name",
+        description="Optional (text). Agent to resolve through ROLLOUTS_AGENTS or the head "
+        "server; empty: each row's agent_ref names its agent.",
+    )  # fmt: skip
+    agent_url: str | None = Field(
+        default=None, title="Agent URL",
+        description="Optional (text). Agent base URL, used as is (no name resolution).",
+    )  # fmt: skip
+    limit: int | None = Field(
+        default=None, title="Row limit",
+        description="Optional (integer). Collect only the first N input rows; empty: all rows.",
+    )  # fmt: skip
+    num_repeats: int = Field(default=1, title="Rollouts per task", description="Rollouts per task.")
+    num_samples_in_parallel: int = Field(
+        default=64, title="Requests in flight",
+        description="Requests in flight at once, for the whole run.",
+    )  # fmt: skip
     responses_create_params: dict[str, Any] = Field(
-        default_factory=dict, description="Shallow overrides, e.g. {'temperature': 0.2}."
-    )
+        default_factory=dict, title="Sampling overrides (Responses API)",
+        description="Optional (object). Shallow overrides of each request's Responses API "
+        'create parameters, e.g. {"temperature": 0.2}.',
+    )  # fmt: skip
     num_repeats_add_seed: bool = Field(
-        default=False, description="Put {'seed': rollout_index} into metadata.extra_body."
+        default=False, title="Seed each repeat",
+        description='Put {"seed": rollout_index} into metadata.extra_body of each request, so '
+        "repeats differ reproducibly.",
+    )  # fmt: skip
+    chunk_size: int = Field(
+        default=10_000, title="Tasks per chunk",
+        description="Tasks per chunk; a chunk is one cached, resumable task run.",
+    )  # fmt: skip
+    max_parallel_chunks: int = Field(
+        default=4, title="Chunks at once", description="Chunks dispatching requests at once."
     )
-    chunk_size: int = Field(default=10_000, description="Tasks per chunk (one cached task each).")
-    max_parallel_chunks: int = Field(default=4, description="Chunks dispatching at once.")
-    fresh: bool = Field(default=False, description="Discard previous state for this output.")
+    fresh: bool = Field(
+        default=False, title="Start fresh",
+        description="Discard the previous run state of this output and start over.",
+    )  # fmt: skip
 
     @field_validator("limit")
     @classmethod
@@ -199,20 +236,20 @@ class DatasetConfig(BaseModel):
     max_parallel_chunks: int = Field(
         default=4, ge=1, title="Chunks at once", description="Chunks dispatching requests at once."
     )
+    num_repeats_add_seed: bool = Field(
+        default=False, title="Seed each repeat",
+        description='Put {"seed": rollout_index} into metadata.extra_body of each request, so '
+        "repeats differ reproducibly.",
+    )  # fmt: skip
 
     def collect_parameters(self) -> dict[str, Any]:
-        """The collect-rollouts flow's parameters for this dataset."""
+        """The collect-rollouts flow's parameters for this dataset: every field of
+        `CollectConfig` but `fresh` (tests/test_parameters.py holds them together)."""
+        renamed = {"input": "input_jsonl_fpath", "output": "output_jsonl_fpath"}
         return {
-            "input_jsonl_fpath": self.input,
-            "output_jsonl_fpath": self.output,
-            "agent_name": self.agent_name,
-            "agent_url": self.agent_url,
-            "limit": self.limit,
-            "num_repeats": self.num_repeats,
-            "num_samples_in_parallel": self.num_samples_in_parallel,
-            "responses_create_params": self.responses_create_params,
-            "chunk_size": self.chunk_size,
-            "max_parallel_chunks": self.max_parallel_chunks,
+            renamed.get(name, name): value
+            for name, value in self.model_dump().items()
+            if name != "name"
         }
 
     def run_label(self) -> str:
@@ -275,6 +312,23 @@ class MultiDatasetConfig(BaseModel):
         title="Mix",
         description="Optional. How to mix the datasets' rollouts; empty: no mix.",
     )
+
+    def mix_request(self) -> MixRequest:
+        """The mix over the datasets' outputs. keep_groups defaults to true when any dataset
+        has repeats (GRPO needs every sample of a prompt)."""
+        from rollouts.mix import MixRequest, MixSource
+
+        assert self.mix is not None
+        outputs = {d.name: d.output for d in self.datasets}
+        keep_groups = self.mix.keep_groups
+        if keep_groups is None:
+            keep_groups = any(d.num_repeats > 1 for d in self.datasets)
+        return MixRequest(
+            sources=[MixSource(name=n, path=outputs[n], proportion=p)
+                     for n, p in self.mix.proportions.items()],
+            output=self.mix.output, total=self.mix.total, seed=self.mix.seed,
+            keep_groups=keep_groups, shortfall=self.mix.shortfall,
+        )  # fmt: skip
 
     @model_validator(mode="after")
     def _consistent(self) -> MultiDatasetConfig:

@@ -24,9 +24,19 @@ from prefect.testing.utilities import prefect_test_harness
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fast: the stages alone: no Prefect, no processes (`make test-fast`)"
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_api() -> Iterator[str]:
-    """One real (temporary) Prefect server for the whole session; yields its API URL."""
+def prefect_api(request: pytest.FixtureRequest) -> Iterator[str]:
+    """One real (temporary) Prefect server for the whole session; yields its API URL. The fast
+    tier (`-m fast`) needs none and skips its start-up."""
+    if request.config.getoption("markexpr") == "fast":
+        yield ""
+        return
     from prefect.settings import PREFECT_API_URL
 
     with prefect_test_harness(server_startup_timeout=60):

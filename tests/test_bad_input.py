@@ -19,10 +19,10 @@ from conftest import AgentServer, write_jsonl
 from prefect.states import State
 
 from flows.collect import collect_rollouts
-from rollouts.cli import main as cli_main
 from rollouts.errors import InputError
 from rollouts.reference_agent import generate_tasks
 from rollouts.run_state import OutputPaths, run_dir_for
+from rollouts_cli.main import main as cli_main
 
 GOOD = b'{"responses_create_params": {"input": "What is 1 + 2?"}, "expected_answer": "3"}\n'
 
@@ -222,7 +222,7 @@ def test_cli_subprocess_prints_the_problem_and_exits_2(
     inp.write_bytes(GOOD + b'{"responses_create_params": 3}\n')
     out = tmp_path / "out.jsonl"
     res = subprocess.run(
-        [sys.executable, "-m", "rollouts.cli", "collect", "--agent-url", agent.url,
+        [sys.executable, "-m", "rollouts_cli", "collect", "--agent-url", agent.url,
          "--input", str(inp), "--output", str(out)],
         env={**os.environ, "PREFECT_API_URL": prefect_api}, cwd=tmp_path, capture_output=True,
         text=True, timeout=120, check=False,

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from conftest import read_jsonl, write_jsonl
 
-from rollouts.cli import UsageError, build_parser, collect_params
+from rollouts_cli.main import UsageError, build_parser, collect_params
 
 
 def params_of(*argv: str) -> dict:
@@ -66,7 +66,7 @@ def test_mix_command_writes_exact_counts_and_a_manifest(tmp_path: Path) -> None:
     b = write_jsonl(tmp_path / "b.jsonl", rows)
     out = tmp_path / "mixed.jsonl"
     res = subprocess.run(
-        [sys.executable, "-m", "rollouts.cli", "mix", "--source", f"x={a}:0.7",
+        [sys.executable, "-m", "rollouts_cli", "mix", "--source", f"x={a}:0.7",
          "--source", f"y={b}:0.3", "--total", "40", "--seed", "3", "--output", str(out)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -77,7 +77,7 @@ def test_mix_command_writes_exact_counts_and_a_manifest(tmp_path: Path) -> None:
     assert manifest["seed"] == 3 and manifest["sources"]["x"]["selected"] == 28
 
     short = subprocess.run(
-        [sys.executable, "-m", "rollouts.cli", "mix", "--source", f"x={a}:0.5",
+        [sys.executable, "-m", "rollouts_cli", "mix", "--source", f"x={a}:0.5",
          "--source", f"y={b}:0.5", "--total", "400", "--output", str(tmp_path / "m2.jsonl")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

@@ -31,7 +31,7 @@ def collect(
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     start = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "rollouts.cli", "collect", *args],
+        [sys.executable, "-m", "rollouts_cli", "collect", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     return res, time.monotonic() - start

@@ -41,7 +41,7 @@ def test_kill_9_then_same_command_completes_exactly_without_resending_written_ro
     write_tasks(inp, 800, seed=3)
     out = tmp_path / "rollouts.jsonl"
     cmd = [
-        sys.executable, "-m", "rollouts.cli", "collect",
+        sys.executable, "-m", "rollouts_cli", "collect",
         f"+agent_url={agent.url}", f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}",
         "+num_repeats=2", "+chunk_size=200", "+num_samples_in_parallel=16",
     ]  # fmt: skip

@@ -86,7 +86,7 @@ def test_chunks_spread_over_two_workers_and_survive_killing_one(
     out = tmp_path / "rollouts.jsonl"
     run_dir = run_dir_for(out, None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rollouts.cli", "collect", "--dask-address", address,
+        [sys.executable, "-m", "rollouts_cli", "collect", "--dask-address", address,
          f"+agent_url={agent.url}", f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}",
          "+chunk_size=100", "+num_samples_in_parallel=8"],
         env=env, cwd=tmp_path, stdout=open(tmp_path / "collect.log", "wb"),

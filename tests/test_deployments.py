@@ -112,7 +112,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
         assert res.returncode == 0, res.stderr
         res = s.prefect("--no-prompt", "deploy", "--all")
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        res = subprocess.run([sys.executable, "-m", "rollouts.prefect_setup"], env=env,
+        res = subprocess.run([sys.executable, "-m", "rollouts_cli.prefect_setup"], env=env,
                              capture_output=True, text=True, check=False)  # fmt: skip
         assert res.returncode == 0, res.stderr
         procs.append(subprocess.Popen(

@@ -379,7 +379,7 @@ def test_agent_crash_and_restart_on_the_same_port_loses_nothing(
 
 def cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "rollouts.cli", "collect", *args],
+        [sys.executable, "-m", "rollouts_cli", "collect", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 
@@ -431,7 +431,7 @@ def test_kill_9_at_random_moments_then_rerun_is_exact_every_time(
     expected = sorted(all_keys(n, repeats))
     for trial in range(4):
         out = tmp_path / f"trial{trial}.jsonl"
-        cmd = [sys.executable, "-m", "rollouts.cli", "collect", f"+agent_url={agent.url}",
+        cmd = [sys.executable, "-m", "rollouts_cli", "collect", f"+agent_url={agent.url}",
                f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}",
                f"+num_repeats={repeats}", "+chunk_size=60", "+num_samples_in_parallel=8"]  # fmt: skip
         run_dir = run_dir_for(out, None)
@@ -468,8 +468,8 @@ def test_kill_9_at_random_moments_then_rerun_is_exact_every_time(
 
 
 def test_serve_agent_takes_every_fault_flag() -> None:
-    from rollouts.cli import build_parser
     from rollouts.reference_agent import AgentSimConfig, config_from_args
+    from rollouts_cli.main import build_parser
 
     args = build_parser().parse_args(
         ["serve-agent", "--p-500", "0.1", "--p-429", "0.1", "--retry-after-s", "2",

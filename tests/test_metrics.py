@@ -14,6 +14,8 @@ import pytest
 from rollouts import metrics
 from rollouts.metrics import STATS, AgentSummary, MetricsSummary, write_aggregate_metrics
 
+pytestmark = pytest.mark.fast  # the stage alone: `make test-fast`
+
 
 def _row(
     task: int,

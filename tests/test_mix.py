@@ -11,6 +11,8 @@ from conftest import read_jsonl, write_jsonl
 
 from rollouts.mix import MixRequest, MixShortfall, MixSource, largest_remainder, mix_sources
 
+pytestmark = pytest.mark.fast  # the stage alone: `make test-fast`
+
 
 def rollouts(n_tasks: int, repeats: int, tag: str) -> list[dict]:
     return [

@@ -93,7 +93,7 @@ def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
     )  # fmt: skip
     config_path = tmp_path / "mix.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "rollouts.cli", "multi", "--config", str(config_path)]
+    cmd = [sys.executable, "-m", "rollouts_cli", "multi", "--config", str(config_path)]
     env = {**os.environ, "PREFECT_API_URL": prefect_api,
            "ROLLOUTS_AGENTS": orjson.dumps({"sim": agent.url}).decode()}  # fmt: skip
     outputs = {n: tmp_path / f"train_{n}.jsonl" for n in TEMPERATURES}

@@ -24,7 +24,7 @@ from rollouts.run_state import run_dir_for
 
 def status_json(out: Path, env: dict[str, str], cwd: Path) -> dict[str, Any]:
     res = subprocess.run(
-        [sys.executable, "-m", "rollouts.cli", "status", str(out), "--json", "--sample-s", "0.5"],
+        [sys.executable, "-m", "rollouts_cli", "status", str(out), "--json", "--sample-s", "0.5"],
         check=True, capture_output=True, env=env, cwd=cwd,
     )  # fmt: skip
     return orjson.loads(res.stdout)
@@ -47,7 +47,7 @@ def test_status_reports_true_counts_per_chunk_while_a_collection_runs(
     out = tmp_path / "rollouts.jsonl"
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rollouts.cli", "collect", f"+agent_url={agent.url}",
+        [sys.executable, "-m", "rollouts_cli", "collect", f"+agent_url={agent.url}",
          f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}", "+chunk_size=100",
          "+num_samples_in_parallel=8", "+max_parallel_chunks=2"],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -131,17 +131,17 @@ def test_run_has_progress_metrics_table_and_summary_artifacts(
 def test_without_a_terminal_progress_is_a_plain_line_now_and_then(
     tmp_path: Path, agent: AgentServer, monkeypatch: Any, capsys: Any
 ) -> None:
-    import rollouts.progress
+    import rollouts_cli.progress
 
     inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(30)))
     out = tmp_path / "plain.jsonl"
     state = asyncio.run(collect_rollouts(agent_url=agent.url, input_jsonl_fpath=str(inp),
                                          output_jsonl_fpath=str(out), return_state=True))  # fmt: skip
     assert state.is_completed()
-    monkeypatch.setattr(rollouts.progress, "LINE_EVERY_S", 0.05)
+    monkeypatch.setattr(rollouts_cli.progress, "LINE_EVERY_S", 0.05)
     capsys.readouterr()
 
-    with rollouts.progress.cli_progress_bar(out, None):  # stderr is captured: not a terminal
+    with rollouts_cli.progress.cli_progress_bar(out, None):  # stderr is captured: not a terminal
         time.sleep(0.3)
 
     lines = capsys.readouterr().err.splitlines()

@@ -32,8 +32,9 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.logging.handlers import APILogHandler
 from test_multi_dataset import pattern_6_4
 
+from flows.artifacts import MIX_COLUMNS
 from flows.collect import collect_rollouts
-from flows.multi import MIX_COLUMNS, collect_multi_dataset
+from flows.multi import collect_multi_dataset
 from flows.ui import artifact_key, is_generated_run_name
 from rollouts.models import MultiDatasetConfig
 from rollouts.reference_agent import generate_tasks

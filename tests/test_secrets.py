@@ -61,7 +61,7 @@ def test_api_key_is_sent_as_bearer_and_found_nowhere_else(
            "ROLLOUTS_AGENT_API_KEY": key}  # fmt: skip
 
     res = subprocess.run(
-        [sys.executable, "-m", "rollouts.cli", "collect", f"+agent_url={agent.url}",
+        [sys.executable, "-m", "rollouts_cli", "collect", f"+agent_url={agent.url}",
          f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}", "+num_repeats=2",
          "+chunk_size=5"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,

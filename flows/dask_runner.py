@@ -11,10 +11,15 @@ import math
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rollouts.collect import DispatchPlan
 from rollouts.errors import ConfigError, SharedStorageError
+from rollouts.models import ChunkSpec
 from rollouts.settings import RolloutsSettings
+
+if TYPE_CHECKING:
+    from prefect.states import State
 
 PROBE_NAME = ".rollouts-probe"
 
@@ -122,3 +127,30 @@ def worker_in_flight(settings: RolloutsSettings, run_total: int, n_workers: int)
     if settings.dask_worker_in_flight:
         return settings.dask_worker_in_flight
     return max(1, math.ceil(run_total / n_workers))
+
+
+def collect_on_dask(
+    chunk_task: Any, chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
+    settings: RolloutsSettings, run_in_flight: int,
+) -> list[State[Any]]:  # fmt: skip
+    """Run the chunk tasks on Dask workers (prefect-dask); each worker has its own budget."""
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    prepare_worker_environment(settings, api_url)
+    with make_task_runner(settings) as runner:
+        n_workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
+        per_worker = worker_in_flight(settings, run_in_flight, n_workers)
+        get_run_logger().info(
+            "collecting on Dask: %d workers, %d requests in flight each", n_workers, per_worker
+        )
+        futures = [
+            runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
+                                                  "worker_in_flight": per_worker})
+            for spec in chunks
+        ]  # fmt: skip
+        for future in futures:
+            future.wait()
+        return [future.state for future in futures]

@@ -11,8 +11,7 @@ from rich.table import Table
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
-    from flows.collect import CollectSummary
-    from flows.multi import MultiSummary
+    from rollouts.summary import CollectSummary, MultiSummary
 
 
 def _console() -> Console:
@@ -28,10 +27,10 @@ def print_summary(summary: CollectSummary, console: Console | None = None) -> No
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("pass@k", no_wrap=True)
     for a in summary.agents:
-        mean = a["mean_reward"]
-        passk = "  ".join(f"@{k} {v:.3f}" for k, v in a["pass_at_k"].items())
+        mean = a.mean_reward
+        passk = "  ".join(f"@{k} {v:.3f}" for k, v in a.pass_at_k.items())
         table.add_row(
-            a["agent"], str(a["expected"]), str(a["succeeded"]), str(a["failed"]),
+            a.agent, str(a.expected), str(a.succeeded), str(a.failed),
             "-" if mean is None else f"{mean:.4f}", passk or "-",
         )  # fmt: skip
     console.print(table)

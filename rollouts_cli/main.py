@@ -18,15 +18,14 @@ from typing import Any
 
 import yaml
 
+from rollouts.errors import validation_message
+from rollouts.models import CollectConfig
+
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
-# `+key` of ng_collect_rollouts -> flow parameter. The flow's parameters carry these names.
-PLUS_KEYS = {
-    "agent_name", "agent_url", "input_jsonl_fpath", "output_jsonl_fpath", "limit",
-    "num_repeats", "num_samples_in_parallel", "num_repeats_add_seed", "chunk_size",
-    "max_parallel_chunks", "fresh",
-}  # fmt: skip
 RCP_PREFIX = "responses_create_params."
+# `+key` of ng_collect_rollouts -> flow parameter: the fields of the one declaration.
+PLUS_KEYS = frozenset(CollectConfig.model_fields) - {"responses_create_params"}
 
 
 class UsageError(Exception):
@@ -152,17 +151,10 @@ def _check_parameters(params: dict[str, Any]) -> None:
     """Refuse bad parameters before Prefect starts (the flow checks them again)."""
     from pydantic import ValidationError
 
-    from rollouts.models import CollectConfig
-
     try:
         CollectConfig(**params)
     except ValidationError as e:
-        raise UsageError(
-            "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}"
-                for err in e.errors()
-            )
-        ) from None
+        raise UsageError(validation_message(e)) from None
 
 
 @contextlib.contextmanager
@@ -210,9 +202,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.dask_local_workers:
         os.environ["ROLLOUTS_DASK_LOCAL_WORKERS"] = str(args.dask_local_workers)
     from flows.collect import CollectSummary, collect_rollouts
-    from rollouts.progress import cli_progress_bar
-    from rollouts.report import print_summary
     from rollouts.settings import RolloutsSettings
+    from rollouts_cli.progress import cli_progress_bar
+    from rollouts_cli.report import print_summary
 
     with cli_progress_bar(params["output_jsonl_fpath"], RolloutsSettings().work_dir):
         state = _run_flow_state(collect_rollouts, params)
@@ -283,17 +275,13 @@ def load_multi_config(path: str) -> Any:
     try:
         return MultiDatasetConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise UsageError(f"config {path}: {problems}") from None
+        raise UsageError(f"config {path}: {validation_message(e, top='(top level)')}") from None
 
 
 def cmd_multi(args: argparse.Namespace) -> int:
     config = load_multi_config(args.config)
     from flows.multi import collect_multi_dataset
-    from rollouts.report import print_multi_summary
+    from rollouts_cli.report import print_multi_summary
 
     state = _run_flow_state(collect_multi_dataset, {"config": config})
     if not state.is_completed():
@@ -329,7 +317,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
             shortfall=args.shortfall,
         )
     except ValidationError as e:
-        raise UsageError("; ".join(err["msg"] for err in e.errors())) from None
+        raise UsageError(validation_message(e, top="mix")) from None
     try:
         result = mix_sources(request)
     except RolloutsError as e:
@@ -346,9 +334,9 @@ def cmd_mix(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import orjson
 
-    from rollouts.report import print_status
     from rollouts.settings import RolloutsSettings
     from rollouts.status import read_status
+    from rollouts_cli.report import print_status
 
     status = read_status(args.output, RolloutsSettings().work_dir, sample_s=args.sample_s)
     if args.json:

@@ -1,6 +1,6 @@
 """Prefect objects our deployments rely on, beyond prefect.yaml: the automatic-resume automation.
 
-`python -m rollouts.prefect_setup` (run by `make deploy`) creates or updates it on the server
+`python -m rollouts_cli.prefect_setup` (run by `make deploy`) creates or updates it on the server
 that PREFECT_API_URL names.
 
 A flow run whose process dies (worker or flow-run process killed, OOM) ends Crashed. The

@@ -1,12 +1,11 @@
-"""Live progress: a Prefect progress artifact for the UI, a rich progress bar for the CLI.
+"""The command's live progress: a rich bar in a terminal, a plain line now and then elsewhere.
 
-Both poll the run directory through `StatusReader` (incremental reads), so they work the same
-for a run in this process, in a worker, or on Dask workers.
+It polls the run directory through `StatusReader` (incremental reads), so it works the same for
+chunks collected in this process or on Dask workers. (The UI's progress: flows/artifacts.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 import threading
@@ -14,25 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rollouts.status import RunStatus, StatusReader
-
-ARTIFACT_EVERY_S = 3.0
-
-
-async def update_progress_artifact_forever(reader: StatusReader, artifact_id: object) -> None:
-    """Update one progress artifact every few seconds; one task, so updates never reorder."""
-    from prefect.artifacts import aupdate_progress_artifact
-
-    while True:
-        await asyncio.sleep(ARTIFACT_EVERY_S)
-        status = await asyncio.to_thread(reader.read)
-        if status.expected:
-            pct = 100.0 * (status.done + status.failed) / status.expected
-            await aupdate_progress_artifact(
-                artifact_id=artifact_id,  # type: ignore[arg-type]
-                progress=pct,
-                description=f"{status.done}/{status.expected} written, {status.failed} failed",
-            )
-
 
 LINE_EVERY_S = 30.0
 BAR_EVERY_S = 0.5

@@ -1,0 +1,54 @@
+"""Collect every chunk of a run: as tasks sharing this process's dispatcher, or on Dask."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+from typing import Any
+
+from prefect.states import State
+
+from flows.dask_runner import collect_on_dask, dask_enabled
+from rollouts.collect import DispatchPlan
+from rollouts.dispatchers import close_dispatcher, open_dispatcher
+from rollouts.errors import IncompleteRun, RolloutsError
+from rollouts.models import ChunkSpec, CollectConfig
+from rollouts.settings import RolloutsSettings
+from tasks.collect import collect_chunk_task
+
+
+async def collect_chunks(
+    chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
+    config: CollectConfig, settings: RolloutsSettings,
+) -> list[State[Any]]:  # fmt: skip
+    """One cached, retrying task run per chunk; their final states, in chunk order."""
+    chunk_task = collect_chunk_task.with_options(
+        retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
+    )
+    # Prefect and pandas leave a large, long-lived heap; full collections over it stall the
+    # event loop while requests wait. Freezing it keeps the collector's GC work small.
+    gc.freeze()
+    if dask_enabled(settings):
+        return await asyncio.to_thread(
+            collect_on_dask, chunk_task, chunks, plan, run_id, run_dir, settings,
+            config.num_samples_in_parallel,
+        )  # fmt: skip
+    open_dispatcher(run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks)
+    try:
+        # Awaited together on this event loop, chunk tasks share one dispatcher.
+        return await asyncio.gather(
+            *(chunk_task(s, plan, run_id, return_state=True) for s in chunks)
+        )
+    finally:
+        await close_dispatcher(run_id)
+
+
+async def raise_what_a_rerun_will_not_fix(states: list[State[Any]]) -> None:
+    """A chunk stopped by something a rerun alone will not fix (a full disk) ends the run with
+    that message, rather than with the rollouts it left missing."""
+    for state in states:
+        if not state.is_completed():
+            error = await state.aresult(raise_on_failure=False)
+            if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
+                raise error

@@ -1,0 +1,97 @@
+"""What a collection produced, as typed results, and the one message for rollouts left missing.
+
+The CLI prints these, the Prefect UI shows them as a run's result and artifacts; they hold counts
+and paths, never rollout bodies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from rollouts.errors import IncompleteRun
+
+if TYPE_CHECKING:
+    from rollouts.collect import DispatchPlan
+    from rollouts.merge import MergeReport
+    from rollouts.metrics import AgentSummary
+
+
+class AgentResult(BaseModel):
+    """One agent's counts and reward statistics in a collection."""
+
+    agent: str
+    expected: int
+    succeeded: int
+    failed: int
+    mean_reward: float | None
+    pass_at_k: dict[str, float] = {}
+
+    @classmethod
+    def of(cls, a: AgentSummary) -> AgentResult:
+        return cls(
+            agent=a.agent, expected=a.expected, succeeded=a.succeeded, failed=a.failed,
+            mean_reward=a.mean_reward, pass_at_k={str(k): v for k, v in a.pass_at_k.items()},
+        )  # fmt: skip
+
+
+class CollectSummary(BaseModel):
+    """What one collection produced; the CLI prints it, the UI shows it as the flow's result."""
+
+    output: str
+    failures: str
+    metrics: str
+    expected: int
+    succeeded: int
+    failed: int
+    missing: int
+    chunks: int
+    chunks_from_cache: int
+    agents: list[AgentResult]
+    missing_examples: list[tuple[int, int]] = []
+
+
+class MultiSummary(BaseModel):
+    """Every dataset's collection, then the mix (when the config has one)."""
+
+    datasets: dict[str, CollectSummary]
+    mix_output: str | None = None
+    mix_manifest: str | None = None
+    mix_rows: int | None = None
+    mix_sources: dict[str, dict[str, Any]] = {}
+    mix_from_cache: bool = False
+
+
+def incomplete_run(merge: MergeReport, plan: DispatchPlan, chunks_unfinished: int) -> IncompleteRun:
+    """Why rollouts are still missing: how many, examples, and per failure class the agent's
+    URL and an example error, so a dead agent is named."""
+    examples = ", ".join(f"({t}, {r})" for t, r in merge.missing_examples[:5])
+    classes = "; ".join(
+        _failure_class_line(cls, n, merge.retryable_samples.get(cls), plan)
+        for cls, n in sorted(merge.retryable_classes.items())
+    )
+    untraced = merge.missing - merge.retryable_failed
+    why = f"last failures: {classes}" if classes else ""
+    if untraced:
+        why += (
+            f"{'; ' if why else ''}{untraced} with no failure recorded (answers the agent "
+            "marked _ng_no_persist, or requests never sent)"
+        )
+    return IncompleteRun(
+        f"{merge.missing} of {merge.expected} rollouts are neither written nor failed for "
+        f"good (e.g. (task, rollout) {examples}); {why}; {chunks_unfinished} chunk(s) did not "
+        "finish. Rerun the same command to retry them: everything already written is kept."
+    )
+
+
+def _failure_class_line(
+    failure_class: str, count: int, sample: tuple[str, str] | None, plan: DispatchPlan
+) -> str:
+    """`connection_error: 5 (e.g. agent 'x' at http://h:p: <its error>)`."""
+    if sample is None:
+        return f"{failure_class}: {count}"
+    agent, error = sample
+    url = plan.agent_url or plan.agent_urls.get(agent)
+    who = f"agent {agent!r} at {url}" if url and url != agent else f"agent {agent}"
+    return f"{failure_class}: {count} (e.g. {who}: {error})"

@@ -1,0 +1,55 @@
+"""The import contract: layers point down only.
+
+    rollouts_cli (the command, Prefect setup) -> flows -> tasks -> rollouts (stages, models)
+
+`rollouts` knows nothing of Prefect, Dask, tasks, flows or the command; `tasks` nothing of flows
+or the command; `flows` nothing of the command. Every import counts, function-level and
+TYPE_CHECKING ones included, so a cycle cannot hide behind a late import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.fast
+
+FORBIDDEN = {
+    "rollouts": {"prefect", "prefect_dask", "dask", "distributed", "tasks", "flows",
+                 "rollouts_cli"},
+    "tasks": {"flows", "rollouts_cli"},
+    "flows": {"rollouts_cli"},
+}  # fmt: skip
+
+
+def imported_packages(path: Path) -> set[tuple[int, str]]:
+    """(line, top-level package) of every absolute import in a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {(node.lineno, a.name.split(".")[0]) for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_a_layer_imports_nothing_above_it(layer: str) -> None:
+    modules = sorted((ROOT / layer).rglob("*.py"))
+    assert modules, f"no modules in {layer}/"
+    violations = [
+        f"{m.relative_to(ROOT)}:{line} imports {pkg}"
+        for m in modules
+        for line, pkg in sorted(imported_packages(m))
+        if pkg in FORBIDDEN[layer]
+    ]
+    assert violations == []
+
+
+def test_the_contract_sees_a_violation(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from prefect import flow\n    import flows.collect\n")
+    assert imported_packages(module) == {(2, "prefect"), (3, "flows")}
