@@ -254,7 +254,7 @@ def test_always_400_tasks_are_final_failures_sent_once(
                for f in fails.values())  # fmt: skip
     assert set(per_key.values()) == {1}  # a 400 is never retried, nor is anything else here
     assert (summary.succeeded, summary.failed) == (16, 4)
-    assert summary.agents[0]["failed"] == 4
+    assert summary.agents[0].failed == 4
 
 
 def test_agent_declared_failures_and_no_persist_answers(
