@@ -105,35 +105,49 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
+def _limits(max_in_flight: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+
+
+def default_transport(max_in_flight: int) -> httpx.AsyncBaseTransport:
+    """The transport every AgentClient uses unless given another: aiohttp under httpx."""
+    return AiohttpTransport(limits=_limits(max_in_flight), trust_env=False)
+
+
 class AgentClient:
     """Posts rollouts to agents with a hard per-request deadline and bounded retries.
 
     ``in_flight`` bounds the requests on the wire. A rollout waiting out a backoff holds no
     slot, so one slow or failing rollout never idles the agent.
+
+    ``transport`` carries the requests; None: ``default_transport`` (tests pass an
+    ``httpx.MockTransport``).
     """
 
-    def __init__(self, policy: RetryPolicy, max_in_flight: int, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        max_in_flight: int,
+        api_key: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.policy = policy
         self.in_flight = asyncio.Semaphore(max_in_flight)
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        limits = httpx.Limits(
-            max_connections=max_in_flight, max_keepalive_connections=max_in_flight
-        )
         self._http = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits, trust_env=False),
+            transport=transport or default_transport(max_in_flight),
             headers=headers,
             timeout=httpx.Timeout(policy.request_timeout_s, connect=policy.connect_timeout_s),
-            limits=limits,
+            limits=_limits(max_in_flight),
         )
-        self.requests_sent = 0
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def _attempt(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
-        self.requests_sent += 1
         try:
             # httpx timeouts are per phase; asyncio.timeout makes the deadline total, so a
             # trickling or hung agent can never stall a rollout past request_timeout_s.
