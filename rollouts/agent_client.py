@@ -114,11 +114,35 @@ def default_transport(max_in_flight: int) -> httpx.AsyncBaseTransport:
     return AiohttpTransport(limits=_limits(max_in_flight), trust_env=False)
 
 
+class Slot:
+    """One place on the wire, reserved by ``AgentClient.reserve`` for a rollout's first attempt.
+
+    ``AgentClient.run(..., slot=slot)`` sends that attempt in it and frees it. Releasing is
+    idempotent and ``release`` takes (and ignores) a task, so a caller that hands the slot to a
+    task also passes ``slot.release`` to ``task.add_done_callback``: a task cancelled before it
+    ever ran never reaches ``run`` and would otherwise keep its slot for good.
+    """
+
+    __slots__ = ("_places",)
+
+    def __init__(self, places: asyncio.Semaphore) -> None:
+        self._places: asyncio.Semaphore | None = places
+
+    def release(self, _task: object = None) -> None:
+        places, self._places = self._places, None
+        if places is not None:
+            places.release()
+
+
 class AgentClient:
     """Posts rollouts to agents with a hard per-request deadline and bounded retries.
 
-    ``in_flight`` bounds the requests on the wire. A rollout waiting out a backoff holds no
-    slot, so one slow or failing rollout never idles the agent.
+    The client alone accounts for its places on the wire: at most ``max_in_flight`` requests
+    are on it at once, each attempt takes a place and frees it when its answer is in, and a
+    rollout waiting out a backoff holds none, so one slow or failing rollout never idles the
+    agent. A caller that must not start more work than the wire can take (the chunk dispatch
+    loop: a million-row chunk must not become a million tasks) waits in ``reserve`` before
+    starting each rollout and hands the slot to ``run``.
 
     ``transport`` carries the requests; None: ``default_transport`` (tests pass an
     ``httpx.MockTransport``).
@@ -133,7 +157,7 @@ class AgentClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.policy = policy
-        self.in_flight = asyncio.Semaphore(max_in_flight)
+        self._places = asyncio.Semaphore(max_in_flight)
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -187,20 +211,26 @@ class AgentClient:
             )
         return answer
 
-    async def run(self, url: str, body: bytes, *, slot_held: bool = False) -> Outcome:
+    async def reserve(self) -> Slot:
+        """Wait for a free place on the wire and hold it for one rollout's first attempt."""
+        await self._places.acquire()
+        return Slot(self._places)
+
+    async def run(self, url: str, body: bytes, *, slot: Slot | None = None) -> Outcome:
         """Send one rollout until it succeeds, fails terminally, or the budget runs out.
 
-        With ``slot_held`` the caller already acquired ``in_flight`` for the first attempt.
+        ``slot``: a place from ``reserve`` for the first attempt, freed by this call once the
+        attempt is over, whatever happens; None: wait for one here. Every later attempt, after
+        its backoff, waits for a place of its own.
         """
         last: _Attempt | None = None
         for attempt in range(1, self.policy.max_attempts + 1):
-            if not slot_held:
-                await self.in_flight.acquire()
-            slot_held = False
+            place = slot if slot is not None else await self.reserve()
+            slot = None
             try:
                 result = await self._attempt(url, body)
             finally:
-                self.in_flight.release()
+                place.release()
             if isinstance(result, dict):
                 return Outcome("ok", answer=result, attempts=attempt)
             last = result
