@@ -9,9 +9,11 @@ one in-flight budget, so the agent stays busy while a chunk finishes its straggl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -107,12 +109,23 @@ def scan_done(rollouts_path: Path, failures_path: Path) -> tuple[set[RolloutKey]
 
 
 class Dispatcher:
-    """Per-process, per-run shared resources: the client, the in-flight budget, chunk slots."""
+    """Per-process, per-run shared resources: the client (and its in-flight budget), chunk slots.
 
-    def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int,
+    ``max_parallel_chunks`` None: no limit on the chunks dispatching at once.
+    """
+
+    def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
                  api_key: str | None) -> None:  # fmt: skip
         self.client = AgentClient(policy, max_in_flight, api_key)
-        self.chunk_slots = asyncio.Semaphore(max_parallel_chunks)
+        self._chunk_slots = (
+            asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
+        )
+
+    def chunk_slot(self) -> AbstractAsyncContextManager[object]:
+        """Held by a chunk while it dispatches; free at once without a chunk limit."""
+        if self._chunk_slots is None:
+            return contextlib.nullcontext()
+        return self._chunk_slots
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -183,7 +196,7 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
     rollouts_path, failures_path = chunk_output_paths(spec)
     expected = spec.n_tasks * plan.num_repeats
     client = dispatcher.client
-    async with dispatcher.chunk_slots:
+    async with dispatcher.chunk_slot():
         write_json_atomic(
             chunk_status_path(spec),
             {"index": spec.index, "expected": expected, "worker": worker_id(),
