@@ -105,35 +105,73 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
+def _limits(max_in_flight: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+
+
+def default_transport(max_in_flight: int) -> httpx.AsyncBaseTransport:
+    """The transport every AgentClient uses unless given another: aiohttp under httpx."""
+    return AiohttpTransport(limits=_limits(max_in_flight), trust_env=False)
+
+
+class Slot:
+    """One place on the wire, reserved by ``AgentClient.reserve`` for a rollout's first attempt.
+
+    ``AgentClient.run(..., slot=slot)`` sends that attempt in it and frees it. Releasing is
+    idempotent and ``release`` takes (and ignores) a task, so a caller that hands the slot to a
+    task also passes ``slot.release`` to ``task.add_done_callback``: a task cancelled before it
+    ever ran never reaches ``run`` and would otherwise keep its slot for good.
+    """
+
+    __slots__ = ("_places",)
+
+    def __init__(self, places: asyncio.Semaphore) -> None:
+        self._places: asyncio.Semaphore | None = places
+
+    def release(self, _task: object = None) -> None:
+        places, self._places = self._places, None
+        if places is not None:
+            places.release()
+
+
 class AgentClient:
     """Posts rollouts to agents with a hard per-request deadline and bounded retries.
 
-    ``in_flight`` bounds the requests on the wire. A rollout waiting out a backoff holds no
-    slot, so one slow or failing rollout never idles the agent.
+    The client alone accounts for its places on the wire: at most ``max_in_flight`` requests
+    are on it at once, each attempt takes a place and frees it when its answer is in, and a
+    rollout waiting out a backoff holds none, so one slow or failing rollout never idles the
+    agent. A caller that must not start more work than the wire can take (the chunk dispatch
+    loop: a million-row chunk must not become a million tasks) waits in ``reserve`` before
+    starting each rollout and hands the slot to ``run``.
+
+    ``transport`` carries the requests; None: ``default_transport`` (tests pass an
+    ``httpx.MockTransport``).
     """
 
-    def __init__(self, policy: RetryPolicy, max_in_flight: int, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        max_in_flight: int,
+        api_key: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.policy = policy
-        self.in_flight = asyncio.Semaphore(max_in_flight)
+        self._places = asyncio.Semaphore(max_in_flight)
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        limits = httpx.Limits(
-            max_connections=max_in_flight, max_keepalive_connections=max_in_flight
-        )
         self._http = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits, trust_env=False),
+            transport=transport or default_transport(max_in_flight),
             headers=headers,
             timeout=httpx.Timeout(policy.request_timeout_s, connect=policy.connect_timeout_s),
-            limits=limits,
+            limits=_limits(max_in_flight),
         )
-        self.requests_sent = 0
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def _attempt(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
-        self.requests_sent += 1
         try:
             # httpx timeouts are per phase; asyncio.timeout makes the deadline total, so a
             # trickling or hung agent can never stall a rollout past request_timeout_s.
@@ -173,20 +211,26 @@ class AgentClient:
             )
         return answer
 
-    async def run(self, url: str, body: bytes, *, slot_held: bool = False) -> Outcome:
+    async def reserve(self) -> Slot:
+        """Wait for a free place on the wire and hold it for one rollout's first attempt."""
+        await self._places.acquire()
+        return Slot(self._places)
+
+    async def run(self, url: str, body: bytes, *, slot: Slot | None = None) -> Outcome:
         """Send one rollout until it succeeds, fails terminally, or the budget runs out.
 
-        With ``slot_held`` the caller already acquired ``in_flight`` for the first attempt.
+        ``slot``: a place from ``reserve`` for the first attempt, freed by this call once the
+        attempt is over, whatever happens; None: wait for one here. Every later attempt, after
+        its backoff, waits for a place of its own.
         """
         last: _Attempt | None = None
         for attempt in range(1, self.policy.max_attempts + 1):
-            if not slot_held:
-                await self.in_flight.acquire()
-            slot_held = False
+            place = slot if slot is not None else await self.reserve()
+            slot = None
             try:
                 result = await self._attempt(url, body)
             finally:
-                self.in_flight.release()
+                place.release()
             if isinstance(result, dict):
                 return Outcome("ok", answer=result, attempts=attempt)
             last = result

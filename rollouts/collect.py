@@ -9,16 +9,18 @@ one in-flight budget, so the agent stays busy while a chunk finishes its straggl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, resolve_agent_urls
+from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, Slot, resolve_agent_urls
 from rollouts.fileio import (
     UnwritablePathError,
     dumps_line,
@@ -127,12 +129,23 @@ def scan_done(rollouts_path: Path, failures_path: Path) -> tuple[set[RolloutKey]
 
 
 class Dispatcher:
-    """Per-process, per-run shared resources: the client, the in-flight budget, chunk slots."""
+    """Per-process, per-run shared resources: the client (and its in-flight budget), chunk slots.
 
-    def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int,
+    ``max_parallel_chunks`` None: no limit on the chunks dispatching at once.
+    """
+
+    def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
                  api_key: str | None) -> None:  # fmt: skip
         self.client = AgentClient(policy, max_in_flight, api_key)
-        self.chunk_slots = asyncio.Semaphore(max_parallel_chunks)
+        self._chunk_slots = (
+            asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
+        )
+
+    def chunk_slot(self) -> AbstractAsyncContextManager[object]:
+        """Held by a chunk while it dispatches; free at once without a chunk limit."""
+        if self._chunk_slots is None:
+            return contextlib.nullcontext()
+        return self._chunk_slots
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -191,19 +204,19 @@ def _failure_row(outcome: Outcome, key: RolloutKey, agent_ref: dict[str, str]) -
     return row
 
 
-@dataclass
-class _Tally:
-    succeeded: int = 0
-    failed: int = 0
-    no_persist: int = 0
-    requests: int = 0
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended (their errors are dropped)."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher) -> ChunkResult:
     """Collect every rollout of one chunk not already written. Returns counts, never bodies."""
     rollouts_path, failures_path = chunk_output_paths(spec)
     expected = spec.n_tasks * plan.num_repeats
-    async with dispatcher.chunk_slots:
+    client = dispatcher.client
+    async with dispatcher.chunk_slot():
         write_json_atomic(
             chunk_status_path(spec),
             {"index": spec.index, "expected": expected, "worker": worker_id(),
@@ -211,36 +224,36 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
         )  # fmt: skip
         succeeded, terminal = scan_done(rollouts_path, failures_path)
         writer = _ResultWriter(rollouts_path, failures_path)
-        tally = _Tally()
+        requests = 0
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(key: RolloutKey, url: str, body: dict[str, Any]) -> None:
-            outcome = await dispatcher.client.run(url, orjson.dumps(body), slot_held=True)
-            tally.requests += outcome.attempts
+        async def one(key: RolloutKey, url: str, body: dict[str, Any], slot: Slot) -> None:
+            nonlocal requests
+            outcome = await client.run(url, orjson.dumps(body), slot=slot)
+            requests += outcome.attempts
             if outcome.kind == "ok":
                 assert outcome.answer is not None
                 writer.write(writer.rollouts, _output_row(outcome.answer, key, body["agent_ref"]))
-                tally.succeeded += 1
             elif outcome.kind == "failed":
                 writer.write(writer.failures, _failure_row(outcome, key, body["agent_ref"]))
-                tally.failed += 1
-            else:
-                tally.no_persist += 1  # written nowhere; the next run redoes it
+            # else no_persist: written nowhere; the next run redoes it
 
         try:
             for row, r in _pending(spec, plan.num_repeats, succeeded | terminal):
                 body = plan.body(row, r)
                 url = plan.url_for(body["agent_ref"])
-                await dispatcher.client.in_flight.acquire()
-                t = asyncio.create_task(one((row["_ng_task_index"], r), url, body))
+                # A rollout's task is made only once the wire has room for its first attempt:
+                # the chunk holds tasks only for rollouts on the wire or in a backoff, however
+                # many rows it has.
+                slot = await client.reserve()
+                t = asyncio.create_task(one((row["_ng_task_index"], r), url, body, slot))
+                t.add_done_callback(slot.release)  # a task cancelled before it ran
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
             # Everything is dispatched: the chunk slot is released on leaving this block while
             # stragglers finish below, so the next chunk can start filling the agent.
         except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel_all(tasks)
             writer.close()
             raise
     try:
@@ -248,9 +261,7 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
     except BaseException:
         # One rollout failed unexpectedly (a full disk, say): stop the rest before the
         # files close under them; what was written stays, the next try resumes from it.
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_all(tasks)
         raise
     finally:
         writer.close()
@@ -269,7 +280,7 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
         rollouts_path=str(rollouts_path),
         failures_path=str(failures_path),
         worker=worker_id(),
-        attempts=tally.requests,
+        attempts=requests,
     )
 
 

@@ -18,7 +18,7 @@ _dispatchers: dict[str, Dispatcher] = {}
 
 
 def open_dispatcher(
-    run_id: str, settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int
+    run_id: str, settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None
 ) -> Dispatcher:
     key = run_id
     if key not in _dispatchers:
@@ -71,8 +71,8 @@ def worker_dispatcher(
             api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
 
             async def make() -> Dispatcher:
-                # Many chunks may run here at once (one per Dask thread): no chunk slots.
-                return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight, 1 << 20,
+                # Many chunks may run here at once (one per Dask thread): no chunk limit.
+                return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight, None,
                                   api_key)  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()

@@ -33,8 +33,7 @@ def _chunk_identity(inputs: dict[str, Any]) -> Any:
     task_run_name="collect-chunk-{spec.index:05d}",
     cache_policy=content_policy(_chunk_identity),
     persist_result=True,
-    retries=2,
-    retry_delay_seconds=10,
+    # retries: set by the flow from the settings (chunk_retries, chunk_retry_delay_s)
 )
 async def collect_chunk_task(
     spec: ChunkSpec, plan: DispatchPlan, run_id: str, worker_in_flight: int | None = None
