@@ -53,3 +53,16 @@ def test_the_contract_sees_a_violation(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from prefect import flow\n    import flows.collect\n")
     assert imported_packages(module) == {(2, "prefect"), (3, "flows")}
+
+
+def test_flows_stay_short_enough_to_read_as_their_diagram() -> None:
+    """The logic of a run lives in named, tested functions below flows/; a flow composes."""
+    too_long = []
+    for module in sorted((ROOT / "flows").glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                lines = (node.end_lineno or node.lineno) - start + 1
+                if lines > 40:
+                    too_long.append(f"{module.name}:{node.name} ({lines} lines)")
+    assert too_long == []
