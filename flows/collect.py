@@ -204,7 +204,7 @@ async def run_collection(
         if config.fresh:
             await asyncio.to_thread(
                 validate_input, Path(config.input_jsonl_fpath), limit=config.limit,
-                require_agent_ref=config.agent_identity is None, scratch_dir=run_dir.parent,
+                require_agent_ref=config.agent_identity is None,
             )  # fmt: skip
         run_id = prepare_run_dir(config, run_dir)
         split = await split_task(
