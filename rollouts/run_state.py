@@ -163,9 +163,13 @@ def record_chunks(run_dir: Path, specs: list[ChunkSpec]) -> None:
         write_json_atomic(run_dir / RUN_FILE, {**state, "chunks": chunks})
 
 
-def chunk_rows(state: dict[str, Any]) -> dict[int, int] | None:
-    """Chunk number -> task rows as the last split recorded them; None in a run dir split
-    before run.json listed its chunks (count the tasks files' lines instead)."""
+def recorded_chunks(run_dir: Path, state: dict[str, Any]) -> list[ChunkSpec] | None:
+    """The chunks of the last split as ``record_chunks`` listed them in ``state`` (run.json);
+    None in a run dir split before run.json listed its chunks."""
     if "chunks" not in state:
         return None
-    return {int(c["index"]): int(c["n_tasks"]) for c in state["chunks"]}
+    return [
+        ChunkSpec(**c, tasks_path=str(ChunkFiles.of_run(run_dir, c["index"]).tasks),
+                  run_id=state["run_id"])
+        for c in state["chunks"]
+    ]  # fmt: skip

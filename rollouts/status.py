@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 
 from rollouts.chunks import ChunkFiles, tasks_files
-from rollouts.run_state import chunk_rows, read_run_state, run_dir_for, worker_id
+from rollouts.models import ChunkSpec
+from rollouts.run_state import read_run_state, recorded_chunks, run_dir_for, worker_id
 
 
 @dataclass
@@ -115,12 +116,11 @@ class StatusReader:
         if state is None:
             return status
         repeats = int(state["result_params"]["num_repeats"])
-        chunks = chunk_rows(state)  # as split recorded them
-        if chunks is None:
-            chunks = self._counted_rows()
-        for index, rows in sorted(chunks.items()):
+        specs = recorded_chunks(self.run_dir, state)  # as split recorded them
+        chunks = self._counted_rows() if specs is None else {s.index: s for s in specs}
+        for index, spec in sorted(chunks.items()):
             files = ChunkFiles.of_run(self.run_dir, index)
-            expected = rows * repeats
+            expected = spec.expected(repeats) if isinstance(spec, ChunkSpec) else spec * repeats
             done = min(expected, self._counter(files.rollouts))
             failed = self._counter(files.failures, terminal_only=True)
             worker = None
