@@ -107,7 +107,9 @@ def write_merge_run_dir(run_dir: Path, rows: int) -> list[dict[str, Any]]:
             f.writelines(orjson.dumps(rollout(t, r, rng)) + b"\n" for t, r in keys)
         (chunks / f"{index:05d}.failures.jsonl").touch()
         specs.append({"index": index, "tasks_path": str(tasks_path), "n_tasks": n_tasks,
-                      "content_sha256": sha.hexdigest(), "run_id": "bench"})  # fmt: skip
+                      "content_sha256": sha.hexdigest(), "run_id": "bench",
+                      "task_min": first, "task_max": first + n_tasks - 1,
+                      "contiguous": True})  # fmt: skip
     (run_dir / "specs.json").write_bytes(orjson.dumps(specs))
     return specs
 
@@ -155,8 +157,8 @@ def run_step(step: str, rows: int, d: Path) -> dict[str, Any]:
             ChunkSpec(**s) for s in orjson.loads((d / "merge-run" / "specs.json").read_bytes())
         ]
         t0 = time.perf_counter()  # the specs come from split in a real run; not timed
-        r = merge.merge_chunks(specs, num_repeats=REPEATS, chunk_files=collect.chunk_output_paths,
-                               agent_of=lambda row: "bench", output_path=d / "merged.jsonl",
+        r = merge.merge_chunks(specs, num_repeats=REPEATS,
+                               agent_of=lambda _: "bench", output_path=d / "merged.jsonl",
                                failures_path=d / "merged_failures.jsonl")  # fmt: skip
         info = {"expected": r.expected, "succeeded": r.succeeded, "missing": r.missing}
     elif step == "metrics":

@@ -136,11 +136,9 @@ async def run_collection(
 
 async def split_into_chunks(config: CollectConfig, run_dir: Path) -> SplitResult:
     """The run state for this request (refusing a conflicting one), then the input's chunks."""
-    if config.fresh:  # validate before prepare_run_dir discards anything
-        await asyncio.to_thread(
-            validate_input, Path(config.input_jsonl_fpath), limit=config.limit,
-            require_agent_ref=config.agent_identity is None, scratch_dir=run_dir.parent,
-        )  # fmt: skip
+    if config.fresh:  # validate (a streaming pass, writing nothing) before anything is discarded
+        await asyncio.to_thread(validate_input, Path(config.input_jsonl_fpath),
+                                limit=config.limit, require_agent_ref=config.agent_identity is None)  # fmt: skip
     split = await split_task(
         input_path=config.input_jsonl_fpath, run_dir=str(run_dir),
         run_id=prepare_run_dir(config, run_dir), chunk_size=config.chunk_size,

@@ -21,6 +21,7 @@ from typing import IO, Any
 import orjson
 
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, Slot, resolve_agent_urls
+from rollouts.chunks import ChunkFiles, task_indices
 from rollouts.fileio import (
     UnwritablePathError,
     dumps_line,
@@ -47,11 +48,15 @@ class DispatchPlan:
     add_seed: bool = False
 
     def agent_ref(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"name": self.agent_of_ref(row["agent_ref"]["name"] if "agent_ref" in row else None)}
+
+    def agent_of_ref(self, row_agent: str | None) -> str:
+        """The agent answering a row whose agent_ref names ``row_agent`` (None: it has none)."""
         if self.agent_name:
-            return {"name": self.agent_name}
-        if "agent_ref" in row:
-            return {"name": row["agent_ref"]["name"]}
-        return {"name": self.agent_url or "agent"}
+            return self.agent_name
+        if row_agent is not None:
+            return row_agent
+        return self.agent_url or "agent"
 
     @classmethod
     def for_run(
@@ -95,18 +100,6 @@ class DispatchPlan:
         body["agent_ref"] = self.agent_ref(row)
         body["_ng_rollout_index"] = rollout_index
         return body
-
-
-def chunk_output_paths(spec: ChunkSpec) -> tuple[Path, Path]:
-    tasks = Path(spec.tasks_path)
-    stem = tasks.name.removesuffix(".tasks.jsonl")
-    return tasks.with_name(f"{stem}.rollouts.jsonl"), tasks.with_name(f"{stem}.failures.jsonl")
-
-
-def chunk_status_path(spec: ChunkSpec) -> Path:
-    return Path(spec.tasks_path).with_name(
-        Path(spec.tasks_path).name.removesuffix(".tasks.jsonl") + ".status.json"
-    )
 
 
 def key_of(row: dict[str, Any]) -> RolloutKey:
@@ -213,12 +206,13 @@ async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
 
 async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher) -> ChunkResult:
     """Collect every rollout of one chunk not already written. Returns counts, never bodies."""
-    rollouts_path, failures_path = chunk_output_paths(spec)
-    expected = spec.n_tasks * plan.num_repeats
+    files = ChunkFiles.of(spec)
+    rollouts_path, failures_path = files.outputs
+    expected = spec.expected(plan.num_repeats)
     client = dispatcher.client
     async with dispatcher.chunk_slot():
         write_json_atomic(
-            chunk_status_path(spec),
+            files.status,
             {"index": spec.index, "expected": expected, "worker": worker_id(),
              "started_at": time.time()},
         )  # fmt: skip
@@ -267,9 +261,9 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
         writer.close()
     # Recount from the files: they, not this process's tallies, are the truth on resume.
     succeeded, terminal = scan_done(rollouts_path, failures_path)
-    keys = set(_expected_keys(spec, plan.num_repeats))
-    n_ok = len(succeeded & keys)
-    n_failed = len(terminal & keys)
+    tasks = task_indices(spec)
+    n_ok = sum(1 for t, r in succeeded if t in tasks and 0 <= r < plan.num_repeats)
+    n_failed = sum(1 for t, r in terminal if t in tasks and 0 <= r < plan.num_repeats)
     return ChunkResult(
         index=spec.index,
         n_tasks=spec.n_tasks,
@@ -284,20 +278,11 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
     )
 
 
-def _task_rows(spec: ChunkSpec) -> Iterator[dict[str, Any]]:
-    return iter_jsonl(Path(spec.tasks_path))
-
-
-def _expected_keys(spec: ChunkSpec, repeats: int) -> Iterator[RolloutKey]:
-    for row in _task_rows(spec):
-        for r in range(repeats):
-            yield (row["_ng_task_index"], r)
-
-
 def _pending(
     spec: ChunkSpec, repeats: int, done: set[RolloutKey]
 ) -> Iterator[tuple[dict[str, Any], int]]:
-    for row in _task_rows(spec):
+    """The only read of a chunk's tasks file after split: the rows' bodies, for requests."""
+    for row in iter_jsonl(ChunkFiles.of(spec).tasks):
         for r in range(repeats):
             if (row["_ng_task_index"], r) not in done:
                 yield row, r

@@ -10,14 +10,15 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from rollouts.fileio import atomic_writers, iter_jsonl
+from rollouts.chunks import ChunkFiles, task_indices
+from rollouts.fileio import atomic_writers
 from rollouts.models import ChunkSpec, RolloutKey
 
 Entry = tuple[RolloutKey, int, int]  # (key, byte offset, length incl. newline)
@@ -33,14 +34,9 @@ class MergeReport:
     missing: int  # neither written nor terminally failed
     missing_examples: list[RolloutKey] = field(default_factory=list)
     expected_by_agent: dict[str, int] = field(default_factory=dict)
-    failure_classes: dict[str, int] = field(default_factory=dict)  # of the final failures
     retryable_classes: dict[str, int] = field(default_factory=dict)  # why the missing failed
     # One example per retryable class: (agent name, error), so a message can say who and how.
     retryable_samples: dict[str, tuple[str, str]] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        return self.missing == 0
 
 
 def _index_file(
@@ -73,34 +69,29 @@ class _ChunkIndex:
 
 
 def _chunk_index(
-    spec: ChunkSpec, repeats: int, rollouts_path: Path, failures_path: Path
-) -> tuple[_ChunkIndex, set[int]]:
-    tasks = {row["_ng_task_index"] for row in iter_jsonl(Path(spec.tasks_path))}
-
+    tasks: Container[int], repeats: int, rollouts_path: Path, failures_path: Path
+) -> _ChunkIndex:
     def valid(key: RolloutKey) -> bool:
         return key[0] in tasks and 0 <= key[1] < repeats
 
     ok = _index_file(rollouts_path, valid, keep_last=False)
     fails = _index_file(failures_path, lambda k: valid(k) and k not in ok, keep_last=True)
-    return (
-        _ChunkIndex(
-            rollouts=sorted((k, o, n) for k, (o, n, _) in ok.items()),
-            failures=sorted((k, o, n) for k, (o, n, _) in fails.items()),
-            rollouts_path=rollouts_path,
-            failures_path=failures_path,
-            failure_rows=[
-                {
-                    "key": k,
-                    "terminal": r.get("_ng_failure_terminal") is True,
-                    "class": str(r.get("_ng_failure_class")),
-                    "agent": str((r.get("agent_ref") or {}).get("name", "")),
-                    "error": str(r.get("error", "")),
-                }
-                for k, (_, _, r) in fails.items()
-                if r is not None
-            ],
-        ),
-        tasks,
+    return _ChunkIndex(
+        rollouts=sorted((k, o, n) for k, (o, n, _) in ok.items()),
+        failures=sorted((k, o, n) for k, (o, n, _) in fails.items()),
+        rollouts_path=rollouts_path,
+        failures_path=failures_path,
+        failure_rows=[
+            {
+                "key": k,
+                "terminal": r.get("_ng_failure_terminal") is True,
+                "class": str(r.get("_ng_failure_class")),
+                "agent": str((r.get("agent_ref") or {}).get("name", "")),
+                "error": str(r.get("error", "")),
+            }
+            for k, (_, _, r) in fails.items()
+            if r is not None
+        ],
     )
 
 
@@ -122,36 +113,34 @@ def merge_chunks(
     chunks: list[ChunkSpec],
     *,
     num_repeats: int,
-    chunk_files: Callable[[ChunkSpec], tuple[Path, Path]],
-    agent_of: Callable[[dict[str, Any]], str],
+    agent_of: Callable[[str | None], str],
     output_path: Path,
     failures_path: Path,
 ) -> MergeReport:
     """Write ``output_path`` (rollouts) and ``failures_path`` sorted by (task, rollout) index.
 
     The failures file holds one row per rollout that did not succeed (its last failure).
+    ``agent_of`` maps a task row's agent_ref name (None: it has none) to its agent's label.
+    Reads the chunks' results, never their tasks files: split recorded what merge needs.
     """
     expected_by_agent: Counter[str] = Counter()
     for spec in chunks:
-        for row in iter_jsonl(Path(spec.tasks_path)):
-            expected_by_agent[agent_of(row)] += num_repeats
-    expected = sum(expected_by_agent.values())
+        expected_by_agent.update(spec.expected_by_agent(num_repeats, agent_of))
+    expected = sum(spec.expected(num_repeats) for spec in chunks)
 
     succeeded = terminal = retryable = 0
-    classes: Counter[str] = Counter()
     retry_classes: Counter[str] = Counter()
     retry_samples: dict[str, tuple[str, str]] = {}
     missing_examples: list[RolloutKey] = []
 
     def visit(spec: ChunkSpec) -> _ChunkIndex:
         nonlocal succeeded, terminal, retryable
-        ro, fa = chunk_files(spec)
-        idx, tasks = _chunk_index(spec, num_repeats, ro, fa)
+        tasks = task_indices(spec)
+        idx = _chunk_index(tasks, num_repeats, *ChunkFiles.of(spec).outputs)
         succeeded += len(idx.rollouts)
         done = {k for k, _, _ in idx.rollouts}
         for f in idx.failure_rows:
             if f["terminal"]:
-                classes[f["class"]] += 1
                 terminal += 1
                 done.add(f["key"])
             else:
@@ -159,7 +148,7 @@ def merge_chunks(
                 retry_samples.setdefault(f["class"], (f["agent"], f["error"]))
                 retryable += 1
         if len(missing_examples) < MAX_MISSING_EXAMPLES:
-            for t in sorted(tasks):
+            for t in tasks if isinstance(tasks, range) else sorted(tasks):
                 for r in range(num_repeats):
                     if (t, r) not in done and len(missing_examples) < MAX_MISSING_EXAMPLES:
                         missing_examples.append((t, r))
@@ -167,7 +156,7 @@ def merge_chunks(
 
     with atomic_writers([output_path, failures_path]) as (out, fout):
         if _disjoint_ranges(chunks):
-            for spec in sorted(chunks, key=_min_task):
+            for spec in sorted(chunks, key=lambda s: s.task_min):
                 idx = visit(spec)
                 _copy(((e, idx.rollouts_path) for e in idx.rollouts), out)
                 _copy(((e, idx.failures_path) for e in idx.failures), fout)
@@ -184,25 +173,11 @@ def merge_chunks(
         missing=expected - succeeded - terminal,
         missing_examples=missing_examples,
         expected_by_agent=dict(expected_by_agent),
-        failure_classes=dict(classes),
         retryable_classes=dict(retry_classes),
         retryable_samples=retry_samples,
     )
 
 
-def _task_range(spec: ChunkSpec) -> tuple[int, int]:
-    lo = hi = None
-    for row in iter_jsonl(Path(spec.tasks_path)):
-        t = row["_ng_task_index"]
-        lo = t if lo is None else min(lo, t)
-        hi = t if hi is None else max(hi, t)
-    return (lo or 0, hi or 0)
-
-
-def _min_task(spec: ChunkSpec) -> int:
-    return _task_range(spec)[0]
-
-
 def _disjoint_ranges(chunks: list[ChunkSpec]) -> bool:
-    ranges = sorted(_task_range(s) for s in chunks)
+    ranges = sorted((s.task_min, s.task_max) for s in chunks)
     return all(a[1] < b[0] for a, b in itertools.pairwise(ranges))

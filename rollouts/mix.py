@@ -224,7 +224,7 @@ def mix_sources(request: MixRequest) -> MixResult:
 
     # Blocks to write, as parallel arrays: (source, first position, rows); a block is one
     # group (contiguous in that source's order) or one row.
-    b_source, b_start, b_count = array("b"), array("q"), array("l")
+    b_source, b_start, b_count = array("l"), array("q"), array("l")  # "b" overflowed at 128
     selected: dict[str, int] = {}
     for si, name in enumerate(names):
         rng = _rng(request.seed, "select", name)

@@ -7,6 +7,8 @@ holds no secret and the Prefect UI can render and validate them.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -141,17 +143,44 @@ def fingerprint(obj: Any) -> str:
 
 
 class ChunkSpec(BaseModel):
-    """One chunk of tasks, as split wrote it. The cache key is built from `cache_identity`."""
+    """One chunk of tasks, as split wrote it. The cache key is built from `cache_identity`.
+
+    Split also records what later stages would otherwise re-read the tasks file for: the
+    task-index range, whether it is contiguous (else split records the indices in a file beside it,
+    see rollouts.chunks), and the rows per ``agent_ref`` name (rows without one are the rest).
+    All of it follows from the content, so the cache identity stays content + run + size.
+    """
 
     index: int
     tasks_path: str
     n_tasks: int
     content_sha256: str
     run_id: str
+    task_min: int
+    task_max: int
+    contiguous: bool  # every index in task_min..task_max, each once
+    rows_per_agent: dict[str, int] = Field(default_factory=dict)  # by the row's agent_ref name
 
     def cache_identity(self) -> dict[str, Any]:
         # Content, not paths: the same tasks under the same run state are the same work.
         return {"content": self.content_sha256, "run_id": self.run_id, "n": self.n_tasks}
+
+    def expected(self, num_repeats: int) -> int:
+        """Rollouts this chunk should end with."""
+        return self.n_tasks * num_repeats
+
+    def expected_by_agent(
+        self, num_repeats: int, agent_of: Callable[[str | None], str]
+    ) -> Counter[str]:
+        """Rollouts expected per agent; ``agent_of`` maps a row's agent_ref name (None: the
+        row has none) to the agent that answers it."""
+        by_agent: Counter[str] = Counter()
+        for name, rows in self.rows_per_agent.items():
+            by_agent[agent_of(name)] += rows * num_repeats
+        rest = self.n_tasks - sum(self.rows_per_agent.values())
+        if rest:
+            by_agent[agent_of(None)] += rest * num_repeats
+        return by_agent
 
 
 class SplitResult(BaseModel):

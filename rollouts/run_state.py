@@ -21,10 +21,10 @@ from typing import Any
 
 import orjson
 
+from rollouts.chunks import ChunkFiles
 from rollouts.errors import RunConflict, RunLocked
 from rollouts.fileio import ensure_writable_dir, write_json_atomic
-from rollouts.models import CollectConfig
-from rollouts.split import chunk_tasks_path
+from rollouts.models import ChunkSpec, CollectConfig
 
 RUN_FILE = "run.json"
 
@@ -106,7 +106,7 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
     run_file = run_dir / RUN_FILE
     # Before a first chunk is committed (e.g. the input was refused) nothing was collected, so
     # nothing pins the parameters: the state is simply written anew.
-    if run_file.exists() and chunk_tasks_path(run_dir, 0).exists():
+    if run_file.exists() and ChunkFiles.of_run(run_dir, 0).tasks.exists():
         state = orjson.loads(run_file.read_bytes())
         if state["fingerprint"] != config.result_fingerprint():
             raise RunConflict(
@@ -151,3 +151,25 @@ def read_run_state(run_dir: Path) -> dict[str, Any] | None:
     if not run_file.exists():
         return None
     return orjson.loads(run_file.read_bytes())
+
+
+def record_chunks(run_dir: Path, specs: list[ChunkSpec]) -> None:
+    """List the chunks of a split in ``run.json`` (rows, task-index range, rows per agent_ref;
+    never paths), so that status reads no tasks file. Atomic; only when they changed, and
+    only in a run dir that has a run.json (prepare_run_dir writes it before the split)."""
+    state = read_run_state(run_dir)
+    chunks = [s.model_dump(exclude={"tasks_path", "run_id"}) for s in specs]
+    if state is not None and state.get("chunks") != chunks:
+        write_json_atomic(run_dir / RUN_FILE, {**state, "chunks": chunks})
+
+
+def recorded_chunks(run_dir: Path, state: dict[str, Any]) -> list[ChunkSpec] | None:
+    """The chunks of the last split as ``record_chunks`` listed them in ``state`` (run.json);
+    None in a run dir split before run.json listed its chunks."""
+    if "chunks" not in state:
+        return None
+    return [
+        ChunkSpec(**c, tasks_path=str(ChunkFiles.of_run(run_dir, c["index"]).tasks),
+                  run_id=state["run_id"])
+        for c in state["chunks"]
+    ]  # fmt: skip

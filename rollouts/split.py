@@ -11,22 +11,21 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
+from array import array
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from rollouts.chunks import ChunkFiles, write_task_indices
 from rollouts.errors import InputError, RunConflict
 from rollouts.fileio import dumps_line, fsync_dir
 from rollouts.models import ChunkSpec, SplitResult
+from rollouts.run_state import record_chunks
 
 MAX_REPORTED_PROBLEMS = 20
-
-
-def chunk_tasks_path(run_dir: Path, index: int) -> Path:
-    return run_dir / "chunks" / f"{index:05d}.tasks.jsonl"
 
 
 def _check_row(obj: Any, require_agent_ref: bool) -> str | None:
@@ -55,7 +54,8 @@ class _ChunkWriter:
     def __init__(self, run_dir: Path, index: int, input_path: Path) -> None:
         self.index = index
         self.input_path = input_path
-        self.path = chunk_tasks_path(run_dir, index)
+        self.files = ChunkFiles.of_run(run_dir, index)
+        self.path = self.files.tasks
         self.staged = run_dir / "chunks.staging" / self.path.name
         self.staged.parent.mkdir(parents=True, exist_ok=True)
         self.old: IO[bytes] | None = open(self.path, "rb") if self.path.exists() else None
@@ -63,8 +63,11 @@ class _ChunkWriter:
         self.changed = self.old is None
         self.n = 0
         self.sha = hashlib.sha256()
+        self.task_indices = array("q")
+        self.rows_per_agent: Counter[str] = Counter()
+        self.spec: ChunkSpec | None = None
 
-    def add(self, line: bytes, input_line: int, task_index: int) -> None:
+    def add(self, line: bytes, input_line: int, task_index: int, agent: str | None) -> None:
         if self.old is not None:
             before = self.old.readline()
             if before and before != line:
@@ -80,6 +83,9 @@ class _ChunkWriter:
         self.out.write(line)
         self.sha.update(line)
         self.n += 1
+        self.task_indices.append(task_index)
+        if agent is not None:
+            self.rows_per_agent[agent] += 1
 
     def close(self, run_id: str) -> ChunkSpec:
         if self.old is not None:
@@ -89,19 +95,28 @@ class _ChunkWriter:
         self.out.flush()
         os.fsync(self.out.fileno())
         self.out.close()
-        return ChunkSpec(
+        lo, hi = min(self.task_indices), max(self.task_indices)
+        self.spec = ChunkSpec(
             index=self.index,
             tasks_path=str(self.path),
             n_tasks=self.n,
             content_sha256=self.sha.hexdigest(),
             run_id=run_id,
+            task_min=lo,
+            task_max=hi,
+            contiguous=hi - lo + 1 == self.n,  # indices are unique: n of them fill the range
+            rows_per_agent=dict(sorted(self.rows_per_agent.items())),
         )
+        return self.spec
 
     def commit(self) -> None:
         if self.changed:
             os.replace(self.staged, self.path)
         else:
             self.staged.unlink()
+        assert self.spec is not None
+        if not self.spec.contiguous:  # after the tasks file it describes; rewritten when stale
+            write_task_indices(self.spec, list(self.task_indices))
 
     def abort(self) -> None:
         if self.old is not None:
@@ -145,6 +160,56 @@ def _first_line_with_index(input_path: Path, task_index: int, limit: int | None)
     return None
 
 
+def _check_input_file(input_path: Path) -> None:
+    if not input_path.exists():
+        raise InputError(input_path, [(None, "file not found")])
+    if input_path.is_dir():
+        raise InputError(input_path, [(None, "is a directory, expected a JSONL file")])
+
+
+def _valid_rows(
+    input_path: Path, limit: int | None, require_agent_ref: bool
+) -> Iterator[tuple[int, dict[str, Any], int]]:
+    """(line number, row, task index) of each row while every row so far is valid.
+
+    Validates the whole input: after the first bad row it yields nothing more but keeps
+    checking, then raises InputError (file, line, problem) listing the problems. Also raises
+    when there is no row at all. Writes nothing.
+
+    Task index: the row's own ``_ng_task_index`` when present, else its 0-based row position.
+    """
+    problems: list[tuple[int | None, str]] = []
+    n_problems = 0
+    seen: set[int] = set()  # task indices, to refuse duplicates (a set: ~60 MB at 1M rows)
+    position = 0
+    for number, row, parse_problem in _parsed_rows(input_path, limit, require_agent_ref):
+        problem = parse_problem
+        if row is not None:
+            task_index = row.get("_ng_task_index", position)
+            if task_index in seen:
+                first = (  # a rescan, so only for the problems we report
+                    _first_line_with_index(input_path, task_index, limit)
+                    if len(problems) < MAX_REPORTED_PROBLEMS
+                    else "?"
+                )
+                problem = f"duplicate _ng_task_index {task_index} (also on line {first})"
+            seen.add(task_index)
+        position += 1
+        if problem is not None:
+            n_problems += 1
+            if len(problems) < MAX_REPORTED_PROBLEMS:
+                problems.append((number, problem))
+            continue
+        if n_problems:
+            continue  # keep validating, but yield nothing more
+        assert row is not None
+        yield number, row, task_index
+    if n_problems:
+        raise InputError(input_path, problems, n_problems)
+    if position == 0:
+        raise InputError(input_path, [(None, "no tasks: the file is empty")])
+
+
 def split_input(
     input_path: Path,
     run_dir: Path,
@@ -160,49 +225,23 @@ def split_input(
     Raises InputError (file, line, problem) before committing anything when any row is bad.
     """
     input_path = Path(input_path)
-    if not input_path.exists():
-        raise InputError(input_path, [(None, "file not found")])
-    if input_path.is_dir():
-        raise InputError(input_path, [(None, "is a directory, expected a JSONL file")])
+    _check_input_file(input_path)
     (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
 
-    problems: list[tuple[int | None, str]] = []
-    n_problems = 0
-    seen: set[int] = set()  # task indices, to refuse duplicates (a set: ~60 MB at 1M rows)
     agent_names: set[str] = set()
     specs: list[ChunkSpec] = []
     closed: list[_ChunkWriter] = []  # committed only once the whole input is valid
     writer: _ChunkWriter | None = None
-    position = 0
     try:
-        for number, row, parse_problem in _parsed_rows(input_path, limit, require_agent_ref):
-            problem = parse_problem
-            if row is not None:
-                task_index = row.get("_ng_task_index", position)
-                if task_index in seen:
-                    first = (  # a rescan, so only for the problems we report
-                        _first_line_with_index(input_path, task_index, limit)
-                        if len(problems) < MAX_REPORTED_PROBLEMS
-                        else "?"
-                    )
-                    problem = f"duplicate _ng_task_index {task_index} (also on line {first})"
-                seen.add(task_index)
-            position += 1
-            if problem is not None:
-                n_problems += 1
-                if len(problems) < MAX_REPORTED_PROBLEMS:
-                    problems.append((number, problem))
-                continue
-            if n_problems:
-                continue  # keep validating, but write nothing more
-            assert row is not None
+        for number, row, task_index in _valid_rows(input_path, limit, require_agent_ref):
             if "_ng_task_index" not in row:
                 row["_ng_task_index"] = task_index
-            if "agent_ref" in row:
-                agent_names.add(row["agent_ref"]["name"])
+            agent = row["agent_ref"]["name"] if "agent_ref" in row else None
+            if agent is not None:
+                agent_names.add(agent)
             if writer is None:
                 writer = _ChunkWriter(run_dir, len(specs), input_path)
-            writer.add(dumps_line(row), number, task_index)
+            writer.add(dumps_line(row), number, task_index, agent)
             if writer.n == chunk_size:
                 specs.append(writer.close(run_id))
                 closed.append(writer)
@@ -211,10 +250,6 @@ def split_input(
             specs.append(writer.close(run_id))
             closed.append(writer)
             writer = None
-        if n_problems:
-            raise InputError(input_path, problems, n_problems)
-        if not specs:
-            raise InputError(input_path, [(None, "no tasks: the file is empty")])
     except BaseException:
         for w in [*closed, *([writer] if writer else [])]:
             w.abort()
@@ -223,6 +258,7 @@ def split_input(
     for w in closed:
         w.commit()
     fsync_dir(run_dir / "chunks")
+    record_chunks(run_dir, specs)
     shutil.rmtree(run_dir / "chunks.staging", ignore_errors=True)
     return SplitResult(
         run_dir=str(run_dir),
@@ -233,17 +269,12 @@ def split_input(
     )
 
 
-def validate_input(
-    input_path: Path, *, limit: int | None, require_agent_ref: bool, scratch_dir: Path
-) -> None:
-    """Check every row without touching a run's state (raises InputError like split_input).
+def validate_input(input_path: Path, *, limit: int | None, require_agent_ref: bool) -> None:
+    """Check every row, writing nothing (raises InputError exactly like split_input).
 
     Used before `--fresh` discards what was collected: bad input must not cost the old output.
     """
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".validate-", dir=scratch_dir))
-    try:
-        split_input(input_path, scratch, run_id="validate", chunk_size=1 << 30, limit=limit,
-                    require_agent_ref=require_agent_ref)  # fmt: skip
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    input_path = Path(input_path)
+    _check_input_file(input_path)
+    for _ in _valid_rows(input_path, limit, require_agent_ref):
+        pass

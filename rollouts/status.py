@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 
-from rollouts.run_state import read_run_state, run_dir_for, worker_id
+from rollouts.chunks import ChunkFiles, tasks_files
+from rollouts.models import ChunkSpec
+from rollouts.run_state import read_run_state, recorded_chunks, run_dir_for, worker_id
 
 
 @dataclass
@@ -83,7 +85,7 @@ class StatusReader:
         self.output = Path(output)
         self.run_dir = run_dir_for(output, work_dir)
         self._counters: dict[Path, _LineCounter] = {}
-        self._tasks: dict[Path, tuple[int, int]] = {}  # tasks file -> (mtime_ns, rows)
+        self._tasks: dict[int, tuple[int, int]] = {}  # chunk -> (tasks file mtime_ns, rows)
         self._samples: list[tuple[float, int]] = []
 
     def _counter(self, path: Path, terminal_only: bool = False) -> int:
@@ -92,12 +94,21 @@ class StatusReader:
             c = self._counters[path] = _LineCounter(path, terminal_only)
         return c.poll()
 
-    def _tasks_in(self, tasks_path: Path) -> int:
-        mtime = tasks_path.stat().st_mtime_ns
-        cached = self._tasks.get(tasks_path)
-        if cached is None or cached[0] != mtime:
-            cached = self._tasks[tasks_path] = (mtime, tasks_path.read_bytes().count(b"\n"))
-        return cached[1]
+    def _counted_rows(self) -> dict[int, int]:
+        """Chunk number -> task rows, by counting lines of the tasks files: only for a run
+        dir split before run.json listed its chunks. Read again only when a file changes."""
+        rows = {}
+        for files in tasks_files(self.run_dir):
+            try:
+                st = files.tasks.stat()
+                cached = self._tasks.get(files.index)
+                if cached is None or cached[0] != st.st_mtime_ns:
+                    n = files.tasks.read_bytes().count(b"\n")
+                    cached = self._tasks[files.index] = (st.st_mtime_ns, n)
+            except FileNotFoundError:
+                continue
+            rows[files.index] = cached[1]
+        return rows
 
     def read(self) -> RunStatus:
         state = read_run_state(self.run_dir)
@@ -105,20 +116,21 @@ class StatusReader:
         if state is None:
             return status
         repeats = int(state["result_params"]["num_repeats"])
-        for tasks in sorted((self.run_dir / "chunks").glob("*.tasks.jsonl")):
-            stem = tasks.name.removesuffix(".tasks.jsonl")
-            expected = self._tasks_in(tasks) * repeats
-            done = min(expected, self._counter(tasks.with_name(f"{stem}.rollouts.jsonl")))
-            failed = self._counter(tasks.with_name(f"{stem}.failures.jsonl"), terminal_only=True)
+        specs = recorded_chunks(self.run_dir, state)  # as split recorded them
+        chunks = self._counted_rows() if specs is None else {s.index: s for s in specs}
+        for index, spec in sorted(chunks.items()):
+            files = ChunkFiles.of_run(self.run_dir, index)
+            expected = spec.expected(repeats) if isinstance(spec, ChunkSpec) else spec * repeats
+            done = min(expected, self._counter(files.rollouts))
+            failed = self._counter(files.failures, terminal_only=True)
             worker = None
-            chunk_file = tasks.with_name(f"{stem}.status.json")
-            if chunk_file.exists():
+            if files.status.exists():
                 try:
-                    worker = orjson.loads(chunk_file.read_bytes()).get("worker")
+                    worker = orjson.loads(files.status.read_bytes()).get("worker")
                 except orjson.JSONDecodeError:
                     worker = None
             status.chunks.append(
-                ChunkStatus(int(stem), expected, done, min(failed, expected - done), worker)
+                ChunkStatus(index, expected, done, min(failed, expected - done), worker)
             )
         status.expected = sum(c.expected for c in status.chunks)
         status.done = sum(c.done for c in status.chunks)

@@ -9,7 +9,8 @@ from typing import Any
 
 from prefect import task
 
-from rollouts.collect import DispatchPlan, chunk_output_paths
+from rollouts.chunks import ChunkFiles
+from rollouts.collect import DispatchPlan
 from rollouts.merge import MergeReport, merge_chunks
 from rollouts.models import ChunkSpec
 from tasks.cache_policies import content_policy
@@ -20,7 +21,8 @@ def _merge_identity(inputs: dict[str, Any]) -> Any:
     specs: list[ChunkSpec] = inputs["chunks"]
     return {
         "chunks": [
-            (s.cache_identity(), [file_identity(p) for p in chunk_output_paths(s)]) for s in specs
+            (s.cache_identity(), [file_identity(p) for p in ChunkFiles.of(s).outputs])
+            for s in specs
         ],
         "output": str(Path(inputs["output_path"]).resolve()),
         "failures": str(Path(inputs["failures_path"]).resolve()),
@@ -43,8 +45,7 @@ async def merge_task(
         merge_chunks,
         chunks,
         num_repeats=plan.num_repeats,
-        chunk_files=chunk_output_paths,
-        agent_of=lambda row: plan.agent_ref(row)["name"],
+        agent_of=plan.agent_of_ref,
         output_path=Path(output_path),
         failures_path=Path(failures_path),
     )

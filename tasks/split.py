@@ -33,6 +33,9 @@ def _split_identity(inputs: dict[str, Any]) -> Any:
         "chunk_size": inputs["chunk_size"],
         "limit": inputs["limit"],
         "require_agent_ref": inputs["require_agent_ref"],
+        # ChunkSpec's fields: a SplitResult cached before task ranges and rows per agent were
+        # recorded would lack them (and its run dir the chunks' meta files).
+        "spec": 2,
     }
 
 

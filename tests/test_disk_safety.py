@@ -14,7 +14,7 @@ from conftest import AgentServer, read_jsonl, write_jsonl
 from prefect.states import State
 
 from flows.collect import collect_rollouts
-from rollouts.collect import chunk_output_paths
+from rollouts.chunks import ChunkFiles
 from rollouts.fileio import UnwritablePathError, atomic_writer, write_json_atomic
 from rollouts.merge import merge_chunks
 from rollouts.reference_agent import generate_tasks
@@ -84,12 +84,12 @@ def test_a_merge_whose_source_is_unreadable_keeps_the_old_outputs(
     paths = OutputPaths.for_output(out)
 
     def merge() -> None:
-        merge_chunks(split.chunks, num_repeats=1, chunk_files=chunk_output_paths,
-                     agent_of=lambda row: agent.url, output_path=paths.rollouts,
+        merge_chunks(split.chunks, num_repeats=1,
+                     agent_of=lambda _: agent.url, output_path=paths.rollouts,
                      failures_path=paths.failures)  # fmt: skip
 
     # a source that cannot be read at all: a directory where a chunk's rollouts should be
-    source, _ = chunk_output_paths(split.chunks[1])
+    source = ChunkFiles.of(split.chunks[1]).rollouts
     kept = source.read_bytes()
     source.unlink()
     source.mkdir()

@@ -158,3 +158,24 @@ def test_shortfall_allow_short_writes_fewer_and_says_so(
     hq = result.per_source["high_quality"]
     assert hq["target"] == 1200 and hq["selected"] == 1000 and hq["shortfall"] == 200
     assert len(read_jsonl(tmp_path / "s2.jsonl")) == result.rows == 1000 + 400 + 200
+
+
+def test_200_sources_each_get_their_exact_quota(tmp_path: Path) -> None:
+    # Source numbers once lived in a signed byte: source 128 and up overflowed.
+    weights = {f"s{i:03d}": 1.0 + (i % 7) for i in range(200)}
+    paths = {n: write_jsonl(tmp_path / f"{n}.jsonl", rollouts(60, 1, n)) for n in weights}
+    req = MixRequest(
+        sources=[MixSource(name=n, path=str(paths[n]), proportion=w) for n, w in weights.items()],
+        output=str(tmp_path / "mix.jsonl"),
+        total=5000,
+        seed=3,
+        keep_groups=False,
+    )
+    result = mix_sources(req)
+    quotas = largest_remainder(5000, weights)
+    rows = read_jsonl(tmp_path / "mix.jsonl")
+    assert result.rows == len(rows) == 5000
+    assert Counter(r["_mix_source"] for r in rows) == quotas
+    assert all(q > 0 for q in quotas.values()) and len(quotas) == 200  # every source present
+    assert all(r["tag"] == r["_mix_source"] for r in rows)  # rows come from their own source
+    assert all(result.per_source[n]["selected"] == quotas[n] for n in weights)
