@@ -110,7 +110,7 @@ def collection_markdown(summary: CollectSummary) -> str:
 async def publish_mix(result: MultiSummary, mix_output: str) -> None:
     """The mix per source as a table, and what the run wrote as markdown, on the multi run."""
     rows = [
-        {"source": name, **{c: rounded(source.get(c)) for c in MIX_COLUMNS}}
+        {"source": name, **{c: rounded(getattr(source, c)) for c in MIX_COLUMNS}}
         for name, source in result.mix_sources.items()
     ]
     await acreate_table_artifact(

@@ -13,7 +13,7 @@ import random
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -200,12 +200,26 @@ def _select_groups(sizes: array, quota: int, rng: random.Random) -> list[int]:
     return chosen
 
 
+class SourceSelection(BaseModel):
+    """What the mix took from one source (one entry of the manifest's `sources`)."""
+
+    path: str
+    sha256: str
+    proportion: float
+    target: int
+    quota: int
+    available: int
+    selected: int
+    shortfall: int  # rows the source lacked for its target
+    deviation_from_quota: int  # selected - quota: whole groups round it
+
+
 @dataclass
 class MixResult:
     output: Path
     manifest: Path
     rows: int
-    per_source: dict[str, dict[str, Any]]
+    per_source: dict[str, SourceSelection]
 
 
 def mix_sources(request: MixRequest) -> MixResult:
@@ -247,20 +261,14 @@ def mix_sources(request: MixRequest) -> MixResult:
 
     out = Path(request.output)
     per_source = {
-        n: {
-            "path": str(indices[n].path),
-            "sha256": indices[n].sha256,
-            "proportion": weights[n],
-            "target": targets[n],
-            "quota": quotas[n],
-            "available": available[n],
-            "selected": selected[n],
-            # rows the source lacked for its target; group rounding is the deviation below
-            "shortfall": max(0, targets[n] - available[n]),
-            "deviation_from_quota": selected[n] - quotas[n],
-        }
+        n: SourceSelection(
+            path=str(indices[n].path), sha256=indices[n].sha256, proportion=weights[n],
+            target=targets[n], quota=quotas[n], available=available[n], selected=selected[n],
+            shortfall=max(0, targets[n] - available[n]),
+            deviation_from_quota=selected[n] - quotas[n],
+        )
         for n in names
-    }
+    }  # fmt: skip
     manifest = out.with_name(f"{out.stem}_manifest.json")
     manifest_doc = {
         "output": str(out),
@@ -269,7 +277,7 @@ def mix_sources(request: MixRequest) -> MixResult:
         "total_written": sum(selected.values()),
         "keep_groups": keep_groups,
         "shortfall_policy": request.shortfall,
-        "sources": per_source,
+        "sources": {n: sel.model_dump() for n, sel in per_source.items()},
     }
     # The mix and its manifest are renamed into place together: never one without the other.
     with atomic_writers([out, manifest]) as (f, mf):

@@ -6,11 +6,12 @@ and paths, never rollout bodies.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from rollouts.errors import IncompleteRun
+from rollouts.mix import SourceSelection
 
 if TYPE_CHECKING:
     from rollouts.collect import DispatchPlan
@@ -59,7 +60,7 @@ class MultiSummary(BaseModel):
     mix_output: str | None = None
     mix_manifest: str | None = None
     mix_rows: int | None = None
-    mix_sources: dict[str, dict[str, Any]] = {}
+    mix_sources: dict[str, SourceSelection] = {}
     mix_from_cache: bool = False
 
 

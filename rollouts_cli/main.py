@@ -324,9 +324,8 @@ def cmd_mix(args: argparse.Namespace) -> int:
         print(f"rollouts mix: {e}", file=sys.stderr)
         return EXIT_USAGE
     for name, s in result.per_source.items():
-        print(f"{name}: {s['selected']} selected (target {s['target']}, "
-              f"{s['available']} available, shortfall {s['shortfall']}, "
-              f"{s['deviation_from_quota']:+d} vs quota)")  # fmt: skip
+        print(f"{name}: {s.selected} selected (target {s.target}, {s.available} available, "
+              f"shortfall {s.shortfall}, {s.deviation_from_quota:+d} vs quota)")  # fmt: skip
     print(f"{result.rows} rows -> {result.output}\nmanifest: {result.manifest}")
     return EXIT_OK
 

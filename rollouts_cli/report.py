@@ -56,9 +56,8 @@ def print_multi_summary(summary: MultiSummary, console: Console | None = None) -
                 "vs quota"):  # fmt: skip
         table.add_column(col, justify="left" if col == "source" else "right")
     for name, s in summary.mix_sources.items():
-        table.add_row(name, f"{s['proportion']:g}", str(s["target"]), str(s["available"]),
-                      str(s["selected"]), str(s["shortfall"]),
-                      f"{s['deviation_from_quota']:+d}")  # fmt: skip
+        table.add_row(name, f"{s.proportion:g}", str(s.target), str(s.available),
+                      str(s.selected), str(s.shortfall), f"{s.deviation_from_quota:+d}")  # fmt: skip
     console.print(table)
     cached = " (mix from cache)" if summary.mix_from_cache else ""
     console.print(f"{summary.mix_rows} rows -> {summary.mix_output}{cached}")

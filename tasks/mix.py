@@ -17,6 +17,7 @@ def _mix_identity(inputs: dict[str, Any]) -> Any:
     return {
         "request": request.model_dump(mode="json"),
         "sources": [file_identity(s.path) for s in request.sources],
+        "result": 2,  # per_source is typed (SourceSelection); an older cached result is not
     }
 
 

@@ -90,8 +90,8 @@ def test_keep_groups_selects_whole_groups_close_to_the_quota(
     hard = Counter(r["_ng_task_index"] for r in rows if r["_mix_source"] == "hard")
     assert set(hard.values()) == {3}  # every selected task with all its 3 rollouts
     # quota 100 rollouts of groups of 3: 99 or 102 are the closest; 99 is closer
-    assert result.per_source["hard"]["selected"] == 99
-    assert result.per_source["hard"]["deviation_from_quota"] == -1
+    assert result.per_source["hard"].selected == 99
+    assert result.per_source["hard"].deviation_from_quota == -1
     # the rows of one group are adjacent in the output
     positions: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
@@ -122,13 +122,13 @@ def test_shortfall_redistribute_fills_from_the_others_in_proportion(
     # targets 900 / 450 / 150; exploration has 400: its 50 go 6:1 to the others (943 / 157)
     result = mix_sources(request(sources, tmp_path / "r.jsonl", total=1500,
                                  shortfall="redistribute"))  # fmt: skip
-    sel = {n: v["selected"] for n, v in result.per_source.items()}
+    sel = {n: v.selected for n, v in result.per_source.items()}
     assert sel == {"high_quality": 943, "exploration": 400, "hard": 157}
     assert orjson.loads(result.manifest.read_bytes())["total_written"] == 1500
     # asking for more than all there is gives all there is
     result = mix_sources(request(sources, tmp_path / "r2.jsonl", total=1800,
                                  shortfall="redistribute"))  # fmt: skip
-    sel = {n: v["selected"] for n, v in result.per_source.items()}
+    sel = {n: v.selected for n, v in result.per_source.items()}
     assert sel == {"high_quality": 1000, "exploration": 400, "hard": 300}
 
 
@@ -142,7 +142,7 @@ def test_shortfall_redistribute_shares_the_deficit_by_weight(tmp_path: Path) -> 
                  MixSource(name="c", path=str(c), proportion=0.2)],
         output=str(tmp_path / "m.jsonl"), total=100, shortfall="redistribute",
     )  # fmt: skip
-    sel = {n: v["selected"] for n, v in mix_sources(req).per_source.items()}
+    sel = {n: v.selected for n, v in mix_sources(req).per_source.items()}
     # a gives its 10; the 90 left go 3:2 to b and c
     assert sel == {"a": 10, "b": 54, "c": 36}
 
@@ -156,7 +156,7 @@ def test_shortfall_allow_short_writes_fewer_and_says_so(
     result = mix_sources(request(sources, tmp_path / "s2.jsonl", total=2000,
                                  shortfall="allow_short"))  # fmt: skip
     hq = result.per_source["high_quality"]
-    assert hq["target"] == 1200 and hq["selected"] == 1000 and hq["shortfall"] == 200
+    assert hq.target == 1200 and hq.selected == 1000 and hq.shortfall == 200
     assert len(read_jsonl(tmp_path / "s2.jsonl")) == result.rows == 1000 + 400 + 200
 
 
@@ -178,4 +178,4 @@ def test_200_sources_each_get_their_exact_quota(tmp_path: Path) -> None:
     assert Counter(r["_mix_source"] for r in rows) == quotas
     assert all(q > 0 for q in quotas.values()) and len(quotas) == 200  # every source present
     assert all(r["tag"] == r["_mix_source"] for r in rows)  # rows come from their own source
-    assert all(result.per_source[n]["selected"] == quotas[n] for n in weights)
+    assert all(result.per_source[n].selected == quotas[n] for n in weights)
