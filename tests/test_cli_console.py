@@ -204,3 +204,21 @@ def test_the_run_logs_of_a_failed_run_hold_its_message_and_no_traceback(
         assert state.is_failed() and words in state.message
         assert any(words in m for m in messages), messages
         assert not [m for m in messages if "Traceback" in m or "NoneType: None" in m], messages
+
+
+def test_a_prefect_api_url_where_no_server_answers_is_one_line_not_a_traceback(
+    tmp_path: Path, agent: AgentServer
+) -> None:
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 3)
+    api = f"http://127.0.0.1:{free_port()}/api"
+    res, took = collect(user_env(api, tmp_path / "home"), tmp_path, f"+agent_url={agent.url}",
+                        f"+input_jsonl_fpath={inp}", "+output_jsonl_fpath=out.jsonl")  # fmt: skip
+
+    message = assert_one_message(res, 2)
+    assert message.splitlines() == [
+        f"rollouts collect: no Prefect server answers at PREFECT_API_URL={api} (connection "
+        "refused). Start it (`make server`), or unset PREFECT_API_URL to run with a temporary "
+        "local API."
+    ]
+    assert took < 10 and agent.requests() == []
