@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict
 
 from rollouts.chunks import ChunkFiles
 from rollouts.errors import RunConflict, RunLocked
@@ -27,6 +28,29 @@ from rollouts.fileio import ensure_writable_dir, write_json_atomic
 from rollouts.models import ChunkSpec, CollectConfig
 
 RUN_FILE = "run.json"
+
+
+class RunState(BaseModel):
+    """`run.json`: what one output's run state was created for, and its last split's chunks."""
+
+    model_config = ConfigDict(extra="allow")  # newer fields survive an older reader's rewrite
+
+    run_id: str
+    result_params: dict[str, Any]
+    chunk_size: int
+    fingerprint: str | None = None
+    created_at: str | None = None
+    first_input: str | None = None
+    output: str | None = None
+    # Each chunk as split recorded it, without paths (None: a run dir split before this list).
+    chunks: list[dict[str, Any]] | None = None
+
+    @property
+    def num_repeats(self) -> int:
+        return int(self.result_params["num_repeats"])
+
+    def write(self, run_dir: Path) -> None:
+        write_json_atomic(run_dir / RUN_FILE, self.model_dump(exclude_none=True))
 
 
 @dataclass(frozen=True)
@@ -103,25 +127,24 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
         for p in paths.all():
             p.unlink(missing_ok=True)
 
-    run_file = run_dir / RUN_FILE
     # Before a first chunk is committed (e.g. the input was refused) nothing was collected, so
     # nothing pins the parameters: the state is simply written anew.
-    if run_file.exists() and ChunkFiles.of_run(run_dir, 0).tasks.exists():
-        state = orjson.loads(run_file.read_bytes())
-        if state["fingerprint"] != config.result_fingerprint():
+    state = read_run_state(run_dir)
+    if state is not None and ChunkFiles.of_run(run_dir, 0).tasks.exists():
+        if state.fingerprint != config.result_fingerprint():
             raise RunConflict(
                 f"{config.output_jsonl_fpath} was collected with "
-                f"{_describe(state['result_params'])}; this run asks for "
+                f"{_describe(state.result_params)}; this run asks for "
                 f"{_describe(config.result_params())}. Mixing them would corrupt the dataset: "
                 "write to another output, or add --fresh to discard it and start over."
             )
-        if state["chunk_size"] != config.chunk_size:
+        if state.chunk_size != config.chunk_size:
             raise RunConflict(
                 f"{config.output_jsonl_fpath} is being collected with chunk_size="
-                f"{state['chunk_size']}; rerun with chunk_size={state['chunk_size']} to resume, "
+                f"{state.chunk_size}; rerun with chunk_size={state.chunk_size} to resume, "
                 "or add --fresh to start over."
             )
-        return str(state["run_id"])
+        return state.run_id
 
     if paths.rollouts.exists() and paths.rollouts.stat().st_size > 0:
         raise RunConflict(
@@ -131,26 +154,23 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
-    write_json_atomic(
-        run_file,
-        {
-            "run_id": run_id,
-            "created_at": datetime.now(UTC).isoformat(),
-            "first_input": str(Path(config.input_jsonl_fpath).resolve()),
-            "output": str(Path(config.output_jsonl_fpath).resolve()),
-            "result_params": config.result_params(),
-            "fingerprint": config.result_fingerprint(),
-            "chunk_size": config.chunk_size,
-        },
-    )
+    RunState(
+        run_id=run_id,
+        created_at=datetime.now(UTC).isoformat(),
+        first_input=str(Path(config.input_jsonl_fpath).resolve()),
+        output=str(Path(config.output_jsonl_fpath).resolve()),
+        result_params=config.result_params(),
+        fingerprint=config.result_fingerprint(),
+        chunk_size=config.chunk_size,
+    ).write(run_dir)
     return run_id
 
 
-def read_run_state(run_dir: Path) -> dict[str, Any] | None:
+def read_run_state(run_dir: Path) -> RunState | None:
     run_file = run_dir / RUN_FILE
     if not run_file.exists():
         return None
-    return orjson.loads(run_file.read_bytes())
+    return RunState.model_validate_json(run_file.read_bytes())
 
 
 def record_chunks(run_dir: Path, specs: list[ChunkSpec]) -> None:
@@ -159,17 +179,18 @@ def record_chunks(run_dir: Path, specs: list[ChunkSpec]) -> None:
     only in a run dir that has a run.json (prepare_run_dir writes it before the split)."""
     state = read_run_state(run_dir)
     chunks = [s.model_dump(exclude={"tasks_path", "run_id"}) for s in specs]
-    if state is not None and state.get("chunks") != chunks:
-        write_json_atomic(run_dir / RUN_FILE, {**state, "chunks": chunks})
+    if state is not None and state.chunks != chunks:
+        state.chunks = chunks
+        state.write(run_dir)
 
 
-def recorded_chunks(run_dir: Path, state: dict[str, Any]) -> list[ChunkSpec] | None:
+def recorded_chunks(run_dir: Path, state: RunState) -> list[ChunkSpec] | None:
     """The chunks of the last split as ``record_chunks`` listed them in ``state`` (run.json);
     None in a run dir split before run.json listed its chunks."""
-    if "chunks" not in state:
+    if state.chunks is None:
         return None
     return [
         ChunkSpec(**c, tasks_path=str(ChunkFiles.of_run(run_dir, c["index"]).tasks),
-                  run_id=state["run_id"])
-        for c in state["chunks"]
+                  run_id=state.run_id)
+        for c in state.chunks
     ]  # fmt: skip

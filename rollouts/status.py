@@ -115,7 +115,7 @@ class StatusReader:
         status = RunStatus(str(self.output), str(self.run_dir), 0, 0, 0, state="not started")
         if state is None:
             return status
-        repeats = int(state["result_params"]["num_repeats"])
+        repeats = state.num_repeats
         specs = recorded_chunks(self.run_dir, state)  # as split recorded them
         chunks = self._counted_rows() if specs is None else {s.index: s for s in specs}
         for index, spec in sorted(chunks.items()):

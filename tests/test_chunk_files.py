@@ -44,7 +44,9 @@ def test_merge_and_status_work_with_every_tasks_file_removed(
     for p in tasks_files:
         p.unlink()
 
-    specs = recorded_chunks(run_dir, read_run_state(run_dir) or {})
+    state = read_run_state(run_dir)
+    assert state is not None
+    specs = recorded_chunks(run_dir, state)
     assert specs is not None and [s.index for s in specs] == [0, 1, 2]
     assert all(s.contiguous == (spread == 1) for s in specs)
     assert all(ChunkFiles.of(s).task_indices.exists() == (spread != 1) for s in specs)
@@ -82,9 +84,9 @@ def test_status_of_a_run_dir_split_before_chunks_were_recorded(tmp_path: Path) -
     ))  # fmt: skip
     split_input(inp, run_dir, run_id="r", chunk_size=10)
     recorded = read_run_state(run_dir)
-    assert recorded is not None and len(recorded["chunks"]) == 3
-    del recorded["chunks"]  # as an older version left it
-    (run_dir / "run.json").write_bytes(orjson.dumps(recorded))
+    assert recorded is not None and len(recorded.chunks or []) == 3
+    recorded.chunks = None  # as an older version left it
+    recorded.write(run_dir)
     status = read_status(out, sample_s=0)
     assert [c.expected for c in status.chunks] == [30, 30, 15]
     assert status.expected == 75 and status.done == 0

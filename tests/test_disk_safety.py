@@ -80,7 +80,7 @@ def test_a_merge_whose_source_is_unreadable_keeps_the_old_outputs(
     assert state.is_completed(), state.message
     before = snapshot(tmp_path)
     run_dir = run_dir_for(out, None)
-    split = split_input(inp, run_dir, run_id=read_run_state(run_dir)["run_id"], chunk_size=5)
+    split = split_input(inp, run_dir, run_id=read_run_state(run_dir).run_id, chunk_size=5)
     paths = OutputPaths.for_output(out)
 
     def merge() -> None:
