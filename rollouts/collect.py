@@ -261,9 +261,9 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
         writer.close()
     # Recount from the files: they, not this process's tallies, are the truth on resume.
     succeeded, terminal = scan_done(rollouts_path, failures_path)
-    tasks = task_indices(spec)
-    n_ok = sum(1 for t, r in succeeded if t in tasks and 0 <= r < plan.num_repeats)
-    n_failed = sum(1 for t, r in terminal if t in tasks and 0 <= r < plan.num_repeats)
+    indices = task_indices(spec)
+    n_ok = sum(1 for t, r in succeeded if t in indices and 0 <= r < plan.num_repeats)
+    n_failed = sum(1 for t, r in terminal if t in indices and 0 <= r < plan.num_repeats)
     return ChunkResult(
         index=spec.index,
         n_tasks=spec.n_tasks,
