@@ -8,6 +8,13 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 mkdir -p out
 
+# A server your shell points at shows the demo in its UI; one that does not answer is skipped.
+if [ -n "${PREFECT_API_URL:-}" ] && ! "$BIN/python" -c 'import httpx, sys
+httpx.get(sys.argv[1].rstrip("/") + "/health", timeout=3)' "$PREFECT_API_URL" 2>/dev/null; then
+  echo "note: no Prefect server answers at PREFECT_API_URL=$PREFECT_API_URL; using a temporary one"
+  unset PREFECT_API_URL
+fi
+
 log=$(mktemp)
 "$BIN/rollouts" serve-agent --port 0 --latency-ms 20 >"$log" 2>&1 &
 agent_pid=$!

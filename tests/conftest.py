@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The suite runs its own Prefect API: a server the developer's shell points at, running or not,
+# must play no part (subprocesses get the session's URL explicitly).
+os.environ.pop("PREFECT_API_URL", None)
 # Result storage (the task cache) must be chosen before Prefect reads its settings.
 _RESULTS = tempfile.mkdtemp(prefix="rollouts-test-results-")
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = _RESULTS
