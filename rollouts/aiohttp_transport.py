@@ -111,14 +111,25 @@ class AiohttpSessionTransport(httpx.AsyncBaseTransport):
             ) as resp:
                 content = await resp.read()
                 status, raw_headers, reason = resp.status, resp.raw_headers, resp.reason
+                encoded = "Content-Encoding" in resp.headers
         except (TimeoutError, aiohttp.ClientError) as e:
             raise _as_httpx_error(e, request) from e
         extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
         if reason:
             extensions["reason_phrase"] = reason.encode("ascii", "replace")
-        return httpx.Response(
-            status, headers=raw_headers, content=content, request=request, extensions=extensions
-        )
+        if encoded:  # compressed: httpx decodes it, as it reads it
+            return httpx.Response(
+                status, headers=raw_headers, content=content, request=request,
+                extensions=extensions,
+            )  # fmt: skip
+        response = httpx.Response(
+            status, headers=raw_headers, stream=httpx.ByteStream(content), request=request,
+            extensions=extensions,
+        )  # fmt: skip
+        # Already read and nothing to decode: hand httpx the bytes as read. Its own way (a
+        # decoder chain over the stream) costs about 0.02 ms of CPU per answer.
+        response._content = content
+        return response
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

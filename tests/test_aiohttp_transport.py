@@ -174,3 +174,26 @@ def test_an_agent_that_drops_the_connection_is_a_connection_error() -> None:
     assert isinstance(err, httpx.RemoteProtocolError | httpx.ReadError)
     assert _classify_transport_error(err) == "connection_error"
     assert str(err)
+
+
+def test_an_uncompressed_answer_reads_as_content_text_and_json() -> None:
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=503)
+
+    async def go() -> tuple[httpx.Response, str | None]:
+        async with serving(busy) as url:
+            async with httpx.AsyncClient(transport=AiohttpSessionTransport(2)) as http:
+                resp = await http.post(url, content=b"{}")
+            client = AgentClient(ONCE, 2, transport=AiohttpSessionTransport(2))
+            try:
+                out = await client.run(url, b"{}")
+            finally:
+                await client.aclose()
+        return resp, out.error
+
+    resp, error = asyncio.run(go())
+    assert resp.status_code == 503
+    assert resp.content == b'{"error": "busy"}'
+    assert resp.json() == {"error": "busy"}
+    assert resp.headers["content-type"].startswith("application/json")
+    assert error == 'gave up after 1 attempts: HTTP 503: {"error": "busy"}'
