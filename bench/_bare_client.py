@@ -1,6 +1,6 @@
 """A bare collection loop, the reference point of bench/overhead.py (not a benchmark itself).
 
-    python bench/_bare_client.py --client httpx-aiohttp|aiohttp --url URL --tasks T.jsonl
+    python bench/_bare_client.py --client httpx-aiohttp|httpx-ours|aiohttp --url URL --tasks T.jsonl
         --n N --parallel C --out OUT.jsonl
 
 The same work per rollout as the collector's hot path, and nothing else: read a task row, build
@@ -39,12 +39,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     else:
         import httpx
-        from httpx_aiohttp import AiohttpTransport
 
         limits = httpx.Limits(max_connections=args.parallel,
                               max_keepalive_connections=args.parallel)  # fmt: skip
-        session = httpx.AsyncClient(transport=AiohttpTransport(limits=limits, trust_env=False),
-                                    headers=headers, limits=limits, timeout=600)  # fmt: skip
+        transport: httpx.AsyncBaseTransport
+        if args.client == "httpx-ours":  # the collector's own transport
+            from rollouts.aiohttp_transport import AiohttpSessionTransport
+
+            transport = AiohttpSessionTransport(args.parallel)
+        else:
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=limits, trust_env=False)
+        session = httpx.AsyncClient(transport=transport, headers=headers, limits=limits,
+                                    timeout=600)  # fmt: skip
 
         async def post(body: bytes) -> bytes:
             resp = await session.post(url, content=body)
@@ -95,7 +103,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--client", choices=["httpx-aiohttp", "aiohttp"], required=True)
+    ap.add_argument("--client", choices=["httpx-aiohttp", "httpx-ours", "aiohttp"], required=True)
     ap.add_argument("--url", required=True)
     ap.add_argument("--tasks", required=True)
     ap.add_argument("--n", type=int, required=True)
