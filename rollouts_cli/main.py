@@ -175,15 +175,16 @@ def prefect_result_storage() -> Iterator[None]:
 def check_agent_first(params: dict[str, Any]) -> None:
     """An unknown or unreachable run-level agent is refused in about a second, before Prefect
     starts (its temporary API alone takes seconds). The flow checks again, for deployments."""
-    from rollouts.agent_client import check_agents_reachable, resolve_agent_urls
+    from rollouts.agent_client import check_agents_reachable
+    from rollouts.collect import DispatchPlan
     from rollouts.settings import RolloutsSettings
 
-    name, url = params.get("agent_name"), params.get("agent_url")
-    if not (name or url):
+    config = CollectConfig(**params)
+    if config.agent_identity is None:
         return  # each row names its agent: known after the split
     settings = RolloutsSettings()
-    agents = {name or url: url} if url else resolve_agent_urls([name], settings)
-    asyncio.run(check_agents_reachable(agents, settings.connect_timeout_s))
+    plan = DispatchPlan.for_run(config, [], settings)  # the flow's own resolution
+    asyncio.run(check_agents_reachable(plan.agents_in_use(), settings.connect_timeout_s))
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
