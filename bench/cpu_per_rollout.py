@@ -5,10 +5,11 @@ server (SQLite, its own PREFECT_HOME), for each C: the command's CPU (it and its
 RUSAGE_CHILDREN) for a small and a large N; the marginal figure (CPU(large) - CPU(small)) /
 (large - small) excludes start-up, which would otherwise swamp it. The same for the bare loop
 (bench/_bare_client.py --client aiohttp): this machine's limit. One unmeasured warm-up run
-first registers the flow.
+first registers the flow. With `--processes 1 2`, the command runs once per process count
+(`--processes P`): CPU per rollout and rollouts/s of each, the agent on the same cores.
 
     .venv/bin/python bench/cpu_per_rollout.py [--parallel 256 64] [--small 2000 --large 42000]
-        [--repeats 3] [--json bench/results/cpu_per_rollout.json]
+        [--processes 1 2] [--repeats 3] [--json bench/results/cpu_per_rollout.json]
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float,
     return cpu, wall, done.stdout
 
 
-def collect_run(d: Path, api: str, agent_url: str, tasks: Path, n: int, c: int) -> tuple[float, float]:
+def collect_run(
+    d: Path, api: str, agent_url: str, tasks: Path, n: int, c: int, processes: int = 1
+) -> tuple[float, float]:
     run = d / f"run-{n}-{c}-{time.monotonic_ns()}"
     run.mkdir()
     cmd = collect_cmd(agent_url, tasks, run / "out.jsonl", parallel=c, chunk_size=10_000,
-                      extra=[f"+limit={n}"])  # fmt: skip
+                      extra=[f"+limit={n}", f"+processes={processes}"])  # fmt: skip
     cpu, wall, _ = timed(cmd, cli_env(d / "prefect-home", run / "state", api), run)
     return cpu, wall
 
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, nargs="+", default=[256, 64])
     ap.add_argument("--small", type=int, default=2_000)
     ap.add_argument("--large", type=int, default=42_000)
+    ap.add_argument("--processes", type=int, nargs="+", default=[1])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--json", type=Path, default=None)
@@ -100,24 +104,30 @@ def main() -> None:
         write_tasks(tasks, args.large)
         collect_run(d, api, agent.url, tasks, args.small, args.parallel[0])  # warm-up
         for c in args.parallel:
-            ours, bare = [], []
+            ours: dict[int, list[tuple[float, float]]] = {p: [] for p in args.processes}
+            bare = []
             for _ in range(args.repeats):
                 load = loadavg()[0]
-                ours.append(marginal(collect_run(d, api, agent.url, tasks, args.small, c),
-                                     collect_run(d, api, agent.url, tasks, args.large, c), span))
+                for p in args.processes:
+                    ours[p].append(marginal(
+                        collect_run(d, api, agent.url, tasks, args.small, c, p),
+                        collect_run(d, api, agent.url, tasks, args.large, c, p), span))  # fmt: skip
                 bare.append(marginal(bare_run(d, agent.url, tasks, args.small, c),
                                      bare_run(d, agent.url, tasks, args.large, c), span))
-                results["runs"].append({"parallel": c, "load_1m": load, "ours": ours[-1],
+                results["runs"].append({"parallel": c, "load_1m": load,
+                                        "ours": {p: v[-1] for p, v in ours.items()},
                                         "bare_aiohttp": bare[-1]})  # fmt: skip
-                print(f"C={c}: ours {ours[-1][0]:.3f} ms/rollout {ours[-1][1]:,.0f}/s; "
-                      f"bare aiohttp {bare[-1][0]:.3f} ms {bare[-1][1]:,.0f}/s (load {load:.2f})",
-                      flush=True)  # fmt: skip
-            rows.append([c, f"{statistics.median(o for o, _ in ours):.3f}",
-                         " ".join(f"{o:.3f}" for o, _ in ours),
-                         f"{statistics.median(r for _, r in ours):,.0f}",
-                         f"{statistics.median(b for b, _ in bare):.3f}",
-                         f"{statistics.median(r for _, r in bare):,.0f}"])  # fmt: skip
-    print_table(["C", "ours ms/rollout (median)", "runs", "ours rollouts/s", "bare aiohttp ms",
+                figures = "; ".join(f"{p} process(es) {v[-1][0]:.3f} ms/rollout {v[-1][1]:,.0f}/s"
+                                    for p, v in ours.items())  # fmt: skip
+                print(f"C={c}: ours {figures}; bare aiohttp {bare[-1][0]:.3f} ms "
+                      f"{bare[-1][1]:,.0f}/s (load {load:.2f})", flush=True)  # fmt: skip
+            for p, v in ours.items():
+                rows.append([c, p, f"{statistics.median(o for o, _ in v):.3f}",
+                             " ".join(f"{o:.3f}" for o, _ in v),
+                             f"{statistics.median(r for _, r in v):,.0f}",
+                             f"{statistics.median(b for b, _ in bare):.3f}",
+                             f"{statistics.median(r for _, r in bare):,.0f}"])  # fmt: skip
+    print_table(["C", "processes", "ours ms/rollout (median)", "runs", "ours rollouts/s", "bare aiohttp ms",
                  "bare rollouts/s"], rows)  # fmt: skip
     write_json("cpu_per_rollout", results, args.json)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed, State
 from pydantic import ValidationError
 
 from flows.artifacts import LiveProgress, publish_collection
+from flows.dask_runner import collecting_processes
 from flows.dispatch import collect_chunks, raise_what_a_rerun_will_not_fix
 from flows.ui import form_field, own_run_context, run_name
 from rollouts.agent_client import check_agents_reachable
@@ -58,6 +59,7 @@ async def collect_rollouts(
     num_repeats_add_seed: Annotated[bool, _form("num_repeats_add_seed")] = False,
     chunk_size: Annotated[int, _form("chunk_size")] = 10_000,
     max_parallel_chunks: Annotated[int, _form("max_parallel_chunks")] = 4,
+    processes: Annotated[int | Literal["auto"], _form("processes")] = 1,
     fresh: Annotated[bool, _form("fresh")] = False,
 ) -> CollectSummary | State:
     """Collect rollouts of one dataset from one agent into NeMo Gym-compatible files."""
@@ -97,18 +99,17 @@ async def run_collection(
 ) -> CollectSummary:
     """split -> collect per chunk -> merge -> metrics, under the output's lock."""
     settings = settings or RolloutsSettings()
+    processes = collecting_processes(config, settings)  # a contradiction fails before any work
     paths = OutputPaths.for_output(config.output_jsonl_fpath)
     run_dir = run_dir_for(config.output_jsonl_fpath, settings.work_dir)
     reader = StatusReader(config.output_jsonl_fpath, settings.work_dir)
     with run_lock(run_dir, config.output_jsonl_fpath):
         split = await split_into_chunks(config, run_dir)
         plan = DispatchPlan.for_run(config, split.agent_names, settings)
-        if (await asyncio.to_thread(reader.read)).state != "complete":
-            # A dead address would otherwise spend every attempt and chunk retry first.
-            await check_agents_reachable(plan.agents_in_use(), settings.connect_timeout_s)
+        await check_agents_unless_complete(plan, reader, settings)
         async with LiveProgress(reader, paths.rollouts) as progress:
             states = await collect_chunks(
-                split.chunks, plan, split.run_id, run_dir, config, settings
+                split.chunks, plan, split.run_id, run_dir, config, settings, processes
             )
         await raise_what_a_rerun_will_not_fix(states)
         merge = await merge_task.with_options(
@@ -132,6 +133,15 @@ async def run_collection(
     if merge.missing:
         raise incomplete_run(merge, plan, sum(1 for s in states if not s.is_completed()))
     return summary
+
+
+async def check_agents_unless_complete(
+    plan: DispatchPlan, reader: StatusReader, settings: RolloutsSettings
+) -> None:
+    """A dead address would otherwise spend every attempt and chunk retry first; a run whose
+    rollouts are all written needs no agent."""
+    if (await asyncio.to_thread(reader.read)).state != "complete":
+        await check_agents_reachable(plan.agents_in_use(), settings.connect_timeout_s)
 
 
 async def split_into_chunks(config: CollectConfig, run_dir: Path) -> SplitResult:

@@ -1,4 +1,5 @@
-"""Chunk collection on a Dask cluster through prefect-dask (the `[dask]` extra).
+"""Chunk collection in several processes: a local Dask cluster (`processes`) or a remote one,
+through prefect-dask (the `[dask]` extra).
 
 The flow stays where it is; chunk tasks go to Dask workers. Every worker must see the run's
 work directory and Prefect's result storage (a shared filesystem): `check_shared_storage`
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollouts.collect import DispatchPlan
+from rollouts.dispatchers import share_budget
 from rollouts.errors import ConfigError, SharedStorageError
-from rollouts.models import ChunkSpec
+from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import RolloutsSettings
 
 if TYPE_CHECKING:
@@ -24,8 +26,22 @@ if TYPE_CHECKING:
 PROBE_NAME = ".rollouts-probe"
 
 
-def dask_enabled(settings: RolloutsSettings) -> bool:
-    return bool(settings.dask_address or settings.dask_local_workers)
+def collecting_processes(config: CollectConfig, settings: RolloutsSettings) -> int:
+    """Local processes to collect in (1: this one). Refuses asking for both a local cluster
+    and a remote one."""
+    processes = config.process_count()
+    if processes == 1 and settings.dask_local_workers:  # the older spelling of `processes`
+        processes = min(settings.dask_local_workers, config.num_samples_in_parallel)
+    if processes > 1 and settings.dask_address:
+        raise ConfigError(
+            f"processes={config.processes} starts a local cluster, but ROLLOUTS_DASK_ADDRESS "
+            f"(--dask-address) names one to use ({settings.dask_address}): choose one"
+        )
+    return processes
+
+
+def dask_enabled(settings: RolloutsSettings, processes: int) -> bool:
+    return bool(settings.dask_address) or processes > 1
 
 
 def prepare_worker_environment(settings: RolloutsSettings, api_url: str) -> None:
@@ -51,18 +67,21 @@ def prepare_worker_environment(settings: RolloutsSettings, api_url: str) -> None
     )
 
 
-def make_task_runner(settings: RolloutsSettings) -> Any:
+def make_task_runner(settings: RolloutsSettings, processes: int, chunks_at_once: int) -> Any:
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise ConfigError(
-            "Dask was asked for (ROLLOUTS_DASK_ADDRESS / --dask-address / --dask-local-workers) "
-            "but prefect-dask is not installed: pip install -e '.[dask]'"
+            "more than one process (--processes) or a Dask cluster (--dask-address) needs the "
+            "[dask] extra, which is not installed: pip install -e '.[dask]'"
         ) from None
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
+    # A thread per chunk: at least two per process, so a chunk finishing its stragglers
+    # never leaves that process's share of the budget idle.
+    threads = max(2, math.ceil(chunks_at_once / processes))
     return DaskTaskRunner(
-        cluster_kwargs={"n_workers": settings.dask_local_workers, "threads_per_worker": 2,
+        cluster_kwargs={"n_workers": processes, "threads_per_worker": threads,
                         "processes": True, "dashboard_address": None}
     )  # fmt: skip
 
@@ -92,10 +111,10 @@ def probe_shared_storage(
     return None
 
 
-def check_shared_storage(client: Any, run_dir: Path, run_id: str, api_url: str) -> int:
+def check_shared_storage(client: Any, run_dir: Path, run_id: str, api_url: str) -> list[str]:
     """Refuse a cluster whose workers cannot see the work dir or result storage.
 
-    Returns the number of workers.
+    Returns the workers' names.
     """
     from prefect.settings import get_current_settings
 
@@ -120,35 +139,41 @@ def check_shared_storage(client: Any, run_dir: Path, run_id: str, api_url: str) 
             + ". Every Dask worker must see ROLLOUTS_WORK_DIR and PREFECT_RESULTS_LOCAL_STORAGE_PATH"
             " at the same paths (a shared filesystem); see README, 'Scale past one machine'."
         )
-    return len(answers)
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(str(w["name"]) for a, w in workers.items() if a in answers)
 
 
-def worker_in_flight(settings: RolloutsSettings, run_total: int, n_workers: int) -> int:
+def worker_budgets(
+    settings: RolloutsSettings, run_total: int, workers: list[str]
+) -> dict[str, int]:
     if settings.dask_worker_in_flight:
-        return settings.dask_worker_in_flight
-    return max(1, math.ceil(run_total / n_workers))
+        return dict.fromkeys(workers, settings.dask_worker_in_flight)
+    return share_budget(run_total, workers)
 
 
 def collect_on_dask(
     chunk_task: Any, chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
-    settings: RolloutsSettings, run_in_flight: int,
+    settings: RolloutsSettings, config: CollectConfig, processes: int,
 ) -> list[State[Any]]:  # fmt: skip
-    """Run the chunk tasks on Dask workers (prefect-dask); each worker has its own budget."""
+    """Run the chunk tasks on Dask workers (prefect-dask): a local cluster of ``processes``
+    or the one at ROLLOUTS_DASK_ADDRESS. Each worker has its own client and budget share."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
     prepare_worker_environment(settings, api_url)
-    with make_task_runner(settings) as runner:
-        n_workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
-        per_worker = worker_in_flight(settings, run_in_flight, n_workers)
+    with make_task_runner(settings, processes, config.max_parallel_chunks) as runner:
+        workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
+        budgets = worker_budgets(settings, config.num_samples_in_parallel, workers)
         get_run_logger().info(
-            "collecting on Dask: %d workers, %d requests in flight each", n_workers, per_worker
-        )
+            "collecting %s: %d processes, requests in flight each: %s",
+            f"on Dask at {settings.dask_address}" if settings.dask_address else "locally",
+            len(workers), ", ".join(str(b) for b in budgets.values()),
+        )  # fmt: skip
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
-                                                  "worker_in_flight": per_worker})
+                                                  "worker_budgets": budgets})
             for spec in chunks
         ]  # fmt: skip
         for future in futures:

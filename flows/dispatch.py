@@ -20,19 +20,20 @@ from tasks.collect import collect_chunk_task
 
 async def collect_chunks(
     chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
-    config: CollectConfig, settings: RolloutsSettings,
+    config: CollectConfig, settings: RolloutsSettings, processes: int,
 ) -> list[State[Any]]:  # fmt: skip
-    """One cached, retrying task run per chunk; their final states, in chunk order."""
+    """One cached, retrying task run per chunk, in this process or in ``processes`` local ones
+    (or on a Dask cluster); their final states, in chunk order."""
     chunk_task = collect_chunk_task.with_options(
         retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
     )
     # Prefect and pandas leave a large, long-lived heap; full collections over it stall the
     # event loop while requests wait. Freezing it keeps the collector's GC work small.
     gc.freeze()
-    if dask_enabled(settings):
+    if dask_enabled(settings, processes):
         return await asyncio.to_thread(
-            collect_on_dask, chunk_task, chunks, plan, run_id, run_dir, settings,
-            config.num_samples_in_parallel,
+            collect_on_dask, chunk_task, chunks, plan, run_id, run_dir, settings, config,
+            processes,
         )  # fmt: skip
     open_dispatcher(run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks)
     try:

@@ -77,3 +77,10 @@ def worker_dispatcher(
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
         return loop, _worker_dispatchers[run_id]
+
+
+def share_budget(total: int, workers: list[str]) -> dict[str, int]:
+    """The run's in-flight budget split over ``workers``: shares differ by at most one and
+    add up to ``total`` (each worker gets at least one)."""
+    base, extra = divmod(total, len(workers))
+    return {w: max(1, base + (i < extra)) for i, w in enumerate(workers)}

@@ -7,13 +7,14 @@ holds no secret and the Prefect UI can render and validate them.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from rollouts.mix import MixRequest
@@ -29,6 +30,22 @@ RESPONSES_CREATE_PARAMS_KEYS = frozenset(
         "top_logprobs", "top_p", "truncation", "user",
     }
 )  # fmt: skip
+
+
+def _parse_processes(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(v, bool | float):
+        raise ValueError(f'processes must be a whole number of at least 1 or "auto", got {v!r}')
+    return n
+
+
+Processes = Annotated[int | Literal["auto"], BeforeValidator(_parse_processes)]
+"""Local collecting processes: a count, or "auto" for one per core."""
 
 RolloutKey = tuple[int, int]
 """(_ng_task_index, _ng_rollout_index): the identity of one rollout."""
@@ -85,6 +102,12 @@ class CollectConfig(BaseModel):
     max_parallel_chunks: int = Field(
         default=4, title="Chunks at once", description="Chunks dispatching requests at once."
     )
+    processes: Processes = Field(
+        default=1, title="Processes",
+        description='Local processes collecting chunks (a local Dask cluster; the [dask] '
+        'extra), each with its own HTTP client and a share of the requests in flight; "auto": '
+        "one per core.",
+    )  # fmt: skip
     fresh: bool = Field(
         default=False, title="Start fresh",
         description="Discard the previous run state of this output and start over.",
@@ -103,6 +126,12 @@ class CollectConfig(BaseModel):
         if v < 1:
             raise ValueError(f"{info.field_name} must be at least 1, got {v}")
         return v
+
+    def process_count(self) -> int:
+        """Processes to collect in: "auto" is this machine's cores; never more processes than
+        requests in flight (each needs at least one)."""
+        wanted = usable_cores() if self.processes == "auto" else int(self.processes)
+        return max(1, min(wanted, self.num_samples_in_parallel))
 
     @field_validator("responses_create_params")
     @classmethod
@@ -136,6 +165,14 @@ class CollectConfig(BaseModel):
             "responses_create_params": self.responses_create_params,
             "num_repeats_add_seed": self.num_repeats_add_seed,
         }
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a Slurm allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def fingerprint(obj: Any) -> str:
@@ -269,6 +306,10 @@ class DatasetConfig(BaseModel):
         default=False, title="Seed each repeat",
         description='Put {"seed": rollout_index} into metadata.extra_body of each request, so '
         "repeats differ reproducibly.",
+    )  # fmt: skip
+    processes: Processes = Field(
+        default=1, title="Processes",
+        description='Local processes collecting this dataset\'s chunks; "auto": one per core.',
     )  # fmt: skip
 
     def collect_parameters(self) -> dict[str, Any]:

@@ -64,8 +64,10 @@ class RolloutsSettings(BaseSettings):
         description="Run chunk tasks on this Dask scheduler (tcp://host:8786) via prefect-dask.",
     )
     dask_local_workers: int | None = Field(
-        default=None, ge=1, description="Or start a local Dask cluster of this many processes."
-    )
+        default=None, ge=1,
+        description="The older spelling of the `processes` parameter (--processes): used for "
+        "runs that leave it at 1.",
+    )  # fmt: skip
     dask_worker_in_flight: int | None = Field(
         default=None,
         ge=1,

@@ -63,6 +63,10 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     return k, yaml.safe_load(v)
 
 
+def _processes_arg(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def _output_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -117,7 +121,14 @@ def _add_collect_parser(sub: Any) -> None:
         "--dask-address", help="run chunks on this Dask scheduler (tcp://host:8786); needs [dask]"
     )
     p.add_argument(
-        "--dask-local-workers", type=int, help="run chunks on a local Dask cluster of N processes"
+        "--processes", dest="processes", type=_processes_arg,
+        help='+processes: collect in N local processes, or "auto" (one per core); needs [dask]',
+    )  # fmt: skip
+    p.add_argument(
+        "--dask-local-workers",
+        dest="processes",
+        type=_processes_arg,
+        help="the older spelling of --processes",
     )
     p.add_argument("plus", nargs="*", metavar="+key=value", help="NeMo Gym-style arguments")
     p.set_defaults(func=cmd_collect)
@@ -187,21 +198,29 @@ def check_agent_first(params: dict[str, Any]) -> None:
     asyncio.run(check_agents_reachable(plan.agents_in_use(), settings.connect_timeout_s))
 
 
+def check_placement(params: dict[str, Any]) -> None:
+    """Processes and a Dask cluster that contradict each other are refused before Prefect
+    starts (the flow checks again, for deployments)."""
+    from flows.dask_runner import collecting_processes
+    from rollouts.settings import RolloutsSettings
+
+    collecting_processes(CollectConfig(**params), RolloutsSettings())
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from rollouts.errors import RolloutsError
 
     params = collect_params(args)
     _check_parameters(params)
+    # Where chunks run is infrastructure, not a result-changing parameter: a setting.
+    if args.dask_address:
+        os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
     try:
+        check_placement(params)
         check_agent_first(params)
     except RolloutsError as e:
         print(f"rollouts collect: {e}", file=sys.stderr)
         return e.exit_code
-    # Where chunks run is infrastructure, not a result-changing parameter: a setting.
-    if args.dask_address:
-        os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
-    if args.dask_local_workers:
-        os.environ["ROLLOUTS_DASK_LOCAL_WORKERS"] = str(args.dask_local_workers)
     from flows.collect import CollectSummary, collect_rollouts
     from rollouts.settings import RolloutsSettings
     from rollouts_cli.progress import cli_progress_bar
@@ -362,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_collect_parser(sub)
     multi = sub.add_parser(
-        "multi", help="collect several datasets (own temperature, repeats) and mix them",
+        "multi",
+        help="collect several datasets (own temperature, repeats) and mix them",
         parents=[_output_options()],
     )
     multi.add_argument("--config", required=True, help="YAML: datasets + mix (see examples/)")

@@ -36,18 +36,19 @@ def _chunk_identity(inputs: dict[str, Any]) -> Any:
     # retries: set by the flow from the settings (chunk_retries, chunk_retry_delay_s)
 )
 async def collect_chunk_task(
-    spec: ChunkSpec, plan: DispatchPlan, run_id: str, worker_in_flight: int | None = None
+    spec: ChunkSpec, plan: DispatchPlan, run_id: str, worker_budgets: dict[str, int] | None = None
 ) -> ChunkResult:
     """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
 
-    ``worker_in_flight`` None: in the flow's process, sharing the flow's dispatcher. Else on a
-    Dask worker, sharing that process's dispatcher with this budget.
+    ``worker_budgets`` None: in the flow's process, sharing the flow's dispatcher. Else on a
+    Dask worker, sharing that process's dispatcher with its share of the run's budget.
     """
     logger = get_run_logger()
-    if worker_in_flight is None:
+    if worker_budgets is None:
         result = await collect_chunk(spec, plan, get_dispatcher(run_id))
     else:
-        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), worker_in_flight)
+        budget = this_worker_budget(worker_budgets)
+        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget)
         running = asyncio.run_coroutine_threadsafe(collect_chunk(spec, plan, dispatcher), loop)
         result = await asyncio.wrap_future(running)
     logger.info(
@@ -62,3 +63,16 @@ async def collect_chunk_task(
             f"written nor failed for good (see {result.failures_path})"
         )
     return result
+
+
+def this_worker_budget(budgets: dict[str, int]) -> int:
+    """This Dask worker's share, by its name. A worker the run did not start with (one that
+    replaced a lost worker under another name) takes the smallest share, so the run's total
+    is never exceeded."""
+    from distributed import get_worker
+
+    try:
+        name = str(get_worker().name)
+    except ValueError:  # not inside a Dask task
+        name = ""
+    return budgets.get(name, min(budgets.values()))
