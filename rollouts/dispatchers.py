@@ -8,6 +8,7 @@ free of clients or locks.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 from rollouts.agent_client import RetryPolicy
@@ -76,6 +77,9 @@ def worker_dispatcher(
                                   api_key)  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
+            # As in the flow's process (flows/dispatch.py): keep full collections off the
+            # large, long-lived heap that Prefect and Dask leave here.
+            gc.freeze()
         return loop, _worker_dispatchers[run_id]
 
 
