@@ -32,6 +32,7 @@ from rollouts.fileio import (
 from rollouts.models import ChunkResult, ChunkSpec, CollectConfig, RolloutKey
 from rollouts.run_state import worker_id
 from rollouts.settings import RolloutsSettings
+from rollouts.stopping import Stopper, StopPlan
 
 FSYNC_EVERY_S = 5.0
 
@@ -124,7 +125,9 @@ def scan_done(rollouts_path: Path, failures_path: Path) -> tuple[set[RolloutKey]
 class Dispatcher:
     """Per-process, per-run shared resources: the client (and its in-flight budget), chunk slots.
 
-    ``max_parallel_chunks`` None: no limit on the chunks dispatching at once.
+    ``max_parallel_chunks`` None: no limit on the chunks dispatching at once. ``stop``
+    (rollouts/stopping.py) says when its chunks stop dispatching and cancel what is in flight;
+    the flow may set its own.
     """
 
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
@@ -133,6 +136,7 @@ class Dispatcher:
         self._chunk_slots = (
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
         )
+        self.stop = Stopper()
 
     def chunk_slot(self) -> AbstractAsyncContextManager[object]:
         """Held by a chunk while it dispatches; free at once without a chunk limit."""
@@ -204,8 +208,28 @@ async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher) -> ChunkResult:
-    """Collect every rollout of one chunk not already written. Returns counts, never bodies."""
+async def _await_rollouts(tasks: set[asyncio.Task[None]]) -> None:
+    """Wait for every rollout task. One cancelled by a stop is no error (it stays missing); the
+    first real error is raised."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if not t.cancelled() and (error := t.exception()) is not None:
+                raise error
+
+
+async def collect_chunk(
+    spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher, stop_plan: StopPlan | None = None
+) -> ChunkResult:
+    """Collect every rollout of one chunk not already written. Returns counts, never bodies.
+
+    ``stop_plan``: the run's deadline and grace (see rollouts/stopping.py), armed on the
+    dispatcher's stopper; a stopped chunk ends with what finished and says why.
+    """
+    stop = dispatcher.stop
+    if stop_plan is not None:
+        stop.arm(stop_plan)
     files = ChunkFiles.of(spec)
     rollouts_path, failures_path = files.outputs
     expected = spec.expected(plan.num_repeats)
@@ -220,10 +244,13 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
         writer = _ResultWriter(rollouts_path, failures_path)
         requests = 0
         tasks: set[asyncio.Task[None]] = set()
+        stop.track(tasks)  # cancelled when a stop's grace period ends
 
         async def one(key: RolloutKey, url: str, body: dict[str, Any], slot: Slot) -> None:
             nonlocal requests
+            started = time.monotonic()
             outcome = await client.run(url, orjson.dumps(body), slot=slot)
+            stop.record(time.monotonic() - started)
             requests += outcome.attempts
             if outcome.kind == "ok":
                 assert outcome.answer is not None
@@ -240,6 +267,9 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
                 # the chunk holds tasks only for rollouts on the wire or in a backoff, however
                 # many rows it has.
                 slot = await client.reserve()
+                if not stop.may_start():  # stopped, or too close to the deadline
+                    slot.release()
+                    break
                 t = asyncio.create_task(one((row["_ng_task_index"], r), url, body, slot))
                 t.add_done_callback(slot.release)  # a task cancelled before it ran
                 tasks.add(t)
@@ -248,16 +278,18 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
             # stragglers finish below, so the next chunk can start filling the agent.
         except BaseException:
             await _cancel_all(tasks)
+            stop.untrack(tasks)
             writer.close()
             raise
     try:
-        await asyncio.gather(*list(tasks))
+        await _await_rollouts(tasks)
     except BaseException:
         # One rollout failed unexpectedly (a full disk, say): stop the rest before the
         # files close under them; what was written stays, the next try resumes from it.
         await _cancel_all(tasks)
         raise
     finally:
+        stop.untrack(tasks)
         writer.close()
     # Recount from the files: they, not this process's tallies, are the truth on resume.
     succeeded, terminal = scan_done(rollouts_path, failures_path)
@@ -275,6 +307,7 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
         failures_path=str(failures_path),
         worker=worker_id(),
         attempts=requests,
+        stopped=stop.reason,
     )
 
 

@@ -60,6 +60,25 @@ class IncompleteRun(RolloutsError):
     exit_code = 1
 
 
+# Exit status per stop cause: its own for the deadline, the shell's 128 + signal otherwise (a
+# Prefect cancellation reaches a worker's flow-run process as SIGTERM).
+STOP_EXIT_CODES = {"deadline": 3, "SIGINT": 130, "SIGTERM": 143, "cancelled": 143}
+
+
+class RunStopped(IncompleteRun):
+    """The run stopped early (deadline, Ctrl-C, SIGTERM, a cancellation) with rollouts missing;
+    everything finished is kept and rerunning the same command continues."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.exit_code = STOP_EXIT_CODES.get(reason, 1)
+
+    def __reduce__(self) -> tuple[type[RunStopped], tuple[str, str]]:
+        # Pickled back from Dask workers: rebuild with both arguments.
+        return (type(self), (str(self), self.reason))
+
+
 class AgentUnreachable(RolloutsError):
     """An agent's address does not accept connections; found before any rollout is sent."""
 

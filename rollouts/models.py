@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from rollouts.stopping import parse_duration
+
 if TYPE_CHECKING:
     from rollouts.mix import MixRequest
 
@@ -43,6 +45,18 @@ def _parse_processes(v: Any) -> int | str:
         raise ValueError(f'processes must be a whole number of at least 1 or "auto", got {v!r}')
     return n
 
+
+def _parse_max_duration(v: Any) -> str | None:
+    if v is None or v == "":
+        return None
+    if isinstance(v, bool):
+        raise ValueError(f"max_duration must be a duration like 2h, 90m, 45s, got {v!r}")
+    parse_duration(v)  # refuses what it cannot read
+    return str(v)
+
+
+MaxDuration = Annotated[str | None, BeforeValidator(_parse_max_duration)]
+"""A run's time budget: 2h, 90m, 45s, 1h30m, or seconds; None: no deadline."""
 
 Processes = Annotated[int | Literal["auto"], BeforeValidator(_parse_processes)]
 """Local collecting processes: a count, or "auto" for one per core."""
@@ -108,6 +122,13 @@ class CollectConfig(BaseModel):
         'extra), each with its own HTTP client and a share of the requests in flight; "auto": '
         "one per core.",
     )  # fmt: skip
+    max_duration: MaxDuration = Field(
+        default=None, title="Max duration",
+        description="Optional (text). End the run on time: 2h, 90m, 45s or seconds from its "
+        "start. No rollout starts too close to the deadline, those in flight at it are "
+        "cancelled, what finished is merged; the run ends StoppedAtDeadline and a rerun "
+        "continues.",
+    )  # fmt: skip
     fresh: bool = Field(
         default=False, title="Start fresh",
         description="Discard the previous run state of this output and start over.",
@@ -149,6 +170,9 @@ class CollectConfig(BaseModel):
         if Path(self.input_jsonl_fpath).resolve() == Path(self.output_jsonl_fpath).resolve():
             raise ValueError("output_jsonl_fpath must differ from input_jsonl_fpath")
         return self
+
+    def max_duration_s(self) -> float | None:
+        return parse_duration(self.max_duration) if self.max_duration is not None else None
 
     @property
     def agent_identity(self) -> str | None:
@@ -241,6 +265,7 @@ class ChunkResult(BaseModel):
     failures_path: str
     worker: str
     attempts: int = 0  # /run requests sent by this chunk's run
+    stopped: str | None = None  # why dispatching stopped early (rollouts/stopping.py), if it did
 
     @property
     def complete(self) -> bool:
@@ -310,6 +335,11 @@ class DatasetConfig(BaseModel):
     processes: Processes = Field(
         default=1, title="Processes",
         description='Local processes collecting this dataset\'s chunks; "auto": one per core.',
+    )  # fmt: skip
+    max_duration: MaxDuration = Field(
+        default=None, title="Max duration",
+        description="Optional. End this dataset's collection on time (2h, 90m, 45s or seconds); "
+        "a rerun continues.",
     )  # fmt: skip
 
     def collect_parameters(self) -> dict[str, Any]:

@@ -68,6 +68,16 @@ class RolloutsSettings(BaseSettings):
         description="The older spelling of the `processes` parameter (--processes): used for "
         "runs that leave it at 1.",
     )  # fmt: skip
+    stop_grace_s: float = Field(
+        default=10.0, ge=0,
+        description="On Ctrl-C, SIGTERM or a Prefect cancellation: how long rollouts in "
+        "flight may finish before they are cancelled.",
+    )  # fmt: skip
+    drain_margin_s: float | None = Field(
+        default=None, ge=0,
+        description="With max_duration: no rollout starts unless more than this is left "
+        "before the deadline. Default: the observed p90 latency of the run's rollouts.",
+    )  # fmt: skip
     dask_worker_in_flight: int | None = Field(
         default=None,
         ge=1,

@@ -9,9 +9,10 @@ from prefect import get_run_logger, task
 
 from rollouts.collect import DispatchPlan, collect_chunk
 from rollouts.dispatchers import get_dispatcher, worker_dispatcher
-from rollouts.errors import IncompleteRun
+from rollouts.errors import IncompleteRun, RunStopped
 from rollouts.models import ChunkResult, ChunkSpec
 from rollouts.settings import RolloutsSettings
+from rollouts.stopping import StopPlan
 from tasks.cache_policies import content_policy
 
 
@@ -28,28 +29,42 @@ def _chunk_identity(inputs: dict[str, Any]) -> Any:
     }
 
 
+def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
+    """A chunk stopped on purpose (deadline, signal, cancellation) is not retried: its run is
+    ending. (``state.data`` is the exception the chunk raised.)"""
+    return not isinstance(state.data, RunStopped)
+
+
 @task(
     name="collect-chunk",
     task_run_name="collect-chunk-{spec.index:05d}",
     cache_policy=content_policy(_chunk_identity),
     persist_result=True,
+    retry_condition_fn=retry_unless_stopped,
     # retries: set by the flow from the settings (chunk_retries, chunk_retry_delay_s)
 )
 async def collect_chunk_task(
-    spec: ChunkSpec, plan: DispatchPlan, run_id: str, worker_budgets: dict[str, int] | None = None
+    spec: ChunkSpec,
+    plan: DispatchPlan,
+    run_id: str,
+    worker_budgets: dict[str, int] | None = None,
+    stop_plan: StopPlan | None = None,
 ) -> ChunkResult:
     """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
 
     ``worker_budgets`` None: in the flow's process, sharing the flow's dispatcher. Else on a
     Dask worker, sharing that process's dispatcher with its share of the run's budget.
+    ``stop_plan``: the run's deadline and stop grace, the same for every chunk and retry.
     """
     logger = get_run_logger()
     if worker_budgets is None:
-        result = await collect_chunk(spec, plan, get_dispatcher(run_id))
+        result = await collect_chunk(spec, plan, get_dispatcher(run_id), stop_plan)
     else:
         budget = this_worker_budget(worker_budgets)
         loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget)
-        running = asyncio.run_coroutine_threadsafe(collect_chunk(spec, plan, dispatcher), loop)
+        running = asyncio.run_coroutine_threadsafe(
+            collect_chunk(spec, plan, dispatcher, stop_plan), loop
+        )
         result = await asyncio.wrap_future(running)
     logger.info(
         "chunk %05d: %d/%d written, %d failed, %d missing (%d requests, worker %s)",
@@ -57,12 +72,28 @@ async def collect_chunk_task(
         result.attempts, result.worker,
     )  # fmt: skip
     if not result.complete:
+        raise_if_stopped(result, stop_plan)
         # Not cached: a retry (or the next run) resumes with only the missing rollouts.
         raise IncompleteRun(
             f"chunk {spec.index:05d}: {result.missing} of {result.expected} rollouts neither "
             f"written nor failed for good (see {result.failures_path})"
         )
     return result
+
+
+def raise_if_stopped(result: ChunkResult, stop_plan: StopPlan | None) -> None:
+    """An incomplete chunk of a stopping run raises RunStopped (not cached, not retried). So
+    does one whose retry could not start before the deadline."""
+    reason = result.stopped
+    retry_delay = RolloutsSettings().chunk_retry_delay_s
+    if reason is None and stop_plan is not None and not stop_plan.leaves_time_for(retry_delay):
+        reason = "deadline"
+    if reason is not None:
+        raise RunStopped(
+            f"chunk {result.index:05d}: stopped ({reason}) with {result.missing} of "
+            f"{result.expected} rollouts missing",
+            reason,
+        )
 
 
 def this_worker_budget(budgets: dict[str, int]) -> int:
