@@ -8,28 +8,41 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 from pydantic import ValidationError
 
 from flows.artifacts import LiveProgress, publish_collection
 from flows.dask_runner import collecting_processes
 from flows.dispatch import collect_chunks, raise_what_a_rerun_will_not_fix
+from flows.stopping import stop_controls, stopped_state
 from flows.ui import form_field, own_run_context, run_name
 from rollouts.agent_client import check_agents_reachable
 from rollouts.collect import DispatchPlan
-from rollouts.errors import ConfigError, RolloutsError, validation_message
+from rollouts.errors import ConfigError, RolloutsError, RunStopped, validation_message
 from rollouts.models import CollectConfig, SplitResult
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
 from rollouts.settings import RolloutsSettings
 from rollouts.split import validate_input
 from rollouts.status import StatusReader
-from rollouts.summary import AgentResult, CollectSummary, incomplete_run
+from rollouts.stopping import Stopper, StopPlan, write_stop_record
+from rollouts.summary import (
+    STOPPED_AT_DEADLINE,
+    AgentResult,
+    CollectSummary,
+    deadline_message,
+    incomplete_run,
+    stopped_run,
+)
 from tasks.merge import merge_task
 from tasks.metrics import metrics_task
 from tasks.split import split_task
+
+if TYPE_CHECKING:  # numpy loads with the metrics step, not at start-up
+    from rollouts.merge import MergeReport
+    from rollouts.metrics import MetricsSummary
 
 __all__ = ["CollectSummary", "collect_rollouts", "run_collection"]
 
@@ -60,6 +73,7 @@ async def collect_rollouts(
     chunk_size: Annotated[int, _form("chunk_size")] = 10_000,
     max_parallel_chunks: Annotated[int, _form("max_parallel_chunks")] = 4,
     processes: Annotated[int | Literal["auto"], _form("processes")] = 1,
+    max_duration: Annotated[str | None, _form("max_duration")] = None,
     fresh: Annotated[bool, _form("fresh")] = False,
 ) -> CollectSummary | State:
     """Collect rollouts of one dataset from one agent into NeMo Gym-compatible files."""
@@ -73,11 +87,24 @@ async def collect_rollouts(
             except ValidationError as e:
                 raise ConfigError(validation_message(e)) from None
             check_auto_resume_budget(RolloutsSettings())
-            return await run_collection(config)
+            return finished_state(await run_collection(config))
+        except RunStopped as e:  # a signal or a cancellation: its own state, not a failure
+            get_run_logger().warning("%s", e)
+            return stopped_state(e)
         except RolloutsError as e:
             # A user-facing failure: its message says what to do; a traceback would only bury it.
             get_run_logger().error("%s", e)
             return Failed(message=str(e), data=e)
+
+
+def finished_state(summary: CollectSummary) -> CollectSummary | State:
+    """A run its deadline cut ends Completed, named StoppedAtDeadline, with the summary of
+    what it wrote: not a failure, and the CLI exits 3."""
+    if summary.stopped != "deadline":
+        return summary
+    message = deadline_message(summary)
+    get_run_logger().warning("%s", message)
+    return Completed(name=STOPPED_AT_DEADLINE, message=message, data=summary)
 
 
 def check_auto_resume_budget(settings: RolloutsSettings) -> None:
@@ -97,31 +124,69 @@ def check_auto_resume_budget(settings: RolloutsSettings) -> None:
 async def run_collection(
     config: CollectConfig, settings: RolloutsSettings | None = None
 ) -> CollectSummary:
-    """split -> collect per chunk -> merge -> metrics, under the output's lock."""
+    """split -> collect per chunk -> merge -> metrics, under the output's lock. A deadline,
+    a signal or a cancellation stops collecting early (rollouts/stopping.py, flows/stopping.py)."""
     settings = settings or RolloutsSettings()
     processes = collecting_processes(config, settings)  # a contradiction fails before any work
     paths = OutputPaths.for_output(config.output_jsonl_fpath)
     run_dir = run_dir_for(config.output_jsonl_fpath, settings.work_dir)
     reader = StatusReader(config.output_jsonl_fpath, settings.work_dir)
+    # The deadline is fixed now: every chunk, retry and worker shares it; a rerun gets its own.
+    stop = Stopper.armed(StopPlan.starting_now(
+        config.max_duration_s(), settings.drain_margin_s, settings.stop_grace_s))  # fmt: skip
     with run_lock(run_dir, config.output_jsonl_fpath):
-        split = await split_into_chunks(config, run_dir)
-        plan = DispatchPlan.for_run(config, split.agent_names, settings)
-        await check_agents_unless_complete(plan, reader, settings)
-        async with LiveProgress(reader, paths.rollouts) as progress:
-            states = await collect_chunks(
-                split.chunks, plan, split.run_id, run_dir, config, settings, processes
-            )
-        await raise_what_a_rerun_will_not_fix(states)
-        merge = await merge_task.with_options(
-            refresh_cache=not (paths.rollouts.exists() and paths.failures.exists())
-        )(chunks=split.chunks, plan=plan, output_path=str(paths.rollouts),
-          failures_path=str(paths.failures))  # fmt: skip
-        metrics = await metrics_task.with_options(refresh_cache=not paths.metrics.exists())(
-            rollouts_path=str(paths.rollouts), failures_path=str(paths.failures),
-            metrics_path=str(paths.metrics), num_repeats=config.num_repeats,
-            expected_by_agent=merge.expected_by_agent,
-        )  # fmt: skip
-    summary = CollectSummary(
+        async with stop_controls(stop):
+            split = await split_into_chunks(config, run_dir)
+            plan = DispatchPlan.for_run(config, split.agent_names, settings)
+            await check_agents_unless_complete(plan, reader, settings)
+            async with LiveProgress(reader, paths.rollouts) as progress:
+                states = await collect_chunks(
+                    split.chunks, plan, split.run_id, run_dir, config, settings, processes, stop
+                )
+            await raise_what_a_rerun_will_not_fix(states)
+            await end_if_stopped_early(stop, run_dir, reader)
+            merge, metrics = await merge_and_measure(split, plan, paths, config)
+    summary = summarize(paths, split, states, merge, metrics)
+    summary.stopped = "deadline" if stop.reason == "deadline" and merge.missing else None
+    await report(summary, progress, reader)
+    if merge.missing and summary.stopped is None:
+        raise incomplete_run(merge, plan, sum(1 for s in states if not s.is_completed()))
+    return summary
+
+
+async def end_if_stopped_early(stop: Stopper, run_dir: Path, reader: StatusReader) -> None:
+    """After a stop: record it in the run state; a signal or a cancellation ends the run here,
+    unmerged, so it exits promptly (a deadline stop merges what finished)."""
+    if stop.reason is None:
+        return
+    status = await asyncio.to_thread(reader.read)
+    missing = status.expected - status.done - status.failed
+    await asyncio.to_thread(write_stop_record, run_dir, stop, missing)
+    if stop.reason != "deadline" and missing:
+        raise stopped_run(stop.reason, status)
+
+
+async def merge_and_measure(
+    split: SplitResult, plan: DispatchPlan, paths: OutputPaths, config: CollectConfig
+) -> tuple[MergeReport, MetricsSummary]:
+    """The chunk outputs merged into the output files, and its metrics."""
+    merge = await merge_task.with_options(
+        refresh_cache=not (paths.rollouts.exists() and paths.failures.exists())
+    )(chunks=split.chunks, plan=plan, output_path=str(paths.rollouts),
+      failures_path=str(paths.failures))  # fmt: skip
+    metrics = await metrics_task.with_options(refresh_cache=not paths.metrics.exists())(
+        rollouts_path=str(paths.rollouts), failures_path=str(paths.failures),
+        metrics_path=str(paths.metrics), num_repeats=config.num_repeats,
+        expected_by_agent=merge.expected_by_agent,
+    )  # fmt: skip
+    return merge, metrics
+
+
+def summarize(
+    paths: OutputPaths, split: SplitResult, states: list[State[Any]], merge: MergeReport,
+    metrics: MetricsSummary,
+) -> CollectSummary:  # fmt: skip
+    return CollectSummary(
         output=str(paths.rollouts), failures=str(paths.failures), metrics=str(paths.metrics),
         expected=merge.expected, succeeded=merge.succeeded, failed=merge.failed,
         missing=merge.missing, chunks=len(split.chunks),
@@ -129,10 +194,6 @@ async def run_collection(
         agents=[AgentResult.of(a) for a in metrics.agents],
         missing_examples=merge.missing_examples,
     )  # fmt: skip
-    await report(summary, progress, reader)
-    if merge.missing:
-        raise incomplete_run(merge, plan, sum(1 for s in states if not s.is_completed()))
-    return summary
 
 
 async def check_agents_unless_complete(

@@ -11,14 +11,16 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollouts.collect import DispatchPlan
-from rollouts.dispatchers import share_budget
+from rollouts.dispatchers import request_worker_stop, share_budget
 from rollouts.errors import ConfigError, SharedStorageError
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import RolloutsSettings
+from rollouts.stopping import Stopper
 
 if TYPE_CHECKING:
     from prefect.states import State
@@ -153,10 +155,11 @@ def worker_budgets(
 
 def collect_on_dask(
     chunk_task: Any, chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
-    settings: RolloutsSettings, config: CollectConfig, processes: int,
+    settings: RolloutsSettings, config: CollectConfig, processes: int, stop: Stopper,
 ) -> list[State[Any]]:  # fmt: skip
     """Run the chunk tasks on Dask workers (prefect-dask): a local cluster of ``processes``
-    or the one at ROLLOUTS_DASK_ADDRESS. Each worker has its own client and budget share."""
+    or the one at ROLLOUTS_DASK_ADDRESS. Each worker has its own client and budget share.
+    Workers enforce the run's deadline themselves; a stop asked of the flow is relayed."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
 
@@ -173,9 +176,22 @@ def collect_on_dask(
         )  # fmt: skip
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
-                                                  "worker_budgets": budgets})
+                                                  "worker_budgets": budgets,
+                                                  "stop_plan": stop.plan})
             for spec in chunks
         ]  # fmt: skip
-        for future in futures:
-            future.wait()
+        wait_relaying_stop(futures, stop, lambda: runner.client.run(
+            request_worker_stop, run_id, stop.plan, stop.reason))  # fmt: skip
         return [future.state for future in futures]
+
+
+def wait_relaying_stop(futures: list[Any], stop: Stopper, relay: Callable[[], Any]) -> None:
+    """Wait for every future; once ``stop`` is asked to stop (a signal, a cancellation, read
+    from this thread), ``relay`` it to the workers once."""
+    relayed = False
+    for future in futures:
+        while not future.wrapped_future.done():
+            future.wait(timeout=0.2)
+            if stop.reason is not None and not relayed:
+                relay()
+                relayed = True

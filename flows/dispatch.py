@@ -15,15 +15,17 @@ from rollouts.dispatchers import close_dispatcher, open_dispatcher
 from rollouts.errors import IncompleteRun, RolloutsError
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import RolloutsSettings
+from rollouts.stopping import Stopper
 from tasks.collect import collect_chunk_task
 
 
 async def collect_chunks(
     chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
-    config: CollectConfig, settings: RolloutsSettings, processes: int,
+    config: CollectConfig, settings: RolloutsSettings, processes: int, stop: Stopper,
 ) -> list[State[Any]]:  # fmt: skip
     """One cached, retrying task run per chunk, in this process or in ``processes`` local ones
-    (or on a Dask cluster); their final states, in chunk order."""
+    (or on a Dask cluster); their final states, in chunk order. ``stop`` (armed with the run's
+    deadline) stops them all: here as their dispatcher's stopper, on Dask relayed to workers."""
     chunk_task = collect_chunk_task.with_options(
         retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
     )
@@ -33,14 +35,18 @@ async def collect_chunks(
     if dask_enabled(settings, processes):
         return await asyncio.to_thread(
             collect_on_dask, chunk_task, chunks, plan, run_id, run_dir, settings, config,
-            processes,
+            processes, stop,
         )  # fmt: skip
-    open_dispatcher(run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks)
+    dispatcher = open_dispatcher(
+        run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks
+    )
+    dispatcher.stop = stop  # the flow's: its signal handlers and deadline stop these chunks
     try:
         # Awaited together on this event loop, chunk tasks share one dispatcher.
         return await asyncio.gather(
-            *(chunk_task(s, plan, run_id, return_state=True) for s in chunks)
-        )
+            *(chunk_task(s, plan, run_id, stop_plan=stop.plan, return_state=True)
+              for s in chunks)
+        )  # fmt: skip
     finally:
         await close_dispatcher(run_id)
 

@@ -19,7 +19,7 @@ from flows.collect import collect_rollouts
 from flows.ui import run_name, title
 from rollouts.errors import RolloutsError
 from rollouts.models import DatasetConfig, MultiDatasetConfig
-from rollouts.summary import CollectSummary, MultiSummary
+from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary, MultiSummary
 from tasks.mix import mix_task
 
 __all__ = ["MultiSummary", "collect_multi_dataset"]
@@ -35,7 +35,7 @@ async def collect_dataset_task(dataset: DatasetConfig) -> CollectSummary:
     state = await collect_rollouts.with_options(flow_run_name=dataset.run_label())(
         **dataset.collect_parameters(), return_state=True
     )
-    if not state.is_completed():
+    if not state.is_completed() or state.name == STOPPED_AT_DEADLINE:  # no mix of a partial set
         raise DatasetFailed(f"{dataset.name}: {state.message}")
     return await state.aresult()
 

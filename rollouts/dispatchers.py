@@ -14,6 +14,7 @@ import threading
 from rollouts.agent_client import RetryPolicy
 from rollouts.collect import Dispatcher
 from rollouts.settings import RolloutsSettings
+from rollouts.stopping import StopPlan, StopReason
 
 _dispatchers: dict[str, Dispatcher] = {}
 
@@ -51,6 +52,7 @@ async def close_dispatcher(run_id: str) -> None:
 _worker_loop: asyncio.AbstractEventLoop | None = None
 _worker_dispatchers: dict[str, Dispatcher] = {}
 _worker_lock = threading.Lock()
+_worker_stops: dict[str, tuple[StopPlan, StopReason]] = {}  # asked before a dispatcher existed
 
 
 def _background_loop() -> asyncio.AbstractEventLoop:
@@ -77,10 +79,30 @@ def worker_dispatcher(
                                   api_key)  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
+            if run_id in _worker_stops:
+                loop.call_soon_threadsafe(
+                    _stop, _worker_dispatchers[run_id], *_worker_stops[run_id]
+                )
             # As in the flow's process (flows/dispatch.py): keep full collections off the
             # large, long-lived heap that Prefect and Dask leave here.
             gc.freeze()
         return loop, _worker_dispatchers[run_id]
+
+
+def request_worker_stop(run_id: str, plan: StopPlan, reason: StopReason) -> None:
+    """On a Dask worker (the flow calls it on each through ``Client.run``): stop this
+    process's dispatcher for ``run_id`` as the flow's own was stopped. A dispatcher created
+    later for that run starts stopped."""
+    with _worker_lock:
+        _worker_stops[run_id] = (plan, reason)
+        dispatcher = _worker_dispatchers.get(run_id)
+        if dispatcher is not None and _worker_loop is not None:
+            _worker_loop.call_soon_threadsafe(_stop, dispatcher, plan, reason)
+
+
+def _stop(dispatcher: Dispatcher, plan: StopPlan, reason: StopReason) -> None:
+    dispatcher.stop.arm(plan)  # this run's stop state, even if no chunk of it ran here yet
+    dispatcher.stop.request(reason)
 
 
 def share_budget(total: int, workers: list[str]) -> dict[str, int]:

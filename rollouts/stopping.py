@@ -80,6 +80,13 @@ class Stopper:
     """One process's stop state for a run. Call its methods on the dispatcher's event loop
     (from a signal handler or another thread: ``loop.call_soon_threadsafe``)."""
 
+    @classmethod
+    def armed(cls, plan: StopPlan) -> Stopper:
+        """A stopper for ``plan``, its deadline timer running (call on the event loop)."""
+        stopper = cls()
+        stopper.arm(plan)
+        return stopper
+
     def __init__(self) -> None:
         self.plan: StopPlan | None = None
         self.reason: StopReason | None = None
@@ -114,6 +121,9 @@ class Stopper:
         if plan.deadline_at is not None:
             cancel_at = min(cancel_at, plan.deadline_at)
         self._cancel_in_flight_at(cancel_at)
+
+    def grace_s(self) -> float:
+        return self.plan.grace_s if self.plan is not None else StopPlan(0.0).grace_s
 
     def may_start(self) -> bool:
         """Whether a rollout may start now: no stop asked, and time left beyond the margin."""

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from rollouts.errors import IncompleteRun
+from rollouts.errors import IncompleteRun, RunStopped
 from rollouts.mix import SourceSelection
+from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
     from rollouts.collect import DispatchPlan
@@ -51,6 +52,7 @@ class CollectSummary(BaseModel):
     chunks_from_cache: int
     agents: list[AgentResult]
     missing_examples: list[tuple[int, int]] = []
+    stopped: str | None = None  # "deadline": stopped at max_duration with rollouts missing
 
 
 class MultiSummary(BaseModel):
@@ -62,6 +64,37 @@ class MultiSummary(BaseModel):
     mix_rows: int | None = None
     mix_sources: dict[str, SourceSelection] = {}
     mix_from_cache: bool = False
+
+
+STOPPED_AT_DEADLINE = "StoppedAtDeadline"  # the Prefect state name of a run cut by its deadline
+STOP_CAUSES = {
+    "deadline": "at the deadline",
+    "SIGINT": "by Ctrl-C (SIGINT)",
+    "SIGTERM": "by SIGTERM",
+    "cancelled": "by a cancellation of its flow run",
+}
+
+
+def deadline_message(summary: CollectSummary) -> str:
+    """The state message and CLI line of a run its deadline cut."""
+    return (
+        f"stopped at deadline, {summary.missing} missing, resumable: {summary.succeeded} of "
+        f"{summary.expected} rollouts written (merged, sorted, into {summary.output}), "
+        f"{summary.failed} failed. Rerun the same command to continue (it gets its own "
+        "max_duration from its start)."
+    )
+
+
+def stopped_run(reason: str, status: RunStatus) -> RunStopped:
+    """A run a signal or a cancellation stopped before its rollouts were all in."""
+    missing = status.expected - status.done - status.failed
+    return RunStopped(
+        f"stopped {STOP_CAUSES.get(reason, reason)}: {status.done} of {status.expected} "
+        f"rollouts written, {status.failed} failed, {missing} missing; everything written is "
+        "kept (in the run state; the output is merged when the run completes). Rerun the same "
+        "command to continue: it sends only the missing ones.",
+        reason,
+    )
 
 
 def incomplete_run(merge: MergeReport, plan: DispatchPlan, chunks_unfinished: int) -> IncompleteRun:

@@ -21,7 +21,7 @@ import yaml
 from rollouts.errors import validation_message
 from rollouts.models import CollectConfig
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
 
 RCP_PREFIX = "responses_create_params."
 # `+key` of ng_collect_rollouts -> flow parameter: the fields of the one declaration.
@@ -44,7 +44,8 @@ def parse_plus_args(tokens: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if key in ("input_jsonl_fpath", "output_jsonl_fpath", "agent_name", "agent_url"):
+        if key in ("input_jsonl_fpath", "output_jsonl_fpath", "agent_name", "agent_url",
+                   "max_duration"):  # fmt: skip
             value = raw  # paths and names stay strings even when they look like numbers
         if key.startswith(RCP_PREFIX):
             params.setdefault("responses_create_params", {})[key[len(RCP_PREFIX) :]] = value
@@ -112,6 +113,11 @@ def _add_collect_parser(sub: Any) -> None:
     p.add_argument(
         "--num-repeats-add-seed", dest="num_repeats_add_seed", action="store_true", default=None,
         help="+num_repeats_add_seed: metadata.extra_body.seed = rollout index",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-duration", dest="max_duration",
+        help="+max_duration: end the run on time (2h, 90m, 45s or seconds); exit status 3, "
+        "and rerunning the same command continues",
     )  # fmt: skip
     p.add_argument(
         "--fresh", action="store_true", default=None,
@@ -223,6 +229,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         return e.exit_code
     from flows.collect import CollectSummary, collect_rollouts
     from rollouts.settings import RolloutsSettings
+    from rollouts.summary import STOPPED_AT_DEADLINE
     from rollouts_cli.progress import cli_progress_bar
     from rollouts_cli.report import print_summary
 
@@ -233,6 +240,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
     summary = state.result()
     assert isinstance(summary, CollectSummary)
     print_summary(summary)
+    if state.name == STOPPED_AT_DEADLINE:
+        print(f"rollouts collect: {state.message}", file=sys.stderr)
+        return EXIT_DEADLINE
     return EXIT_OK
 
 

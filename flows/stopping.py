@@ -1,0 +1,100 @@
+"""What stops a flow run early, from outside: SIGINT, SIGTERM and a Prefect cancellation.
+
+Each asks the run's ``Stopper`` (rollouts/stopping.py) to stop: no rollout starts, those in
+flight get ROLLOUTS_STOP_GRACE_S, and what finished is kept. A second signal ends the process at
+once (appends are whole flushed lines: nothing written is lost; a torn tail is cut on resume).
+
+Prefect delivers a cancellation (UI, `prefect flow-run cancel`) in two ways, and both lead here:
+a worker's process runner sends SIGTERM to the flow-run process; a run in the CLI's own process
+is only marked Cancelling on the server, so this flow watches its own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.context import FlowRunContext
+from prefect.states import Cancelled, Crashed, State
+
+from rollouts.errors import RunStopped
+from rollouts.stopping import Stopper
+
+CANCEL_POLL_S = 1.0  # how often a run checks whether it was cancelled
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.asynccontextmanager
+async def stop_controls(stop: Stopper) -> AsyncIterator[None]:
+    """While the block runs, SIGINT, SIGTERM and a cancellation of this flow run stop it."""
+    restore = _on_stop_signals(stop, asyncio.get_running_loop())
+    watcher = asyncio.create_task(_watch_cancellation(stop))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        restore()
+
+
+def _on_stop_signals(stop: Stopper, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Install the handlers (only the main thread can); return what restores the previous."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        received.append(signum)
+        if len(received) > 1:  # the second one: now
+            os.write(2, f"\nrollouts: {name} again: stopped at once. Nothing written is lost; "
+                        "rerun the same command to continue.\n".encode())  # fmt: skip
+            os._exit(128 + signum)
+        os.write(2, f"\nrollouts: {name}: stopping. No new rollouts; those in flight get "
+                    f"{stop.grace_s():g} s. Press Ctrl-C again to stop at once.\n".encode())  # fmt: skip
+        loop.call_soon_threadsafe(stop.request, name)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+async def _watch_cancellation(stop: Stopper) -> None:
+    """Poll this flow run's state; Cancelling (or Cancelled) stops the run."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    run_id = ctx.flow_run.id
+    async with get_client() as client:
+        while stop.reason is None:
+            await asyncio.sleep(CANCEL_POLL_S)
+            with contextlib.suppress(Exception):  # an API hiccup: ask again next time
+                run = await client.read_flow_run(run_id)
+                if run.state is not None and run.state.type in (
+                    StateType.CANCELLING, StateType.CANCELLED
+                ):  # fmt: skip
+                    stop.request("cancelled")
+
+
+def stopped_state(error: RunStopped) -> State[Any]:
+    """The flow run's final state after a stop by a signal or a cancellation: Cancelled, with
+    the message to rerun. A SIGTERM to a deployed run that nobody cancelled (the
+    infrastructure's, e.g. an eviction) ends Crashed instead, so the resume automation
+    reschedules it (rollouts_cli/prefect_setup.py)."""
+    ctx = FlowRunContext.get()
+    deployed = ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id
+    if error.reason == "SIGTERM" and deployed:
+        return Crashed(message=str(error), data=error)
+    return Cancelled(message=str(error), data=error)
