@@ -167,7 +167,7 @@ def test_cancelling_the_flow_run_through_the_api_stops_it_like_a_signal(
     proc = run.start(env={"ROLLOUTS_STOP_GRACE_S": "0.5"})
     run.wait_for_written(proc, 20)
 
-    flow_run_id = asyncio.run(cancel_running_flow_run(run.out.stem))
+    flow_run_id = asyncio.run(cancel_running_flow_run(run.out))
     cancelled = time.monotonic()
     _, stderr = proc.communicate(timeout=30)
 
@@ -178,7 +178,7 @@ def test_cancelling_the_flow_run_through_the_api_stops_it_like_a_signal(
     run.rerun_completes_exactly(agent, written_keys(run.run_dir), set(requested(agent)))
 
 
-async def cancel_running_flow_run(stem: str) -> Any:
+async def cancel_running_flow_run(output: Path) -> Any:
     """What the UI's Cancel does: the run goes Cancelling."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState
@@ -189,7 +189,7 @@ async def cancel_running_flow_run(stem: str) -> Any:
     async with get_client() as client:
         runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=Types(any_=[StateType.RUNNING]))))  # fmt: skip
-        ours = [r for r in runs if r.name.startswith(f"collect-{stem}")]
+        ours = [r for r in runs if r.parameters.get("output_jsonl_fpath") == str(output)]
         assert len(ours) == 1, [r.name for r in runs]
         await client.set_flow_run_state(ours[0].id, Cancelling())
         return ours[0].id
