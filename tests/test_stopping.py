@@ -200,3 +200,44 @@ async def flow_run_state(flow_run_id: Any) -> str:
 
     async with get_client() as client:
         return str((await client.read_flow_run(flow_run_id)).state_type.value)
+
+
+def test_the_deadline_holds_in_several_processes(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """Chunks in Dask worker processes get the run's absolute deadline: each worker's
+    dispatcher stops dispatching on its own, and the rerun completes the output exactly."""
+    pytest.importorskip("prefect_dask")
+    agent = start_agent("--latency-ms", "150", "--latency-sigma", "0.8")
+    run = Collection(tmp_path, agent, prefect_api, 600)
+
+    first = run.start("--max-duration", "8s", "--processes", "2")
+    _, stderr = first.communicate(timeout=90)
+    ended = time.time()
+
+    assert first.returncode == 3, stderr[-2000:]
+    record = orjson.loads((run.run_dir / STOP_RECORD).read_bytes())
+    assert ended <= record["deadline_at"] + 2.0, ended - record["deadline_at"]
+    before = written_keys(run.run_dir)
+    assert 0 < len(before) < run.n_tasks
+    run.rerun_completes_exactly(agent, before, set(requested(agent)))
+
+
+def test_sigterm_stops_chunks_in_several_processes_too(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """The flow relays the stop to its Dask workers: they stop dispatching and cut what is in
+    flight after the grace."""
+    pytest.importorskip("prefect_dask")
+    agent = start_agent("--latency-ms", "300", "--latency-sigma", "0.6")
+    run = Collection(tmp_path, agent, prefect_api, 300)
+    proc = run.start("--processes", "2", env={"ROLLOUTS_STOP_GRACE_S": "0.5"})
+    run.wait_for_written(proc, 20)
+
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+
+    assert proc.returncode == 143, stderr[-2000:]
+    assert time.monotonic() - signalled < 5.0
+    run.rerun_completes_exactly(agent, written_keys(run.run_dir), set(requested(agent)))
