@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import kill_group, loadavg  # noqa: E402
-from startup import ROLLOUTS, clean_env, prefect_server  # noqa: E402
+from _common import kill_group, loadavg
+from startup import ROLLOUTS, clean_env, prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def main() -> None:
             with prefect_server(tmp / "home", tmp / "server.log", None) as (api, _, _):
                 env = clean_env(tmp / "home", api)
                 subprocess.run(
-                    collect_cmd(url, inp, tmp / "warm.jsonl", args.parallel) + ["+limit=5"],
+                    [*collect_cmd(url, inp, tmp / "warm.jsonl", args.parallel), "+limit=5"],
                     env=env,
                     cwd=tmp,
                     check=True,
