@@ -136,7 +136,8 @@ def main() -> None:
         agent, url = start_agent(tmp, args.latency_ms, args.sigma)
         try:
             with prefect_server(tmp / "home", tmp / "server.log", None) as (api, _, _):
-                env = clean_env(tmp / "home", api)
+                # This checkout's code, whichever one the venv was installed from.
+                env = {**clean_env(tmp / "home", api), "PYTHONPATH": str(ROOT)}
                 subprocess.run(
                     [*collect_cmd(url, inp, tmp / "warm.jsonl", args.parallel), "+limit=5"],
                     env=env,
