@@ -109,6 +109,8 @@ def test_a_run_cut_by_its_deadline_ends_on_time_with_its_output_and_the_rerun_co
     merged = [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in read_jsonl(run.out)]
     assert merged == sorted(before)  # what finished, merged and sorted
     assert f"{run.n_tasks - len(before)} missing" in stderr
+    state = asyncio.run(flow_run_state_of(run.out))
+    assert state == ("COMPLETED", "StoppedAtDeadline")  # not a failure
 
     run.rerun_completes_exactly(agent, before, set(requested(agent)))
 
@@ -193,6 +195,19 @@ async def cancel_running_flow_run(output: Path) -> Any:
         assert len(ours) == 1, [r.name for r in runs]
         await client.set_flow_run_state(ours[0].id, Cancelling())
         return ours[0].id
+
+
+async def flow_run_state_of(output: Path) -> tuple[str, str]:
+    """(type, name) of the last flow run that collected ``output``."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        runs = [r for r in await client.read_flow_runs()
+                if r.parameters.get("output_jsonl_fpath") == str(output)]  # fmt: skip
+        assert runs
+        last = max(runs, key=lambda r: r.created or 0)
+        assert last.state is not None
+        return str(last.state.type.value), str(last.state.name)
 
 
 async def flow_run_state(flow_run_id: Any) -> str:
