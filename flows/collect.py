@@ -52,7 +52,10 @@ async def collect_rollouts(
     agent_url: Annotated[str | None, _form("agent_url")] = None,
     limit: Annotated[int | None, _form("limit")] = None,
     num_repeats: Annotated[int, _form("num_repeats")] = 1,
-    num_samples_in_parallel: Annotated[int, _form("num_samples_in_parallel")] = 64,
+    num_samples_in_parallel: Annotated[
+        int | Literal["auto"], _form("num_samples_in_parallel")
+    ] = 64,
+    max_in_flight: Annotated[int, _form("max_in_flight")] = 1024,
     responses_create_params: Annotated[
         dict[str, Any] | None, _form("responses_create_params")
     ] = None,

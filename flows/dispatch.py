@@ -35,7 +35,9 @@ async def collect_chunks(
             collect_on_dask, chunk_task, chunks, plan, run_id, run_dir, settings, config,
             processes,
         )  # fmt: skip
-    open_dispatcher(run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks)
+    open_dispatcher(
+        run_id, settings, config.in_flight_ceiling, config.max_parallel_chunks, config.adaptive
+    )
     try:
         # Awaited together on this event loop, chunk tasks share one dispatcher.
         return await asyncio.gather(

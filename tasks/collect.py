@@ -36,8 +36,9 @@ def _chunk_identity(inputs: dict[str, Any]) -> Any:
     # retries: set by the flow from the settings (chunk_retries, chunk_retry_delay_s)
 )
 async def collect_chunk_task(
-    spec: ChunkSpec, plan: DispatchPlan, run_id: str, worker_budgets: dict[str, int] | None = None
-) -> ChunkResult:
+    spec: ChunkSpec, plan: DispatchPlan, run_id: str, worker_budgets: dict[str, int] | None = None,
+    adaptive: bool = False,
+) -> ChunkResult:  # fmt: skip
     """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
 
     ``worker_budgets`` None: in the flow's process, sharing the flow's dispatcher. Else on a
@@ -48,7 +49,7 @@ async def collect_chunk_task(
         result = await collect_chunk(spec, plan, get_dispatcher(run_id))
     else:
         budget = this_worker_budget(worker_budgets)
-        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget)
+        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget, adaptive)
         running = asyncio.run_coroutine_threadsafe(collect_chunk(spec, plan, dispatcher), loop)
         result = await asyncio.wrap_future(running)
     logger.info(
