@@ -275,6 +275,7 @@ async def collect_chunk(spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatc
         failures_path=str(failures_path),
         worker=worker_id(),
         attempts=requests,
+        in_flight_limit=client.concurrency.limit if client.concurrency else None,
     )
 
 

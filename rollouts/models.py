@@ -257,6 +257,7 @@ class ChunkResult(BaseModel):
     failures_path: str
     worker: str
     attempts: int = 0  # /run requests sent by this chunk's run
+    in_flight_limit: int | None = None  # num_samples_in_parallel="auto": the limit at its end
 
     @property
     def complete(self) -> bool:

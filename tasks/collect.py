@@ -53,9 +53,10 @@ async def collect_chunk_task(
         running = asyncio.run_coroutine_threadsafe(collect_chunk(spec, plan, dispatcher), loop)
         result = await asyncio.wrap_future(running)
     logger.info(
-        "chunk %05d: %d/%d written, %d failed, %d missing (%d requests, worker %s)",
+        "chunk %05d: %d/%d written, %d failed, %d missing (%d requests, worker %s%s)",
         spec.index, result.succeeded, result.expected, result.failed, result.missing,
         result.attempts, result.worker,
+        "" if result.in_flight_limit is None else f", in flight now {result.in_flight_limit} (auto)",
     )  # fmt: skip
     if not result.complete:
         # Not cached: a retry (or the next run) resumes with only the missing rollouts.
