@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
+from conftest import AgentServer
 
 from rollouts.agent_capacity import ProcessorSharing
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
-
-pytestmark = pytest.mark.fast
+from rollouts.reference_agent import generate_tasks
 
 
 @dataclass
@@ -91,6 +92,7 @@ def settled_limit(samples: list[tuple[float, int]], t0: float, t1: float) -> flo
     return weighted / total
 
 
+@pytest.mark.fast
 def test_the_limit_finds_the_agents_capacity_and_follows_it_when_it_halves() -> None:
     agent = SimulatedAgent(capacity=64, latency_s=0.02)
     controller = AdaptiveConcurrency(InFlightLimit(1), ceiling=1024)
@@ -107,6 +109,7 @@ def test_the_limit_finds_the_agents_capacity_and_follows_it_when_it_halves() -> 
     assert 32 <= settled_limit(samples, 4.5, 6.0) <= 32 * 1.6, samples
 
 
+@pytest.mark.fast
 def test_429s_halve_the_limit_and_stay_rare() -> None:
     agent = SimulatedAgent(capacity=1000, latency_s=0.02, reject_above=48)
     controller = AdaptiveConcurrency(InFlightLimit(1), ceiling=1024)
@@ -117,6 +120,7 @@ def test_429s_halve_the_limit_and_stay_rare() -> None:
     assert max(limits_after(samples, 2.0, 4.0)) <= 64
 
 
+@pytest.mark.fast
 def test_latency_that_does_not_follow_load_does_not_starve_the_agent() -> None:
     """Harder tasks later in a dataset take longer at any load: that is no reason to send
     fewer of them."""
@@ -133,6 +137,7 @@ def test_latency_that_does_not_follow_load_does_not_starve_the_agent() -> None:
     assert settled_limit(samples, 4.0, 5.0) >= 48, samples
 
 
+@pytest.mark.fast
 def test_a_smaller_limit_takes_effect_as_places_are_released() -> None:
     async def go() -> list[int]:
         places = InFlightLimit(4)
@@ -152,6 +157,7 @@ def test_a_smaller_limit_takes_effect_as_places_are_released() -> None:
     assert asyncio.run(go()) == [3, 2, 2]
 
 
+@pytest.mark.fast
 def test_a_cancelled_waiter_gives_back_the_place_it_was_granted() -> None:
     async def go() -> int:
         places = InFlightLimit(1)
@@ -164,3 +170,56 @@ def test_a_cancelled_waiter_gives_back_the_place_it_was_granted() -> None:
         return places.in_use
 
     assert asyncio.run(go()) == 0
+
+
+@pytest.mark.fast
+def test_processor_sharing_serves_capacity_at_full_speed_and_shares_above_it() -> None:
+    async def finish_times(n: int, capacity: int, work_s: float) -> list[float]:
+        server = ProcessorSharing(capacity)
+        start = time.monotonic()
+
+        async def one() -> float:
+            await server.serve(work_s)
+            return time.monotonic() - start
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+    # 2 at full speed: 0.1 s each; 4 sharing 2: each at half speed, 0.2 s
+    assert all(0.09 < t < 0.15 for t in asyncio.run(finish_times(2, 2, 0.1)))
+    assert all(0.19 < t < 0.25 for t in asyncio.run(finish_times(4, 2, 0.1)))
+
+
+@pytest.mark.fast
+def test_halving_capacity_mid_request_slows_what_is_left() -> None:
+    async def go() -> float:
+        server = ProcessorSharing(2)
+        start = time.monotonic()
+        tasks = [asyncio.create_task(server.serve(0.2)) for _ in range(2)]
+        await asyncio.sleep(0.1)  # half done at full speed
+        server.set_capacity(1)  # the other half at half speed: 0.2 s more
+        await asyncio.gather(*tasks)
+        return time.monotonic() - start
+
+    assert 0.28 < asyncio.run(go()) < 0.36
+
+
+def test_the_reference_agent_rejects_above_its_limit_and_slows_above_capacity(
+    start_agent: Callable[..., AgentServer],
+) -> None:
+    agent = start_agent("--latency-ms", "200", "--capacity", "2", "--reject-above", "3",
+                        "--retry-after-s", "0.5")  # fmt: skip
+
+    async def go() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(timeout=10) as http:
+
+            async def one(i: int) -> tuple[int, float]:
+                t0 = time.monotonic()
+                r = await http.post(f"{agent.url}/run", json=list(generate_tasks(4))[i])
+                return r.status_code, time.monotonic() - t0
+
+            return list(await asyncio.gather(*(one(i) for i in range(4))))
+
+    answers = sorted(asyncio.run(go()))
+    assert [status for status, _ in answers] == [200, 200, 200, 429]
+    # three in service sharing a capacity of two: 200 ms of work takes about 300 ms
+    assert all(0.27 < seconds < 0.6 for status, seconds in answers if status == 200)
