@@ -321,10 +321,13 @@ def reference_agent(
     request_log: Path | None = None,
     seed: int = 0,
     log_path: Path | None = None,
+    extra: list[str] | None = None,
 ) -> Iterator[Agent]:
-    """``python -m rollouts.reference_agent --port 0`` on 127.0.0.1; stopped on exit."""
+    """``python -m rollouts.reference_agent --port 0`` on 127.0.0.1 (``extra``: more of its
+    flags); stopped on exit."""
     cmd = [PY, "-m", "rollouts.reference_agent", "--host", "127.0.0.1", "--port", "0",
-           "--latency-ms", str(latency_ms), "--latency-sigma", str(sigma), "--seed", str(seed)]  # fmt: skip
+           "--latency-ms", str(latency_ms), "--latency-sigma", str(sigma), "--seed", str(seed),
+           *(extra or [])]  # fmt: skip
     if request_log is not None:
         cmd += ["--request-log", str(request_log)]
     err = open(log_path, "wb") if log_path else subprocess.DEVNULL

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
@@ -22,7 +22,7 @@ from flows.ui import form_field, own_run_context, run_name
 from rollouts.agent_client import check_agents_reachable
 from rollouts.collect import DispatchPlan
 from rollouts.errors import ConfigError, RolloutsError, RunStopped, validation_message
-from rollouts.models import CollectConfig, SplitResult
+from rollouts.models import CollectConfig, CountOrAuto, SplitResult
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
 from rollouts.settings import RolloutsSettings
 from rollouts.split import validate_input
@@ -65,14 +65,15 @@ async def collect_rollouts(
     agent_url: Annotated[str | None, _form("agent_url")] = None,
     limit: Annotated[int | None, _form("limit")] = None,
     num_repeats: Annotated[int, _form("num_repeats")] = 1,
-    num_samples_in_parallel: Annotated[int, _form("num_samples_in_parallel")] = 64,
+    num_samples_in_parallel: Annotated[CountOrAuto, _form("num_samples_in_parallel")] = 64,
+    max_in_flight: Annotated[int, _form("max_in_flight")] = 1024,
     responses_create_params: Annotated[
         dict[str, Any] | None, _form("responses_create_params")
     ] = None,
     num_repeats_add_seed: Annotated[bool, _form("num_repeats_add_seed")] = False,
     chunk_size: Annotated[int, _form("chunk_size")] = 10_000,
     max_parallel_chunks: Annotated[int, _form("max_parallel_chunks")] = 4,
-    processes: Annotated[int | Literal["auto"], _form("processes")] = 1,
+    processes: Annotated[CountOrAuto, _form("processes")] = 1,
     max_duration: Annotated[str | None, _form("max_duration")] = None,
     fresh: Annotated[bool, _form("fresh")] = False,
 ) -> CollectSummary | State:

@@ -33,7 +33,7 @@ def collecting_processes(config: CollectConfig, settings: RolloutsSettings) -> i
     and a remote one."""
     processes = config.process_count()
     if processes == 1 and settings.dask_local_workers:  # the older spelling of `processes`
-        processes = min(settings.dask_local_workers, config.num_samples_in_parallel)
+        processes = min(settings.dask_local_workers, config.in_flight_ceiling)
     if processes > 1 and settings.dask_address:
         raise ConfigError(
             f"processes={config.processes} starts a local cluster, but ROLLOUTS_DASK_ADDRESS "
@@ -168,7 +168,7 @@ def collect_on_dask(
     prepare_worker_environment(settings, api_url)
     with make_task_runner(settings, processes, config.max_parallel_chunks) as runner:
         workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
-        budgets = worker_budgets(settings, config.num_samples_in_parallel, workers)
+        budgets = worker_budgets(settings, config.in_flight_ceiling, workers)
         get_run_logger().info(
             "collecting %s: %d processes, requests in flight each: %s",
             f"on Dask at {settings.dask_address}" if settings.dask_address else "locally",
@@ -177,7 +177,8 @@ def collect_on_dask(
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
                                                   "worker_budgets": budgets,
-                                                  "stop_plan": stop.plan})
+                                                  "stop_plan": stop.plan,
+                                                  "adaptive": config.adaptive})
             for spec in chunks
         ]  # fmt: skip
         wait_relaying_stop(futures, stop, lambda: runner.client.run(

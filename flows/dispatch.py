@@ -38,7 +38,7 @@ async def collect_chunks(
             processes, stop,
         )  # fmt: skip
     dispatcher = open_dispatcher(
-        run_id, settings, config.num_samples_in_parallel, config.max_parallel_chunks
+        run_id, settings, config.in_flight_ceiling, config.max_parallel_chunks, config.adaptive
     )
     dispatcher.stop = stop  # the flow's: its signal handlers and deadline stop these chunks
     try:

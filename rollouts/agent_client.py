@@ -23,6 +23,7 @@ import orjson
 import yaml
 
 from rollouts.aiohttp_transport import AiohttpSessionTransport
+from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
 from rollouts.errors import AgentResolutionError, AgentUnreachable
 from rollouts.settings import RolloutsSettings
 
@@ -133,8 +134,8 @@ class Slot:
 
     __slots__ = ("_places",)
 
-    def __init__(self, places: asyncio.Semaphore) -> None:
-        self._places: asyncio.Semaphore | None = places
+    def __init__(self, places: InFlightLimit) -> None:
+        self._places: InFlightLimit | None = places
 
     def release(self, _task: object = None) -> None:
         places, self._places = self._places, None
@@ -162,10 +163,15 @@ class AgentClient:
         max_in_flight: int,
         api_key: str | None = None,
         *,
+        adaptive: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.policy = policy
-        self._places = asyncio.Semaphore(max_in_flight)
+        self._places = InFlightLimit(max_in_flight)
+        # adaptive: max_in_flight is the ceiling; the controller moves the limit under it
+        self.concurrency = (
+            AdaptiveConcurrency(self._places, ceiling=max_in_flight) if adaptive else None
+        )
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -253,10 +259,18 @@ class AgentClient:
         for attempt in range(1, self.policy.max_attempts + 1):
             place = slot if slot is not None else await self.reserve()
             slot = None
+            concurrency = self.concurrency
+            if concurrency is not None:
+                sent, started = concurrency.sent(), time.monotonic()
             try:
                 result = await self._attempt(url, body)
             finally:
                 place.release()
+            if concurrency is not None:
+                concurrency.observe(
+                    sent, time.monotonic() - started,
+                    None if isinstance(result, dict) else result.failure_class,
+                )  # fmt: skip
             if isinstance(result, dict):
                 return Outcome("ok", answer=result, attempts=attempt)
             last = result

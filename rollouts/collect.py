@@ -131,8 +131,8 @@ class Dispatcher:
     """
 
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
-                 api_key: str | None) -> None:  # fmt: skip
-        self.client = AgentClient(policy, max_in_flight, api_key)
+                 api_key: str | None, adaptive: bool = False) -> None:  # fmt: skip
+        self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive)
         self._chunk_slots = (
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
         )
@@ -308,6 +308,7 @@ async def collect_chunk(
         worker=worker_id(),
         attempts=requests,
         stopped=stop.reason,
+        in_flight_limit=client.concurrency.limit if client.concurrency else None,
     )
 
 

@@ -20,14 +20,17 @@ _dispatchers: dict[str, Dispatcher] = {}
 
 
 def open_dispatcher(
-    run_id: str, settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None
-) -> Dispatcher:
+    run_id: str, settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
+    adaptive: bool = False,
+) -> Dispatcher:  # fmt: skip
+    """``adaptive``: ``max_in_flight`` is a ceiling, the limit is found at run time."""
     key = run_id
     if key not in _dispatchers:
         api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
         _dispatchers[key] = Dispatcher(
-            RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key
-        )
+            RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
+            adaptive,
+        )  # fmt: skip
     return _dispatchers[key]
 
 
@@ -65,7 +68,7 @@ def _background_loop() -> asyncio.AbstractEventLoop:
 
 
 def worker_dispatcher(
-    run_id: str, settings: RolloutsSettings, max_in_flight: int
+    run_id: str, settings: RolloutsSettings, max_in_flight: int, adaptive: bool = False
 ) -> tuple[asyncio.AbstractEventLoop, Dispatcher]:
     """This process's dispatcher for ``run_id`` and the loop it lives on (created once)."""
     with _worker_lock:
@@ -76,7 +79,7 @@ def worker_dispatcher(
             async def make() -> Dispatcher:
                 # Many chunks may run here at once (one per Dask thread): no chunk limit.
                 return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight, None,
-                                  api_key)  # fmt: skip
+                                  api_key, adaptive)  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
             if run_id in _worker_stops:

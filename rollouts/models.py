@@ -34,7 +34,7 @@ RESPONSES_CREATE_PARAMS_KEYS = frozenset(
 )  # fmt: skip
 
 
-def _parse_processes(v: Any) -> int | str:
+def _count_or_auto(v: Any) -> int | str:
     if v == "auto":
         return v
     try:
@@ -42,8 +42,12 @@ def _parse_processes(v: Any) -> int | str:
     except (TypeError, ValueError):
         n = 0
     if n < 1 or isinstance(v, bool | float):
-        raise ValueError(f'processes must be a whole number of at least 1 or "auto", got {v!r}')
+        raise ValueError(f'must be a whole number of at least 1 or "auto", got {v!r}')
     return n
+
+
+CountOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_count_or_auto)]
+"""A count (at least 1), or "auto": found at run time."""
 
 
 def _parse_max_duration(v: Any) -> str | None:
@@ -58,8 +62,6 @@ def _parse_max_duration(v: Any) -> str | None:
 MaxDuration = Annotated[str | None, BeforeValidator(_parse_max_duration)]
 """A run's time budget: 2h, 90m, 45s, 1h30m, or seconds; None: no deadline."""
 
-Processes = Annotated[int | Literal["auto"], BeforeValidator(_parse_processes)]
-"""Local collecting processes: a count, or "auto" for one per core."""
 
 RolloutKey = tuple[int, int]
 """(_ng_task_index, _ng_rollout_index): the identity of one rollout."""
@@ -95,9 +97,15 @@ class CollectConfig(BaseModel):
         description="Optional (integer). Collect only the first N input rows; empty: all rows.",
     )  # fmt: skip
     num_repeats: int = Field(default=1, title="Rollouts per task", description="Rollouts per task.")
-    num_samples_in_parallel: int = Field(
+    num_samples_in_parallel: CountOrAuto = Field(
         default=64, title="Requests in flight",
-        description="Requests in flight at once, for the whole run.",
+        description='Requests in flight at once, for the whole run; "auto": as many as the '
+        "agent serves without queueing them, found and followed while the run goes (at most "
+        "max_in_flight).",
+    )  # fmt: skip
+    max_in_flight: int = Field(
+        default=1024, title="Most requests in flight (auto)",
+        description='The ceiling of num_samples_in_parallel="auto", for the whole run.',
     )  # fmt: skip
     responses_create_params: dict[str, Any] = Field(
         default_factory=dict, title="Sampling overrides (Responses API)",
@@ -116,7 +124,7 @@ class CollectConfig(BaseModel):
     max_parallel_chunks: int = Field(
         default=4, title="Chunks at once", description="Chunks dispatching requests at once."
     )
-    processes: Processes = Field(
+    processes: CountOrAuto = Field(
         default=1, title="Processes",
         description='Local processes collecting chunks (a local Dask cluster; the [dask] '
         'extra), each with its own HTTP client and a share of the requests in flight; "auto": '
@@ -141,7 +149,7 @@ class CollectConfig(BaseModel):
             raise ValueError(f"limit must be a positive number of rows, got {v}")
         return v
 
-    @field_validator("num_repeats", "num_samples_in_parallel", "chunk_size", "max_parallel_chunks")
+    @field_validator("num_repeats", "max_in_flight", "chunk_size", "max_parallel_chunks")
     @classmethod
     def _at_least_one(cls, v: int, info: Any) -> int:
         if v < 1:
@@ -152,7 +160,17 @@ class CollectConfig(BaseModel):
         """Processes to collect in: "auto" is this machine's cores; never more processes than
         requests in flight (each needs at least one)."""
         wanted = usable_cores() if self.processes == "auto" else int(self.processes)
-        return max(1, min(wanted, self.num_samples_in_parallel))
+        return max(1, min(wanted, self.in_flight_ceiling))
+
+    @property
+    def adaptive(self) -> bool:
+        """Requests in flight found at run time (num_samples_in_parallel="auto")."""
+        return self.num_samples_in_parallel == "auto"
+
+    @property
+    def in_flight_ceiling(self) -> int:
+        """The run's requests in flight: the fixed number, or the most "auto" may reach."""
+        return self.max_in_flight if self.adaptive else int(self.num_samples_in_parallel)
 
     @field_validator("responses_create_params")
     @classmethod
@@ -266,6 +284,7 @@ class ChunkResult(BaseModel):
     worker: str
     attempts: int = 0  # /run requests sent by this chunk's run
     stopped: str | None = None  # why dispatching stopped early (rollouts/stopping.py), if it did
+    in_flight_limit: int | None = None  # num_samples_in_parallel="auto": the limit at its end
 
     @property
     def complete(self) -> bool:
@@ -306,12 +325,15 @@ class DatasetConfig(BaseModel):
     num_repeats: int = Field(
         default=1, ge=1, title="Rollouts per task", description="Rollouts per task."
     )
-    num_samples_in_parallel: int = Field(
+    num_samples_in_parallel: CountOrAuto = Field(
         default=64,
-        ge=1,
         title="Requests in flight",
-        description="Requests in flight at once for this dataset.",
+        description='Requests in flight at once for this dataset; "auto": found at run time.',
     )
+    max_in_flight: int = Field(
+        default=1024, ge=1, title="Most requests in flight (auto)",
+        description='The ceiling of num_samples_in_parallel="auto".',
+    )  # fmt: skip
     limit: int | None = Field(
         default=None,
         gt=0,
@@ -332,7 +354,7 @@ class DatasetConfig(BaseModel):
         description='Put {"seed": rollout_index} into metadata.extra_body of each request, so '
         "repeats differ reproducibly.",
     )  # fmt: skip
-    processes: Processes = Field(
+    processes: CountOrAuto = Field(
         default=1, title="Processes",
         description='Local processes collecting this dataset\'s chunks; "auto": one per core.',
     )  # fmt: skip

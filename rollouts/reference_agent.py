@@ -62,6 +62,7 @@ from typing import IO, Any
 import orjson
 from aiohttp import web
 
+from rollouts.agent_capacity import ProcessorSharing
 from rollouts.models import RESPONSES_CREATE_PARAMS_KEYS
 from rollouts.reference_agent_args import FAILURE_CLASS, add_serve_agent_arguments
 
@@ -149,6 +150,9 @@ class AgentSimConfig:
     fail_class_tasks: frozenset[int] = frozenset()
     no_persist_tasks: frozenset[int] = frozenset()
     crash_after: int | None = None
+    capacity: int | None = None  # processor sharing above K in service (agent_capacity.py)
+    reject_above: int | None = None  # 429 while this many are in service
+    capacity_schedule: tuple[tuple[float, int], ...] = ()  # (seconds after first /run, K)
 
     def __post_init__(self) -> None:
         probabilities = {
@@ -166,6 +170,11 @@ class AgentSimConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.crash_after is not None and self.crash_after < 0:
             raise ValueError("crash_after must be >= 0")
+        for name in ("capacity", "reject_above"):
+            if (getattr(self, name) or 1) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.capacity_schedule and self.capacity is None:
+            raise ValueError("capacity_schedule needs a capacity to start from")
         self.fail_400_tasks = frozenset(self.fail_400_tasks)
         self.fail_class_tasks = frozenset(self.fail_class_tasks)
         self.no_persist_tasks = frozenset(self.no_persist_tasks)
@@ -404,6 +413,10 @@ class _ReferenceAgent:
             (c.p_500, "500"), (c.p_429, "429"), (c.p_reset, "reset"), (c.p_hang, "hang"),
         )  # fmt: skip
         self._any_fault = any(p > 0 for p, _ in self._fault_bands)
+        self._server = ProcessorSharing(config.capacity) if config.capacity else None
+        self._schedule = list(config.capacity_schedule)
+        self._schedule_start: float | None = None  # the first /run
+        self._in_service = 0  # requests between their decision and their answer
 
     async def log_file_ctx(self, app: web.Application) -> Any:
         """cleanup_ctx: the request log is opened once per server run and closed on shutdown."""
@@ -474,7 +487,19 @@ class _ReferenceAgent:
             return "fail_class", temperature, None
         if isinstance(task_index, int) and task_index in self.config.no_persist_tasks:
             return "no_persist", temperature, None
+        reject_above = self.config.reject_above
+        if reject_above is not None and self._in_service >= reject_above:
+            return "429", temperature, None  # over capacity: the client must back off
         return self._draw_fault() or "ok", temperature, None
+
+    def _follow_schedule(self) -> None:
+        now = time.monotonic()
+        if self._schedule_start is None:
+            self._schedule_start = now
+        while self._schedule and now - self._schedule_start >= self._schedule[0][0]:
+            _, capacity = self._schedule.pop(0)
+            assert self._server is not None
+            self._server.set_capacity(capacity)
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         self.requests_seen += 1
@@ -488,11 +513,17 @@ class _ReferenceAgent:
         if crash:
             self._write_log(body, None, "crash", authorized)
             os._exit(3)  # simulate a dead agent: no cleanup, no response
+        if self._server is not None:
+            self._follow_schedule()
         outcome, temperature, early = self._decide(body, authorized)
         self._write_log(body, temperature, outcome, authorized)
         if early is not None:
             return early
-        return await self._act(request, body, outcome, temperature)
+        self._in_service += 1
+        try:
+            return await self._act(request, body, outcome, temperature)
+        finally:
+            self._in_service -= 1
 
     async def _act(
         self, request: web.Request, body: dict, outcome: str, temperature: float | None
@@ -512,7 +543,9 @@ class _ReferenceAgent:
                 request.transport.abort()
             return web.Response(status=500)  # never reaches the client: the socket is gone
         delay = self.config.hang_s if outcome == "hang" else self._latency()
-        if delay > 0:
+        if self._server is not None and outcome != "hang":
+            await self._server.serve(delay)  # slower for everyone once over capacity
+        elif delay > 0:
             await asyncio.sleep(delay)
         assert temperature is not None  # set for every outcome that reaches here
         answer = run_rollout(body, temperature, self.config.seed)
@@ -610,6 +643,9 @@ def config_from_args(args: argparse.Namespace) -> AgentSimConfig:
         fail_class_tasks=args.fail_class_tasks,
         no_persist_tasks=args.no_persist_tasks,
         crash_after=args.crash_after,
+        capacity=args.capacity,
+        reject_above=args.reject_above,
+        capacity_schedule=args.capacity_schedule,
     )
 
 

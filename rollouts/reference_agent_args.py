@@ -30,6 +30,19 @@ def _task_indices(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text}") from exc
 
 
+def _capacity_schedule(text: str) -> tuple[tuple[float, int], ...]:
+    """`30:32,60:64` -> ((30.0, 32), (60.0, 64)): from 30 s after the first /run, capacity 32."""
+    try:
+        steps = tuple(
+            (float(at), int(k)) for at, k in (part.split(":") for part in text.split(",") if part)
+        )
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected SECONDS:CAPACITY,...: {text}") from exc
+    if any(at < 0 or k < 1 for at, k in steps):
+        raise argparse.ArgumentTypeError(f"seconds >= 0 and capacities >= 1: {text}")
+    return tuple(sorted(steps))
+
+
 def add_serve_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """The reference agent's CLI flags (the API key comes from $ROLLOUTS_AGENT_API_KEY only)."""
     add = parser.add_argument
@@ -52,5 +65,12 @@ def add_serve_agent_arguments(parser: argparse.ArgumentParser) -> None:
              "and _ng_failure_terminal=true (an agent-declared, final failure)")  # fmt: skip
     add("--no-persist-tasks", type=_task_indices, default=frozenset(), metavar="I,J,...",
         help="_ng_task_index values answered 200 with _ng_no_persist=true (store nowhere)")  # fmt: skip
+    add("--capacity", type=int, default=None, metavar="K",
+        help="serve K requests at full speed; with more in flight all share it, so latency "
+             "grows in proportion (default: no limit)")  # fmt: skip
+    add("--reject-above", type=int, default=None, metavar="N",
+        help="answer 429 (Retry-After: --retry-after-s) while N requests are in service")  # fmt: skip
+    add("--capacity-schedule", type=_capacity_schedule, default=(), metavar="S:K,...",
+        help="change the capacity to K at S seconds after the first /run, e.g. 30:32")  # fmt: skip
     add("--crash-after", type=int, default=None, metavar="N",
         help="serve N /run requests, then exit with code 3 on receiving the next one")  # fmt: skip

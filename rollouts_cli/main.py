@@ -64,7 +64,7 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     return k, yaml.safe_load(v)
 
 
-def _processes_arg(text: str) -> int | str:
+def _count_or_auto(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
@@ -92,8 +92,13 @@ def _add_collect_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="+limit: only the first N rows")
     p.add_argument("--num-repeats", dest="num_repeats", type=int, help="+num_repeats (1)")
     p.add_argument(
-        "--num-samples-in-parallel", dest="num_samples_in_parallel", type=int,
-        help="+num_samples_in_parallel: requests in flight, whole run (64)",
+        "--num-samples-in-parallel", dest="num_samples_in_parallel", type=_count_or_auto,
+        help='+num_samples_in_parallel: requests in flight, whole run (64); "auto": found '
+        "at run time, up to --max-in-flight",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-in-flight", dest="max_in_flight", type=int,
+        help="+max_in_flight: the ceiling of --num-samples-in-parallel auto (1024)",
     )  # fmt: skip
     p.add_argument("--chunk-size", dest="chunk_size", type=int, help="+chunk_size (10000)")
     p.add_argument(
@@ -127,13 +132,13 @@ def _add_collect_parser(sub: Any) -> None:
         "--dask-address", help="run chunks on this Dask scheduler (tcp://host:8786); needs [dask]"
     )
     p.add_argument(
-        "--processes", dest="processes", type=_processes_arg,
+        "--processes", dest="processes", type=_count_or_auto,
         help='+processes: collect in N local processes, or "auto" (one per core); needs [dask]',
     )  # fmt: skip
     p.add_argument(
         "--dask-local-workers",
         dest="processes",
-        type=_processes_arg,
+        type=_count_or_auto,
         help="the older spelling of --processes",
     )
     p.add_argument("plus", nargs="*", metavar="+key=value", help="NeMo Gym-style arguments")

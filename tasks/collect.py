@@ -49,6 +49,7 @@ async def collect_chunk_task(
     run_id: str,
     worker_budgets: dict[str, int] | None = None,
     stop_plan: StopPlan | None = None,
+    adaptive: bool = False,
 ) -> ChunkResult:
     """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
 
@@ -61,15 +62,16 @@ async def collect_chunk_task(
         result = await collect_chunk(spec, plan, get_dispatcher(run_id), stop_plan)
     else:
         budget = this_worker_budget(worker_budgets)
-        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget)
+        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget, adaptive)
         running = asyncio.run_coroutine_threadsafe(
             collect_chunk(spec, plan, dispatcher, stop_plan), loop
         )
         result = await asyncio.wrap_future(running)
     logger.info(
-        "chunk %05d: %d/%d written, %d failed, %d missing (%d requests, worker %s)",
+        "chunk %05d: %d/%d written, %d failed, %d missing (%d requests, worker %s%s)",
         spec.index, result.succeeded, result.expected, result.failed, result.missing,
         result.attempts, result.worker,
+        "" if result.in_flight_limit is None else f", in flight now {result.in_flight_limit} (auto)",
     )  # fmt: skip
     if not result.complete:
         raise_if_stopped(result, stop_plan)
