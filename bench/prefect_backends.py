@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import statistics
 import subprocess
@@ -155,6 +156,38 @@ def med_range(values: list[float], digits: int = 2) -> str:
             f"({min(values):.{digits}f}-{max(values):.{digits}f})")  # fmt: skip
 
 
+def report(rows: list[dict[str, Any]], backends: list[str], repeats: int, skew_n: int, n: int,
+           n_chunks: int) -> str:  # fmt: skip
+    """Print (and return) the table: medians and ranges over the rounds, per backend."""
+    summary: list[list[Any]] = []
+    for backend in backends:
+        mine = [r for r in rows if r["backend"] == backend]
+        per_chunk = {k: 1000 * (statistics.median(r["many_chunks"][k] for r in mine)
+                                - statistics.median(r["one_chunk"][k] for r in mine))
+                     / (n_chunks - 1) for k in ("total_s", "collection_s")}  # fmt: skip
+        loads = [r[k] for r in mine for k in ("load_skew", "load_startup", "load_chunks")]
+        summary.append([
+            backend,
+            med_range([r["skew"]["first_request_skew_s"] for r in mine]),
+            med_range([r["skew"]["subflow_start_skew_s"] for r in mine]),
+            med_range([max(r["skew"]["first_request_by_dataset_s"].values()) for r in mine]),
+            med_range([r["skew"]["total_s"] for r in mine], 1),
+            round(per_chunk["total_s"], 1), round(per_chunk["collection_s"], 1),
+            med_range([r["startup"]["first_request_s"] for r in mine]),
+            f"{min(loads):.2f}-{max(loads):.2f}",
+        ])  # fmt: skip
+    print()
+    print(f"{repeats} rounds per backend; median (range). Skew: three concurrent subflows, "
+          f"{skew_n} tasks each. Per chunk: {n} rollouts, 1 chunk vs {n_chunks}. First "
+          "request: `rollouts collect`, 5 tasks.")  # fmt: skip
+    return print_table(
+        ["server database", "skew of first requests s", "skew of subflow starts s",
+         "command -> third dataset's first request s", "multi command s",
+         "per chunk ms (total)", "per chunk ms (collection)", "command -> first request s",
+         "load 1m"], summary,
+    )  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -169,10 +202,18 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--json", type=Path, default=None,
                     help="default bench/results/prefect_backends.json")  # fmt: skip
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="print the table of an earlier run's JSON and exit")  # fmt: skip
     add_gate_args(ap, budget_s=300.0)
     # a running Prefect server keeps a 2-core machine's load near 1 by itself: short waits
     ap.set_defaults(load_threshold=1.5, max_wait_s=30.0)
     args = ap.parse_args()
+    if args.report:
+        done = json.loads(args.report.read_text())
+        a = done["args"]
+        report(done["rounds"], a["backends"], a["repeats"], a["skew_n"], a["n"],
+               math.ceil(a["n"] / a["small_chunk"]))  # fmt: skip
+        return
     gate = gate_from_args(args)
 
     from rollouts.reference_agent import write_tasks
@@ -244,29 +285,7 @@ def main() -> None:
                     if db:
                         psql(args.pg_host, args.pg_port, "dropdb", "--force", db)
 
-    summary: list[list[Any]] = []
-    for backend in args.backends:
-        mine = [r for r in rows if r["backend"] == backend]
-        per_chunk = {k: 1000 * (statistics.median(r["many_chunks"][k] for r in mine)
-                                - statistics.median(r["one_chunk"][k] for r in mine))
-                     / (n_chunks - 1) for k in ("total_s", "collection_s")}  # fmt: skip
-        loads = [r[k] for r in mine for k in ("load_skew", "load_startup", "load_chunks")]
-        summary.append([
-            backend,
-            med_range([r["skew"]["first_request_skew_s"] for r in mine]),
-            med_range([r["skew"]["subflow_start_skew_s"] for r in mine]),
-            med_range([r["skew"]["total_s"] for r in mine], 1),
-            round(per_chunk["total_s"], 1), round(per_chunk["collection_s"], 1),
-            med_range([r["startup"]["first_request_s"] for r in mine]),
-            f"{min(loads):.2f}-{max(loads):.2f}",
-        ])  # fmt: skip
-    print()
-    print(f"{args.repeats} rounds per backend; median (range). Skew: three concurrent "
-          f"subflows, {args.skew_n} tasks each. Per chunk: {args.n} rollouts, 1 chunk vs "
-          f"{n_chunks}. First request: `rollouts collect`, 5 tasks.")  # fmt: skip
-    table = print_table(["server database", "skew of first requests s", "skew of subflow starts s",
-                         "multi command s", "per chunk ms (total)", "per chunk ms (collection)",
-                         "command -> first request s", "load 1m"], summary)  # fmt: skip
+    table = report(rows, args.backends, args.repeats, args.skew_n, args.n, n_chunks)
     write_json("prefect_backends", {"machine": machine(), "args": vars(args) | {"json": None},
                                     "servers": servers, "rounds": rows, "table": table,
                                     "load_gate": gate.log}, args.json)  # fmt: skip
