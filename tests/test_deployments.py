@@ -139,24 +139,20 @@ def test_deployment_run_with_param_and_params(stack: PrefectStack) -> None:
     assert (out.parent / "sample_failures.jsonl").read_bytes() == b""
 
 
-def test_deployments_and_their_runs_are_rows_in_the_servers_postgresql_database(
+def test_what_make_deploy_creates_is_stored_in_the_servers_postgresql_database(
     stack: PrefectStack, pg_prefect: PgPrefectServer
 ) -> None:
     # Read from PostgreSQL directly, not through the API: a server that fell back to SQLite
-    # would answer the API the same and fail here.
-    flow_run_id = stack.run_deployment(
-        "collect-rollouts/local", "--param", f"output_jsonl_fpath={stack.tmp / 'pg' / 'o.jsonl'}",
-        "--param", "limit=5",
-    )  # fmt: skip
-    assert stack.wait_final(flow_run_id).state.is_completed()
+    # would answer the API the same and fail here. (Flow runs: tests/test_multi_dataset.py.)
     deployments = pg_prefect.query(
-        "SELECT f.name, d.name FROM deployment d JOIN flow f ON f.id = d.flow_id"
+        "SELECT f.name, d.name, p.name FROM deployment d JOIN flow f ON f.id = d.flow_id"
+        " JOIN work_queue q ON q.id = d.work_queue_id JOIN work_pool p ON p.id = q.work_pool_id"
     )
-    assert sorted(deployments) == [("collect-multi-dataset", "local"),
-                                   ("collect-rollouts", "continuous"),
-                                   ("collect-rollouts", "local")]  # fmt: skip
-    rows = pg_prefect.query("SELECT state_type FROM flow_run WHERE id = $1::uuid", flow_run_id)
-    assert rows == [("COMPLETED",)]
+    assert sorted(deployments) == [("collect-multi-dataset", "local", "rollouts"),
+                                   ("collect-rollouts", "continuous", "rollouts"),
+                                   ("collect-rollouts", "local", "rollouts")]  # fmt: skip
+    automations = pg_prefect.query("SELECT name, enabled FROM automation")
+    assert automations == [("rollouts-resume-crashed-runs", True)]
 
 
 def test_killed_flow_run_process_resumes_by_itself(stack: PrefectStack) -> None:

@@ -74,7 +74,7 @@ def test_each_dataset_reaches_the_agent_with_its_own_temperature_and_repeats(
         state = asyncio.run(collect_multi_dataset(config=config, return_state=True))
 
     assert state.is_completed(), state.message
-    # the run and one subflow per dataset, read from the server's PostgreSQL database itself
+    # one completed subflow per dataset, read from the server's PostgreSQL database itself
     subflows = pg_prefect.query(
         "SELECT sub.name, sub.state_type FROM flow_run sub JOIN task_run t"
         " ON sub.parent_task_run_id = t.id WHERE t.flow_run_id = $1::uuid ORDER BY sub.name",
