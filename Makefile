@@ -11,8 +11,10 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # must work whether or not a server runs (a test suite or a demo that fails because port 4200
 # is down, or up, is a trap). Change the port here and every server target follows:
 #   make server PREFECT_PORT=4300   (and in other shells: export PREFECT_API_URL=http://127.0.0.1:4300/api)
-# For concurrent subflows use PostgreSQL (SQLite stalls them on database locks):
-#   PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://USER:PASS@127.0.0.1:5432/prefect
+# `server` keeps its database in PREFECT_HOME (SQLite) unless the environment names another one.
+# For real use (concurrent subflows: SQLite stalls them on its database lock) use PostgreSQL:
+#   createdb -h 127.0.0.1 -U postgres prefect
+#   PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/prefect make server
 PREFECT_PORT ?= 4200
 SERVER_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:8765"}

@@ -1,4 +1,5 @@
-"""Shared fixtures: one Prefect test harness per session, real agent servers on loopback."""
+"""Shared fixtures: one Prefect test harness per session, a PostgreSQL-backed Prefect server for
+the tests that need the production setup, real agent servers on loopback."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import orjson
 import pytest
+from pg_prefect import PgPrefectServer, pg_prefect_server, postgres_missing
 from prefect.testing.utilities import prefect_test_harness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,18 @@ def prefect_api(request: pytest.FixtureRequest) -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def pg_prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgPrefectServer]:
+    """A real `prefect server start` on a PostgreSQL database of its own, started once for the
+    session when a test asks for it (deployments, concurrent subflows); the database is dropped
+    at the end. Skips those tests where no PostgreSQL runs on 127.0.0.1:5432."""
+    reason = postgres_missing()
+    if reason:
+        pytest.skip(reason)
+    with pg_prefect_server(tmp_path_factory.mktemp("pg-prefect")) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""Deployments on a real Prefect server and process worker, deployed from prefect.yaml."""
+"""Deployments on a real PostgreSQL-backed Prefect server and a process worker, deployed from
+prefect.yaml."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from conftest import ROOT, AgentServer, read_jsonl, write_jsonl
+from pg_prefect import PgPrefectServer
 
 from rollouts.reference_agent import generate_tasks, write_tasks
 from rollouts.run_state import run_dir_for
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -70,13 +64,16 @@ class PrefectStack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, pg_prefect: PgPrefectServer
+) -> Iterator[PrefectStack]:
+    """The production setup: the session's PostgreSQL-backed server, the `rollouts` process
+    pool with prefect.yaml's deployments and the resume automation, a worker, an agent."""
     tmp = tmp_path_factory.mktemp("prefect-stack")
-    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("ROLLOUTS_", "PREFECT_"))},
         "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_API_URL": pg_prefect.api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "results"),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -94,19 +91,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
     agent_url = agent_proc.stdout.readline().decode().rsplit(" ", 1)[-1].strip()
     env["ROLLOUTS_AGENTS"] = orjson.dumps({"reference": agent_url}).decode()
     try:
-        procs.append(subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT,
-        ))  # fmt: skip
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
         s = PrefectStack(env, AgentServer(agent_url, agent_proc, agent_log), tmp)
         res = s.prefect("work-pool", "create", "rollouts", "--type", "process")
         assert res.returncode == 0, res.stderr
@@ -153,6 +137,22 @@ def test_deployment_run_with_param_and_params(stack: PrefectStack) -> None:
     assert {r["agent_ref"]["name"] for r in rows} == {"reference"}
     assert (out.parent / "sample_aggregate_metrics.json").exists()
     assert (out.parent / "sample_failures.jsonl").read_bytes() == b""
+
+
+def test_what_make_deploy_creates_is_stored_in_the_servers_postgresql_database(
+    stack: PrefectStack, pg_prefect: PgPrefectServer
+) -> None:
+    # Read from PostgreSQL directly, not through the API: a server that fell back to SQLite
+    # would answer the API the same and fail here. (Flow runs: tests/test_multi_dataset.py.)
+    deployments = pg_prefect.query(
+        "SELECT f.name, d.name, p.name FROM deployment d JOIN flow f ON f.id = d.flow_id"
+        " JOIN work_queue q ON q.id = d.work_queue_id JOIN work_pool p ON p.id = q.work_pool_id"
+    )
+    assert sorted(deployments) == [("collect-multi-dataset", "local", "rollouts"),
+                                   ("collect-rollouts", "continuous", "rollouts"),
+                                   ("collect-rollouts", "local", "rollouts")]  # fmt: skip
+    automations = pg_prefect.query("SELECT name, enabled FROM automation")
+    assert automations == [("rollouts-resume-crashed-runs", True)]
 
 
 def test_killed_flow_run_process_resumes_by_itself(stack: PrefectStack) -> None:

@@ -1,4 +1,7 @@
-"""The collect-multi-dataset flow: per-dataset settings reach the agent; resume after a kill."""
+"""The collect-multi-dataset flow: per-dataset settings reach the agent; resume after a kill.
+
+Both run on the production setup, a Prefect server on PostgreSQL (the `pg_prefect` fixture):
+concurrent subflows are what SQLite serializes behind its database lock."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import orjson
 import pytest
 import yaml
 from conftest import AgentServer, read_jsonl
+from pg_prefect import PgPrefectServer
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.multi import MultiSummary, collect_multi_dataset
 from rollouts.models import MultiDatasetConfig
@@ -58,15 +63,25 @@ def pattern_6_4(tmp_path: Path, sizes: dict[str, int], total: int, **ds: Any) ->
 
 
 def test_each_dataset_reaches_the_agent_with_its_own_temperature_and_repeats(
-    tmp_path: Path, agent: AgentServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    tmp_path: Path, agent: AgentServer, monkeypatch: pytest.MonkeyPatch,
+    pg_prefect: PgPrefectServer,
+) -> None:  # fmt: skip
     monkeypatch.setenv("ROLLOUTS_AGENTS", orjson.dumps({"sim": agent.url}).decode())
     sizes = {"high_quality": 120, "exploration": 80, "hard": 30}
     config = MultiDatasetConfig.model_validate(pattern_6_4(tmp_path, sizes, total=150))
 
-    state = asyncio.run(collect_multi_dataset(config=config, return_state=True))
+    with temporary_settings({PREFECT_API_URL: pg_prefect.api_url}):
+        state = asyncio.run(collect_multi_dataset(config=config, return_state=True))
 
     assert state.is_completed(), state.message
+    # one completed subflow per dataset, read from the server's PostgreSQL database itself
+    subflows = pg_prefect.query(
+        "SELECT sub.name, sub.state_type FROM flow_run sub JOIN task_run t"
+        " ON sub.parent_task_run_id = t.id WHERE t.flow_run_id = $1::uuid ORDER BY sub.name",
+        state.state_details.flow_run_id,
+    )
+    assert subflows == [(d.run_label(), "COMPLETED") for d in
+                        sorted(config.datasets, key=lambda d: d.run_label())]  # fmt: skip
     summary = state.result()
     assert isinstance(summary, MultiSummary)
     by_temperature: dict[float, Counter[int]] = {}
@@ -84,7 +99,7 @@ def test_each_dataset_reaches_the_agent_with_its_own_temperature_and_repeats(
 
 
 def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
-    tmp_path: Path, start_agent: Any, prefect_api: str
+    tmp_path: Path, start_agent: Any, pg_prefect: PgPrefectServer
 ) -> None:
     agent = start_agent("--latency-ms", "25")
     config = pattern_6_4(
@@ -94,7 +109,7 @@ def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
     config_path = tmp_path / "mix.yaml"
     config_path.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "rollouts_cli", "multi", "--config", str(config_path)]
-    env = {**os.environ, "PREFECT_API_URL": prefect_api,
+    env = {**os.environ, "PREFECT_API_URL": pg_prefect.api_url,
            "ROLLOUTS_AGENTS": orjson.dumps({"sim": agent.url}).decode()}  # fmt: skip
     outputs = {n: tmp_path / f"train_{n}.jsonl" for n in TEMPERATURES}
     chunk_dirs = {n: run_dir_for(p, None) / "chunks" for n, p in outputs.items()}
