@@ -1,9 +1,9 @@
 """Reference agent server: a SIMULATOR of a NeMo Gym agent, for demos, tests and benchmarks.
 
 Nothing here calls a model. The server speaks the NeMo Gym agent protocol (``POST /run``,
-``POST /aggregate_metrics``, plus ``GET /health``) over a small verifiable task family,
-integer arithmetic with exact answers ("What is 17 + 25?"), so a collector can be exercised end
-to end without GPUs:
+``POST /aggregate_metrics``, plus ``GET /health`` and ``GET /stats``, its load figures) over a
+small verifiable task family, integer arithmetic with exact answers ("What is 17 + 25?"), so a
+collector can be exercised end to end without GPUs:
 
 * The simulated policy reads the question from the last user message, computes the true answer
   and returns it with probability ``clamp(0.95 - 0.45 * temperature, 0.05, 0.95)``; otherwise it
@@ -404,6 +404,11 @@ class _ReferenceAgent:
             (c.p_500, "500"), (c.p_429, "429"), (c.p_reset, "reset"), (c.p_hang, "hang"),
         )  # fmt: skip
         self._any_fault = any(p > 0 for p, _ in self._fault_bands)
+        # Load figures for GET /stats (benchmarks read them after a run).
+        self._in_flight = 0
+        self._peak_in_flight = 0
+        self._first_received: float | None = None
+        self._last_answered: float | None = None
 
     async def log_file_ctx(self, app: web.Application) -> Any:
         """cleanup_ctx: the request log is opened once per server run and closed on shutdown."""
@@ -477,6 +482,17 @@ class _ReferenceAgent:
         return self._draw_fault() or "ok", temperature, None
 
     async def run(self, request: web.Request) -> web.StreamResponse:
+        self._in_flight += 1
+        self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+        if self._first_received is None:
+            self._first_received = time.time()
+        try:
+            return await self._run(request)
+        finally:
+            self._in_flight -= 1
+            self._last_answered = time.time()  # the answer is written right after this
+
+    async def _run(self, request: web.Request) -> web.StreamResponse:
         self.requests_seen += 1
         crash = self.config.crash_after is not None and self.requests_seen > self.config.crash_after
         raw = await request.read()
@@ -542,6 +558,14 @@ class _ReferenceAgent:
     async def health(self, request: web.Request) -> web.Response:
         return _json_response({"status": "ok"})
 
+    async def stats(self, request: web.Request) -> web.Response:
+        """/run requests so far, in flight now and at most, first received, last answered."""
+        return _json_response({
+            "requests": self.requests_seen, "in_flight": self._in_flight,
+            "peak_in_flight": self._peak_in_flight, "first_received": self._first_received,
+            "last_answered": self._last_answered,
+        })  # fmt: skip
+
 
 def build_app(config: AgentSimConfig) -> web.Application:
     """The aiohttp application of the reference agent (run it with any aiohttp runner)."""
@@ -552,6 +576,7 @@ def build_app(config: AgentSimConfig) -> web.Application:
     app.router.add_post("/run", agent.run)
     app.router.add_post("/aggregate_metrics", agent.aggregate)
     app.router.add_get("/health", agent.health)
+    app.router.add_get("/stats", agent.stats)
     return app
 
 
