@@ -43,6 +43,9 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    LOOPWATCH,
+    PY,
+    _cpu_s,
     _descendants,
     _status_kb,
     add_gate_args,
@@ -55,6 +58,7 @@ from _common import (
     machine,
     prefect_server,
     print_table,
+    read_loopwatch,
     reference_agent,
     run_measured,
     write_json,
@@ -130,7 +134,7 @@ def agent_log_problems(path: Path) -> int:
 
 
 def run_case(d: Path, api: str, tasks: Path, case: Case, extra: list[str], label: str,
-             chunk_size: int, gate: Any) -> dict[str, Any]:  # fmt: skip
+             chunk_size: int, gate: Any, loopwatch: bool = False) -> dict[str, Any]:  # fmt: skip
     run = d / f"run-{case.parallel}-{case.n}-{time.monotonic_ns()}"
     run.mkdir()
     output = run / "out.jsonl"
@@ -142,10 +146,13 @@ def run_case(d: Path, api: str, tasks: Path, case: Case, extra: list[str], label
         watcher.start()
         cmd = collect_cmd(agent.url, tasks, output, parallel=case.parallel,
                           chunk_size=chunk_size, extra=[f"+limit={case.n}", *extra])  # fmt: skip
+        if loopwatch:  # the CLI under the event-loop stall and GC watchdog
+            cmd = [PY, str(LOOPWATCH), str(run / "loopwatch.jsonl"), *cmd[3:]]
         # INFO on the console: each chunk's line says how many requests it sent (retries).
         env = cli_env(d / "prefect-home", run / "state", api)
         env["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
         load_before = loadavg()
+        agent_cpu0 = _cpu_s(agent.proc.pid) or 0.0
         try:
             res = run_measured(cmd, env=env, cwd=run, log_path=run / "collect.log",
                                timeout_s=case.ideal_s * 10 + 300,
@@ -156,6 +163,7 @@ def run_case(d: Path, api: str, tasks: Path, case: Case, extra: list[str], label
         load_after = loadavg()
         stats = httpx.get(f"{agent.url}/stats", timeout=10).json()
         agent_rss_mb = (_status_kb(agent.proc.pid, "VmHWM") or 0) / 1024
+        agent_cpu = (_cpu_s(agent.proc.pid) or 0.0) - agent_cpu0
     log = (run / "collect.log").read_bytes()
     sent = sum(int(m) for m in _CHUNK_LINE.findall(log))
     first, last = stats["first_received"], stats["last_answered"]
@@ -188,7 +196,10 @@ def run_case(d: Path, api: str, tasks: Path, case: Case, extra: list[str], label
         "peak_fds_cli": sampler.peak_cli,
         "peak_fds_agent": sampler.peak_agent,
         "agent_error_lines": agent_log_problems(run / "agent.log"),
-        "cpu_s": res.cpu_s,
+        "cpu_s": res.cpu_s,  # the command and its children, start-up included
+        "cpu_cli_collection_s": res.cpu_between(first, last)[0] if first and last else None,
+        "cpu_agent_s": agent_cpu,
+        "loopwatch": read_loopwatch(run / "loopwatch.jsonl", first, last) if loopwatch else None,
         "load_before": load_before,
         "load_after": load_after,
         "gate": gate_entry,
@@ -198,7 +209,14 @@ def run_case(d: Path, api: str, tasks: Path, case: Case, extra: list[str], label
     print(f"  {case.label} {label}: collection {collection:.2f} s (ideal {case.ideal_s:.1f}, "
           f"x{collection / case.ideal_s:.3f}), wall {res.wall_s:.1f} s, RSS {res.hwm_main_mb:.0f}"
           f" MB, agent {agent_rss_mb:.0f} MB, peak in flight {stats['peak_in_flight']}, "
-          f"failures {failures or 0}, retries {result['retries']}", flush=True)  # fmt: skip
+          f"failures {failures or 0}, retries {result['retries']}; CPU s: command "
+          f"{result['cpu_cli_collection_s'] or 0:.1f} during collection, agent {agent_cpu:.1f}",
+          flush=True)  # fmt: skip
+    if result["loopwatch"]:
+        lw = result["loopwatch"]
+        print(f"  loop: GC {lw['gc_ms']:.0f} ms ({lw['gc']}), stalls > 50 ms: "
+              f"{lw['stalls_over_50ms']} ({lw['stall_ms']:.0f} ms, max {lw['stall_max_ms']:.0f});"
+              f" top {lw['stall_top_frames'][:3]}", flush=True)  # fmt: skip
     return result
 
 
@@ -211,6 +229,8 @@ def main() -> None:
                     help="also run each case with these arguments added (e.g. '--processes 2')")  # fmt: skip
     ap.add_argument("--chunk-size", type=int, default=10_000, help="(%(default)s: the CLI's)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--loopwatch", action="store_true",
+                    help="run the CLI under bench/_loopwatch.py (event-loop stalls, GC time)")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--json", type=Path, default=None)
     add_gate_args(ap, budget_s=600.0)
@@ -236,7 +256,8 @@ def main() -> None:
         for case in cases:
             for label, extra in variants:
                 for _ in range(args.repeats):
-                    r = run_case(d, api, tasks, case, extra, label, args.chunk_size, gate)
+                    r = run_case(d, api, tasks, case, extra, label, args.chunk_size, gate,
+                                 args.loopwatch)
                     results["runs"].append(r)
                     fails = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items()))
                     rows.append([case.label, label, f"{case.ideal_s:.1f}",

@@ -20,8 +20,10 @@ from typing import IO, Any
 
 import orjson
 
+from rollouts import gctune
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, Slot, resolve_agent_urls
 from rollouts.chunks import ChunkFiles, task_indices
+from rollouts.fdlimit import ensure_fd_budget
 from rollouts.fileio import (
     UnwritablePathError,
     dumps_line,
@@ -129,7 +131,12 @@ class Dispatcher:
 
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
                  api_key: str | None) -> None:  # fmt: skip
+        # One socket per request in flight: refused here, before any is sent, if they
+        # cannot all be open at once (this process's budget: the flow's, or a worker's).
+        ensure_fd_budget(max_in_flight)
         self.client = AgentClient(policy, max_in_flight, api_key)
+        gctune.hold()  # rarer full collections while rollouts are in flight
+        self._gc_held = True
         self._chunk_slots = (
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
         )
@@ -141,6 +148,9 @@ class Dispatcher:
         return self._chunk_slots
 
     async def aclose(self) -> None:
+        if self._gc_held:
+            self._gc_held = False
+            gctune.release()
         await self.client.aclose()
 
 

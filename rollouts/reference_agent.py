@@ -62,6 +62,7 @@ from typing import IO, Any
 import orjson
 from aiohttp import web
 
+from rollouts.fdlimit import raise_open_file_limit
 from rollouts.models import RESPONSES_CREATE_PARAMS_KEYS
 from rollouts.reference_agent_args import FAILURE_CLASS, add_serve_agent_arguments
 
@@ -590,6 +591,9 @@ def _format_url(host: str, port: int) -> str:
 
 
 async def _serve(host: str, port: int, config: AgentSimConfig) -> None:
+    # Every open connection is a file descriptor: take all the process may have (a soft
+    # limit of 1,024 would refuse connections past it while thousands are in flight).
+    raise_open_file_limit()
     runner = web.AppRunner(
         build_app(config),
         access_log=None,  # per-request logging would dominate the cost at zero latency
