@@ -13,24 +13,17 @@ the rest), so while a dispatcher is open they run far less often.
 from __future__ import annotations
 
 import gc
-import os
 import threading
 
-# (young, middle, old): a young pass every 10,000 net allocations instead of 700 (fewer objects
-# in flight are traversed again and again), a full pass every 100 middle passes instead of 10.
-IN_FLIGHT_THRESHOLDS = (10_000, 10, 100)
+# (young, middle, old) instead of CPython's (700, 10, 10): a young pass every 10,000 net
+# allocations, a middle one every 50 young ones, a full one every 100 middle ones. Measured at
+# C=4,096, L=5 s: GC time in the collection 4.3-7.4 s -> 1.2 s, CPU 7.8-8.8 s -> 5.4 s, RSS
+# unchanged (259 MB). (10,000, 10, 100) still spent 1.6 s in middle passes.
+IN_FLIGHT_THRESHOLDS = (10_000, 50, 100)
 
 _lock = threading.Lock()
 _holders = 0
 _saved: tuple[int, int, int] | None = None
-
-
-def _thresholds() -> tuple[int, int, int]:
-    text = os.environ.get("EXPERIMENT_GC_THRESHOLD")  # TEMP: experiments only
-    if text:
-        a, b, c = (int(x) for x in text.split(","))
-        return a, b, c
-    return IN_FLIGHT_THRESHOLDS
 
 
 def hold() -> None:
@@ -39,7 +32,7 @@ def hold() -> None:
     with _lock:
         if _holders == 0:
             _saved = gc.get_threshold()  # type: ignore[assignment]
-            gc.set_threshold(*_thresholds())
+            gc.set_threshold(*IN_FLIGHT_THRESHOLDS)
         _holders += 1
 
 
