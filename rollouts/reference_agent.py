@@ -602,7 +602,9 @@ async def _serve(host: str, port: int, config: AgentSimConfig) -> None:
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=4096)  # benchmarks open many connections
+        # Thousands of clients connect at once: a queue as long as the kernel allows
+        # (net.core.somaxconn caps it silently; 4,096 on recent Linux).
+        site = web.TCPSite(runner, host, port, backlog=65535)
         await site.start()
         actual_port = runner.addresses[0][1]
         print(f"reference agent listening on {_format_url(host, actual_port)}", flush=True)
