@@ -42,7 +42,8 @@ def ensure_fd_budget(connections: int, who: str = "the collector") -> None:
         return
     raise ConfigError(
         f"{connections} requests in flight need about {connections + FD_HEADROOM} open files "
-        f"in {who}, but this process may open at most {soft} (ulimit -n; the hard limit). "
+        f"in {who}, but this process may open at most {soft} (`ulimit -n`, raised to the hard "
+        "limit where allowed). "
         f"Lower num_samples_in_parallel to at most {max(1, soft - FD_HEADROOM)}, raise the "
         "limit (`ulimit -Hn` as root, or LimitNOFILE= in a systemd unit), or split the "
         "budget over processes."

@@ -30,7 +30,7 @@ from rollouts.reference_agent import generate_tasks, write_tasks
 
 def _with_open_files(soft: int, hard: int, argv: list[str]) -> list[str]:
     """``argv`` run from a shell whose `ulimit -n` is ``soft`` (hard ``hard``), as a user's."""
-    return ["bash", "-c", f'ulimit -Hn {hard} && ulimit -Sn {soft} && exec "$@"', "bash", *argv]
+    return ["bash", "-c", f'ulimit -Sn {soft} && ulimit -Hn {hard} && exec "$@"', "bash", *argv]
 
 
 def _open_files_limit(pid: int) -> tuple[int, int]:
