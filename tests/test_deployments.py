@@ -185,6 +185,48 @@ def test_killed_flow_run_process_resumes_by_itself(stack: PrefectStack) -> None:
     assert sum(1 for c in per_key.values() if c > 1) <= 4  # only those in flight at the kill
 
 
+def test_cancelling_a_deployed_run_stops_it_and_the_next_run_completes_it(
+    stack: PrefectStack,
+) -> None:
+    """The UI's Cancel on a deployed run (the worker's path): the run ends Cancelled, not
+    Crashed (the resume automation leaves it alone), and a new run of the deployment resends
+    only what was cut in flight."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.states import Cancelling
+
+    inp = stack.tmp / "to-cancel.jsonl"
+    write_tasks(inp, 1500, seed=12)
+    out = stack.tmp / "deployed" / "to-cancel.jsonl"
+    params = ("--param", f"input_jsonl_fpath={inp}", "--param", f"output_jsonl_fpath={out}",
+              "--param", "num_repeats=1", "--param", "chunk_size=300",
+              "--param", "num_samples_in_parallel=4")  # fmt: skip
+    sent_before = len(stack.agent.requests())
+    flow_run_id = stack.run_deployment("collect-rollouts/local", *params, watch=False)
+    run_dir = run_dir_for(out, None)
+    deadline = time.monotonic() + 120
+    while sum(p.read_bytes().count(b"\n") for p in (run_dir / "chunks").glob("*.rollouts.jsonl")
+              ) < 200 if run_dir.exists() else True:  # fmt: skip
+        assert time.monotonic() < deadline, "the deployed run made no progress"
+        time.sleep(0.1)
+
+    async def cancel() -> None:
+        async with PrefectClient(stack.env["PREFECT_API_URL"]) as client:
+            await client.set_flow_run_state(flow_run_id, Cancelling())
+
+    asyncio.run(cancel())
+    fr = stack.wait_final(flow_run_id, timeout=120)
+    assert fr.state.type.value == "CANCELLED", fr.state
+    time.sleep(3)  # long enough for the automation to have acted, were it to
+    assert asyncio.run(stack.flow_run(flow_run_id)).run_count == 1
+
+    again = stack.wait_final(stack.run_deployment("collect-rollouts/local", *params))
+    assert again.state.is_completed(), again.state
+    assert keys(read_jsonl(out)) == [(t, 0) for t in range(1500)]
+    per_key = Counter(q["_ng_task_index"] for q in stack.agent.requests()[sent_before:])
+    assert set(per_key) == set(range(1500))
+    assert sum(1 for c in per_key.values() if c > 1) <= 4  # only those in flight at the cancel
+
+
 def test_continuous_deployment_collects_exactly_the_new_rows(stack: PrefectStack) -> None:
     tasks = list(generate_tasks(90, seed=3))
     inp = write_jsonl(stack.tmp / "stream.jsonl", tasks[:50])
