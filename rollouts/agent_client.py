@@ -15,7 +15,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import httpx
@@ -26,6 +26,9 @@ from rollouts.aiohttp_transport import AiohttpSessionTransport
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
 from rollouts.errors import AgentResolutionError, AgentUnreachable
 from rollouts.settings import RolloutsSettings
+
+if TYPE_CHECKING:
+    from rollouts.replicas import ReplicaGroup, ReplicaRouter
 
 MAX_ERROR_CHARS = 500
 MAX_RETRY_AFTER_S = 300.0
@@ -154,7 +157,8 @@ class AgentClient:
     starting each rollout and hands the slot to ``run``.
 
     ``transport`` carries the requests; None: ``default_transport`` (tests pass an
-    ``httpx.MockTransport``).
+    ``httpx.MockTransport``). ``replicas``: spreads the attempts to a replicated agent over
+    its URLs (rollouts/replicas.py).
     """
 
     def __init__(
@@ -165,8 +169,10 @@ class AgentClient:
         *,
         adaptive: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
+        replicas: ReplicaRouter | None = None,
     ) -> None:
         self.policy = policy
+        self.replicas = replicas
         self._places = InFlightLimit(max_in_flight)
         # adaptive: max_in_flight is the ceiling; the controller moves the limit under it
         self.concurrency = (
@@ -243,6 +249,21 @@ class AgentClient:
             )
         return answer
 
+    async def _attempt_on(self, group: ReplicaGroup, body: bytes) -> dict[str, Any] | _Attempt:
+        """One attempt on the replica chosen now (so a retry may go to another one)."""
+        replica = group.pick()
+        failure_class: str | None = "cancelled"
+        try:
+            result = await self._attempt(replica.run_url, body)
+            if isinstance(result, dict):
+                failure_class = None
+            else:
+                failure_class = result.failure_class
+                result.error = f"{replica.url}: {result.error}"  # which replica failed
+            return result
+        finally:
+            group.done(replica, failure_class)
+
     async def reserve(self) -> Slot:
         """Wait for a free place on the wire and hold it for one rollout's first attempt."""
         await self._places.acquire()
@@ -256,6 +277,7 @@ class AgentClient:
         its backoff, waits for a place of its own.
         """
         last: _Attempt | None = None
+        group = self.replicas.group_for(url) if self.replicas is not None else None
         for attempt in range(1, self.policy.max_attempts + 1):
             place = slot if slot is not None else await self.reserve()
             slot = None
@@ -263,7 +285,10 @@ class AgentClient:
             if concurrency is not None:
                 sent, started = concurrency.sent(), time.monotonic()
             try:
-                result = await self._attempt(url, body)
+                if group is None:
+                    result = await self._attempt(url, body)
+                else:
+                    result = await self._attempt_on(group, body)
             finally:
                 place.release()
             if concurrency is not None:
@@ -299,7 +324,9 @@ class AgentClient:
 
 def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str, str]:
     """Map agent names to base URLs: ROLLOUTS_AGENTS first, then the NeMo Gym head server."""
-    urls = {n: settings.agents[n].rstrip("/") for n in names if n in settings.agents}
+    # A replicated agent resolves to its first replica: the client routes each attempt among
+    # them (rollouts/replicas.py).
+    urls = {n: settings.replicas_of(n)[0] for n in names if n in settings.agents}
     missing = [n for n in names if n not in urls]
     if not missing:
         return urls

@@ -13,6 +13,7 @@ import threading
 
 from rollouts.agent_client import RetryPolicy
 from rollouts.collect import Dispatcher
+from rollouts.replicas import ReplicaRouter
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import StopPlan, StopReason
 
@@ -29,7 +30,7 @@ def open_dispatcher(
         api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
         _dispatchers[key] = Dispatcher(
             RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
-            adaptive,
+            adaptive, ReplicaRouter.from_settings(settings),
         )  # fmt: skip
     return _dispatchers[key]
 
@@ -79,7 +80,7 @@ def worker_dispatcher(
             async def make() -> Dispatcher:
                 # Many chunks may run here at once (one per Dask thread): no chunk limit.
                 return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight, None,
-                                  api_key, adaptive)  # fmt: skip
+                                  api_key, adaptive, ReplicaRouter.from_settings(settings))  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
             if run_id in _worker_stops:
