@@ -14,6 +14,7 @@ import email.utils
 import random
 import socket
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -388,23 +389,32 @@ async def _connect_problem(url: str, timeout_s: float) -> str | None:
     return None
 
 
-async def check_agents_reachable(agents: dict[str, str], timeout_s: float) -> None:
+async def check_agents_reachable(
+    agents: Mapping[str, str | Sequence[str]], timeout_s: float
+) -> list[str]:
     """Refuse, before any rollout is sent, when an agent's address accepts no connection.
 
-    ``agents`` maps a label (the agent name, or the URL itself) to its base URL. Without this a
-    dead address costs the whole retry budget (every attempt of every rollout, every chunk
-    retry) before the run says anything.
+    ``agents`` maps a label (the agent name, or the URL itself) to its base URL, or to the URLs
+    of its replicas. Without this a dead address costs the whole retry budget (every attempt of
+    every rollout, every chunk retry) before the run says anything. A replicated agent passes
+    when one replica accepts a connection: the others are taken out at their first failures
+    and probed back in (rollouts/replicas.py). Returns those down replicas, one line each.
     """
-    urls = sorted(set(agents.values()))
+    groups = {label: [urls] if isinstance(urls, str) else list(urls)
+              for label, urls in agents.items()}  # fmt: skip
+    urls = sorted({u for group in groups.values() for u in group})
     problems = await asyncio.gather(*(_connect_problem(u, timeout_s) for u in urls))
     down = {u: p for u, p in zip(urls, problems, strict=True) if p is not None}
-    if not down:
-        return
-    lines = []
-    for label, url in sorted(agents.items()):
-        if url in down:
+    lines, tolerated = [], []
+    for label, group in sorted(groups.items()):
+        dead = [u for u in group if u in down]
+        for url in dead:
             who = f"agent {label!r} at {url}" if label != url else f"agent {url}"
-            lines.append(f"{who}: {down[url]}")
+            if len(group) > 1:
+                who = f"replica {url} of agent {label!r}"
+            (tolerated if len(dead) < len(group) else lines).append(f"{who}: {down[url]}")
+    if not lines:
+        return tolerated
     raise AgentUnreachable(
         "cannot reach the agent, nothing was sent: "
         + "; ".join(lines)

@@ -33,7 +33,6 @@ from typing import Any
 
 import orjson
 
-from rollouts.agent_client import _connect_problem
 from rollouts.run_state import worker_id
 from rollouts.settings import RolloutsSettings
 
@@ -128,7 +127,7 @@ class ReplicaRouter:
     ) -> None:  # fmt: skip
         self.eject_after = eject_after
         self.probe_max_s = probe_max_s
-        self._probe = probe or (lambda url: _connect_problem(url, connect_timeout_s))
+        self._probe = probe or _tcp_probe(connect_timeout_s)
         self._groups = {name: ReplicaGroup(name, urls, self) for name, urls in agents.items()}
         self._by_run_url: dict[str, ReplicaGroup] = {}  # only the run's agents
         self._probes: set[asyncio.Task[None]] = set()
@@ -201,6 +200,13 @@ class ReplicaRouter:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.flush()
+
+
+def _tcp_probe(timeout_s: float) -> Probe:
+    # Imported here: `rollouts status` reads this module's stats without the HTTP stack.
+    from rollouts.agent_client import _connect_problem
+
+    return lambda url: _connect_problem(url, timeout_s)
 
 
 def _write_stats(path: Path, doc: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from rich.table import Table
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
+    from rollouts.replicas import ReplicaStatus
     from rollouts.summary import CollectSummary, MultiSummary
 
 
@@ -84,9 +85,27 @@ def print_status(status: RunStatus, console: Console | None = None) -> None:
         table.add_row(f"{c.index:05d}", str(c.expected), str(c.done), str(c.failed),
                       c.worker or "-")  # fmt: skip
     console.print(table)
+    if status.replicas:
+        console.print(replica_table(status.replicas))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
     rate = f"{status.rate_per_s:.1f}/s" if status.rate_per_s else "-"
     console.print(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
         f"rate {rate}; ETA {_duration(status.eta_s)}"
     )
+
+
+def replica_table(replicas: list[ReplicaStatus]) -> Table:
+    """Requests per replica of each replicated agent, over every process of the run."""
+    table = Table(title="replicas")
+    for col in ("agent", "replica", "sent", "answered", "failed", "in flight", "state"):
+        table.add_column(col, justify="left" if col in ("agent", "replica", "failed",
+                                                        "state") else "right")  # fmt: skip
+    for r in replicas:
+        failed = ", ".join(f"{k} {n}" for k, n in sorted(r.failed.items())) or "-"
+        state = "out (probing)" if r.ejected else "live"
+        if r.ejections:
+            state += f", taken out {r.ejections}x"
+        table.add_row(r.agent, r.url, str(r.sent), str(r.answered), failed, str(r.in_flight),
+                      state)  # fmt: skip
+    return table
