@@ -98,3 +98,37 @@ def test_a_killed_replica_is_taken_out_its_load_absorbed_and_it_is_probed_back_i
     assert replicas[2]["answered"] == len(agents[2].requests())
     assert replicas[1]["answered"] >= len(restarted.requests())
     assert replicas[0]["ejections"] == replicas[2]["ejections"] == 0
+
+
+def test_with_processes_each_counts_its_own_and_status_sums_them(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    agents = [start_agent("--latency-ms", "50") for _ in range(2)]
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 400, seed=6)
+    out = tmp_path / "rollouts.jsonl"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api,
+           "ROLLOUTS_AGENTS": orjson.dumps({"calc": [a.url for a in agents]}).decode()}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rollouts_cli", "collect", "+agent_name=calc",
+         f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}", "+chunk_size=100",
+         "+num_samples_in_parallel=8", "--processes", "2"],
+        env=env, cwd=tmp_path, capture_output=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert len(read_jsonl(out)) == 400
+
+    run_dir = run_dir_for(out, None)
+    workers = {orjson.loads(p.read_bytes())["worker"]
+               for p in (run_dir / "chunks").glob("*.status.json")}  # fmt: skip
+    files = {orjson.loads(p.read_bytes())["worker"] for p in run_dir.glob("replicas.*.json")}
+    assert files == workers and len(files) == 2
+    status = subprocess.run(
+        [sys.executable, "-m", "rollouts_cli", "status", str(out), "--json"],
+        env=env, cwd=tmp_path, capture_output=True, check=True,
+    )  # fmt: skip
+    replicas = orjson.loads(status.stdout)["replicas"]
+    assert [r["url"] for r in replicas] == [a.url for a in agents]
+    assert [r["answered"] for r in replicas] == [len(a.requests()) for a in agents]
+    assert sum(r["answered"] for r in replicas) == 400
+    assert min(r["answered"] for r in replicas) > 100  # both used by both processes
