@@ -74,7 +74,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def print_status(status: RunStatus, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     if status.state == "not started":
         console.print(f"no collection state for {status.output} (looked in {status.run_dir})")
         return
@@ -86,7 +86,7 @@ def print_status(status: RunStatus, console: Console | None = None) -> None:
                       c.worker or "-")  # fmt: skip
     console.print(table)
     if status.replicas:
-        console.print(replica_table(status.replicas))
+        console.print(replica_table(status.replicas, status.state.startswith("running")))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
     rate = f"{status.rate_per_s:.1f}/s" if status.rate_per_s else "-"
     console.print(
@@ -95,17 +95,19 @@ def print_status(status: RunStatus, console: Console | None = None) -> None:
     )
 
 
-def replica_table(replicas: list[ReplicaStatus]) -> Table:
+def replica_table(replicas: list[ReplicaStatus], running: bool) -> Table:
     """Requests per replica of each replicated agent, over every process of the run."""
     table = Table(title="replicas")
-    for col in ("agent", "replica", "sent", "answered", "failed", "in flight", "state"):
-        table.add_column(col, justify="left" if col in ("agent", "replica", "failed",
-                                                        "state") else "right")  # fmt: skip
+    table.add_column("agent / replica", no_wrap=True)  # a URL cut short is no URL
+    for col in ("sent", "answered", "in flight"):
+        table.add_column(col, justify="right")
+    table.add_column("state", no_wrap=True)
+    table.add_column("failed", overflow="fold", min_width=12)
     for r in replicas:
         failed = ", ".join(f"{k} {n}" for k, n in sorted(r.failed.items())) or "-"
-        state = "out (probing)" if r.ejected else "live"
+        state = ("out" if r.ejected else "live") if running else "-"
         if r.ejections:
-            state += f", taken out {r.ejections}x"
-        table.add_row(r.agent, r.url, str(r.sent), str(r.answered), failed, str(r.in_flight),
-                      state)  # fmt: skip
+            state += f" (out {r.ejections}x)"
+        table.add_row(f"{r.agent} {r.url}", str(r.sent), str(r.answered), str(r.in_flight),
+                      state, failed)  # fmt: skip
     return table
