@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,7 +14,15 @@ from typing import Any
 
 import orjson
 from conftest import AgentServer, read_jsonl
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 
+from flows.ui import artifact_key
 from rollouts.reference_agent import write_tasks
 from rollouts.run_state import run_dir_for
 
@@ -132,3 +141,21 @@ def test_with_processes_each_counts_its_own_and_status_sums_them(
     assert [r["answered"] for r in replicas] == [len(a.requests()) for a in agents]
     assert sum(r["answered"] for r in replicas) == 400
     assert min(r["answered"] for r in replicas) > 100  # both used by both processes
+
+    table, progress = asyncio.run(ui_artifacts(artifact_key(out, "replicas")))
+    assert [(r["replica"], r["answered"]) for r in table] == [
+        (r["url"], r["answered"]) for r in replicas
+    ]
+    assert all(f"{a.url} " in progress for a in agents), progress
+
+
+async def ui_artifacts(key: str) -> tuple[list[dict[str, Any]], str]:
+    """The run's replicas table and the description of its progress artifact, from the API."""
+    async with get_client() as client:
+        (table,) = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+        (progress,) = [a for a in await client.read_artifacts(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[table.flow_run_id]))) if a.type == "progress"]  # fmt: skip
+    rows = orjson.loads(table.data) if isinstance(table.data, str) else table.data
+    return rows, str(progress.description)
