@@ -1,4 +1,5 @@
-"""Three real agents as replicas of one name, one killed mid-run and restarted on its port."""
+"""Replicas through the command: three real agents, one killed mid-run and restarted on its port;
+and the per-process counts of a `--processes 2` run in `rollouts status` and the Prefect UI."""
 
 from __future__ import annotations
 
