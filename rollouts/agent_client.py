@@ -260,7 +260,7 @@ class AgentClient:
                 failure_class = None
             else:
                 failure_class = result.failure_class
-                result.error = f"{replica.url}: {result.error}"  # which replica failed
+                result.error = f"replica {replica.url}: {result.error}"  # which one failed
             return result
         finally:
             group.done(replica, failure_class)

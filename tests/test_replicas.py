@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from rollouts.agent_client import (
     check_agents_reachable,
     resolve_agent_urls,
 )
+from rollouts.collect import DispatchPlan
 from rollouts.errors import AgentUnreachable, ConfigError
 from rollouts.replicas import Probe, ReplicaRouter, agents_to_check, read_replica_stats
 from rollouts.settings import RolloutsSettings
+from rollouts.summary import _failure_class_line
 
 pytestmark = pytest.mark.fast
 
@@ -238,3 +241,25 @@ def test_preflight_checks_what_requests_may_reach(monkeypatch: pytest.MonkeyPatc
     settings = RolloutsSettings()
     assert agents_to_check({"calc": A}, None, settings) == {"calc": [A, B, C]}
     assert agents_to_check({"calc": A}, A, settings) == {"calc": [A]}  # --agent-url: just it
+
+
+def test_a_failure_names_the_replica_it_happened_on_and_the_run_message_keeps_it() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    r = router()
+
+    async def go() -> str | None:
+        client = AgentClient(FAST, 2, transport=httpx.MockTransport(refuse), replicas=r)
+        with tempfile.TemporaryDirectory() as d:
+            r.use({"calc": A}, Path(d))
+            outcome = await client.run(A + "/run", b"{}")
+            await client.aclose()
+            await r.aclose()
+        return outcome.error
+
+    error = asyncio.run(go())
+    assert error is not None and error.startswith("gave up after 5 attempts: replica http://")
+    line = _failure_class_line("connection_error", 3, ("calc", f"replica {B}: boom"),
+                               DispatchPlan(agent_urls={"calc": A}, agent_name="calc"))  # fmt: skip
+    assert line == f"connection_error: 3 (e.g. agent 'calc', replica {B}: boom)"
