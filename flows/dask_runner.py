@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollouts.collect import DispatchPlan
-from rollouts.dispatchers import request_worker_stop, share_budget
+from rollouts.dispatchers import WorkerPlan, request_worker_stop, share_budget
 from rollouts.errors import ConfigError, SharedStorageError
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import RolloutsSettings
@@ -79,9 +79,10 @@ def make_task_runner(settings: RolloutsSettings, processes: int, chunks_at_once:
         ) from None
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
-    # A thread per chunk: at least two per process, so a chunk finishing its stragglers
-    # never leaves that process's share of the budget idle.
-    threads = max(2, math.ceil(chunks_at_once / processes))
+    # A chunk task holds its thread until its last rollout is in, but its chunk slot only while
+    # it dispatches: twice the threads of the slots, so chunks finishing their stragglers never
+    # keep the next ones from filling the process's share of the budget.
+    threads = 2 * chunks_per_process(chunks_at_once, processes)
     return DaskTaskRunner(
         cluster_kwargs={"n_workers": processes, "threads_per_worker": threads,
                         "processes": True, "dashboard_address": None}
@@ -145,12 +146,24 @@ def check_shared_storage(client: Any, run_dir: Path, run_id: str, api_url: str) 
     return sorted(str(w["name"]) for a, w in workers.items() if a in answers)
 
 
-def worker_budgets(
-    settings: RolloutsSettings, run_total: int, workers: list[str]
-) -> dict[str, int]:
+def chunks_per_process(chunks_at_once: int, processes: int) -> int:
+    return math.ceil(chunks_at_once / processes)
+
+
+def worker_plan(
+    settings: RolloutsSettings, config: CollectConfig, workers: list[str]
+) -> WorkerPlan:
+    """Each worker's share of the run's requests in flight and of its chunks at once (a
+    remote cluster's threads are its operator's choice: no chunk limit there)."""
     if settings.dask_worker_in_flight:
-        return dict.fromkeys(workers, settings.dask_worker_in_flight)
-    return share_budget(run_total, workers)
+        budgets = dict.fromkeys(workers, settings.dask_worker_in_flight)
+    else:
+        budgets = share_budget(config.in_flight_ceiling, workers)
+    chunks = (
+        None if settings.dask_address
+        else chunks_per_process(config.max_parallel_chunks, len(workers))
+    )  # fmt: skip
+    return WorkerPlan(budgets, chunks, config.adaptive)
 
 
 def collect_on_dask(
@@ -168,17 +181,15 @@ def collect_on_dask(
     prepare_worker_environment(settings, api_url)
     with make_task_runner(settings, processes, config.max_parallel_chunks) as runner:
         workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
-        budgets = worker_budgets(settings, config.in_flight_ceiling, workers)
+        worker = worker_plan(settings, config, workers)
         get_run_logger().info(
             "collecting %s: %d processes, requests in flight each: %s",
             f"on Dask at {settings.dask_address}" if settings.dask_address else "locally",
-            len(workers), ", ".join(str(b) for b in budgets.values()),
+            len(workers), ", ".join(str(b) for b in worker.budgets.values()),
         )  # fmt: skip
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
-                                                  "worker_budgets": budgets,
-                                                  "stop_plan": stop.plan,
-                                                  "adaptive": config.adaptive})
+                                                  "worker": worker, "stop_plan": stop.plan})
             for spec in chunks
         ]  # fmt: skip
         wait_relaying_stop(futures, stop, lambda: runner.client.run(

@@ -20,8 +20,10 @@ from typing import IO, Any
 
 import orjson
 
+from rollouts import gctune
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, Slot, resolve_agent_urls
 from rollouts.chunks import ChunkFiles, task_indices
+from rollouts.fdlimit import ensure_fd_budget
 from rollouts.fileio import (
     UnwritablePathError,
     dumps_line,
@@ -36,6 +38,7 @@ from rollouts.settings import RolloutsSettings
 from rollouts.stopping import Stopper, StopPlan
 
 FSYNC_EVERY_S = 5.0
+DISPATCH_BATCH = 64  # rollouts started between two yields to the event loop
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,13 @@ class Dispatcher:
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
                  api_key: str | None, adaptive: bool = False,
                  replicas: ReplicaRouter | None = None) -> None:  # fmt: skip
+        # One socket per request in flight: refused here, before any is sent, if they
+        # cannot all be open at once (this process's budget: the flow's, or a worker's).
+        ensure_fd_budget(max_in_flight)
         self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive,
                                   replicas=replicas)  # fmt: skip
+        gctune.hold()  # rarer full collections while rollouts are in flight
+        self._gc_held = True
         self._chunk_slots = (
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
         )
@@ -148,6 +156,9 @@ class Dispatcher:
         return self._chunk_slots
 
     async def aclose(self) -> None:
+        if self._gc_held:
+            self._gc_held = False
+            gctune.release()
         await self.client.aclose()
         if self.client.replicas is not None:
             await self.client.replicas.aclose()
@@ -253,23 +264,29 @@ async def collect_chunk(
         tasks: set[asyncio.Task[None]] = set()
         stop.track(tasks)  # cancelled when a stop's grace period ends
 
-        async def one(key: RolloutKey, url: str, body: dict[str, Any], slot: Slot) -> None:
+        async def one(
+            key: RolloutKey, url: str, data: bytes, agent_ref: dict[str, str], slot: Slot
+        ) -> None:
+            # Only the encoded body is held while the rollout is on the wire, not the row's
+            # parsed dicts: with thousands in flight that is tens of MB.
             nonlocal requests
             started = time.monotonic()
-            outcome = await client.run(url, orjson.dumps(body), slot=slot)
+            outcome = await client.run(url, data, slot=slot)
             stop.record(time.monotonic() - started)
             requests += outcome.attempts
             if outcome.kind == "ok":
                 assert outcome.answer is not None
-                writer.write(writer.rollouts, _output_row(outcome.answer, key, body["agent_ref"]))
+                writer.write(writer.rollouts, _output_row(outcome.answer, key, agent_ref))
             elif outcome.kind == "failed":
-                writer.write(writer.failures, _failure_row(outcome, key, body["agent_ref"]))
+                writer.write(writer.failures, _failure_row(outcome, key, agent_ref))
             # else no_persist: written nowhere; the next run redoes it
 
         try:
-            for row, r in _pending(spec, plan.num_repeats, succeeded | terminal):
+            pending = _pending(spec, plan.num_repeats, succeeded | terminal)
+            for started, (row, r) in enumerate(pending, start=1):
                 body = plan.body(row, r)
-                url = plan.url_for(body["agent_ref"])
+                agent_ref = body["agent_ref"]
+                url = plan.url_for(agent_ref)
                 # A rollout's task is made only once the wire has room for its first attempt:
                 # the chunk holds tasks only for rollouts on the wire or in a backoff, however
                 # many rows it has.
@@ -277,10 +294,19 @@ async def collect_chunk(
                 if not stop.may_start():  # stopped, or too close to the deadline
                     slot.release()
                     break
-                t = asyncio.create_task(one((row["_ng_task_index"], r), url, body, slot))
+                t = asyncio.create_task(
+                    one((row["_ng_task_index"], r), url, orjson.dumps(body), agent_ref, slot)
+                )
                 t.add_done_callback(slot.release)  # a task cancelled before it ran
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
+                if started % DISPATCH_BATCH == 0:
+                    # With free slots ``reserve`` never suspends, so at start thousands of
+                    # tasks would be made before any of them ran: each then connects, and
+                    # sends only after every other has connected (measured at C=16,384: the
+                    # first request 15 s late, connect timeouts). Letting each batch start
+                    # before making the next keeps the first requests going out at once.
+                    await asyncio.sleep(0)
             # Everything is dispatched: the chunk slot is released on leaving this block while
             # stragglers finish below, so the next chunk can start filling the agent.
         except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+from dataclasses import dataclass
 
 from rollouts.agent_client import RetryPolicy
 from rollouts.collect import Dispatcher
@@ -68,8 +69,17 @@ def _background_loop() -> asyncio.AbstractEventLoop:
     return _worker_loop
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What a chunk task on a Dask worker needs to set up that process's dispatcher."""
+
+    budgets: dict[str, int]  # worker name -> its share of the run's requests in flight
+    chunks_at_once: int | None = None  # chunks dispatching at once there; None: its threads
+    adaptive: bool = False  # each share is a ceiling, the limit found at run time
+
+
 def worker_dispatcher(
-    run_id: str, settings: RolloutsSettings, max_in_flight: int, adaptive: bool = False
+    run_id: str, settings: RolloutsSettings, max_in_flight: int, worker: WorkerPlan
 ) -> tuple[asyncio.AbstractEventLoop, Dispatcher]:
     """This process's dispatcher for ``run_id`` and the loop it lives on (created once)."""
     with _worker_lock:
@@ -78,9 +88,9 @@ def worker_dispatcher(
             api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
 
             async def make() -> Dispatcher:
-                # Many chunks may run here at once (one per Dask thread): no chunk limit.
-                return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight, None,
-                                  api_key, adaptive, ReplicaRouter.from_settings(settings))  # fmt: skip
+                return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight,
+                                  worker.chunks_at_once, api_key, worker.adaptive,
+                                  ReplicaRouter.from_settings(settings))  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
             if run_id in _worker_stops:

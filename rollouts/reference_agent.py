@@ -1,9 +1,9 @@
 """Reference agent server: a SIMULATOR of a NeMo Gym agent, for demos, tests and benchmarks.
 
 Nothing here calls a model. The server speaks the NeMo Gym agent protocol (``POST /run``,
-``POST /aggregate_metrics``, plus ``GET /health``) over a small verifiable task family,
-integer arithmetic with exact answers ("What is 17 + 25?"), so a collector can be exercised end
-to end without GPUs:
+``POST /aggregate_metrics``, plus ``GET /health`` and ``GET /stats``, its load figures) over a
+small verifiable task family, integer arithmetic with exact answers ("What is 17 + 25?"), so a
+collector can be exercised end to end without GPUs:
 
 * The simulated policy reads the question from the last user message, computes the true answer
   and returns it with probability ``clamp(0.95 - 0.45 * temperature, 0.05, 0.95)``; otherwise it
@@ -63,6 +63,7 @@ import orjson
 from aiohttp import web
 
 from rollouts.agent_capacity import ProcessorSharing
+from rollouts.fdlimit import raise_open_file_limit
 from rollouts.models import RESPONSES_CREATE_PARAMS_KEYS
 from rollouts.reference_agent_args import FAILURE_CLASS, add_serve_agent_arguments
 
@@ -417,6 +418,11 @@ class _ReferenceAgent:
         self._schedule = list(config.capacity_schedule)
         self._schedule_start: float | None = None  # the first /run
         self._in_service = 0  # requests between their decision and their answer
+        # Load figures for GET /stats (benchmarks read them after a run).
+        self._in_flight = 0
+        self._peak_in_flight = 0
+        self._first_received: float | None = None
+        self._last_answered: float | None = None
 
     async def log_file_ctx(self, app: web.Application) -> Any:
         """cleanup_ctx: the request log is opened once per server run and closed on shutdown."""
@@ -502,6 +508,17 @@ class _ReferenceAgent:
             self._server.set_capacity(capacity)
 
     async def run(self, request: web.Request) -> web.StreamResponse:
+        self._in_flight += 1
+        self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+        if self._first_received is None:
+            self._first_received = time.time()
+        try:
+            return await self._run(request)
+        finally:
+            self._in_flight -= 1
+            self._last_answered = time.time()  # the answer is written right after this
+
+    async def _run(self, request: web.Request) -> web.StreamResponse:
         self.requests_seen += 1
         crash = self.config.crash_after is not None and self.requests_seen > self.config.crash_after
         raw = await request.read()
@@ -575,6 +592,14 @@ class _ReferenceAgent:
     async def health(self, request: web.Request) -> web.Response:
         return _json_response({"status": "ok"})
 
+    async def stats(self, request: web.Request) -> web.Response:
+        """/run requests so far, in flight now and at most, first received, last answered."""
+        return _json_response({
+            "requests": self.requests_seen, "in_flight": self._in_flight,
+            "peak_in_flight": self._peak_in_flight, "first_received": self._first_received,
+            "last_answered": self._last_answered,
+        })  # fmt: skip
+
 
 def build_app(config: AgentSimConfig) -> web.Application:
     """The aiohttp application of the reference agent (run it with any aiohttp runner)."""
@@ -585,6 +610,7 @@ def build_app(config: AgentSimConfig) -> web.Application:
     app.router.add_post("/run", agent.run)
     app.router.add_post("/aggregate_metrics", agent.aggregate)
     app.router.add_get("/health", agent.health)
+    app.router.add_get("/stats", agent.stats)
     return app
 
 
@@ -598,6 +624,9 @@ def _format_url(host: str, port: int) -> str:
 
 
 async def _serve(host: str, port: int, config: AgentSimConfig) -> None:
+    # Every open connection is a file descriptor: take all the process may have (a soft
+    # limit of 1,024 would refuse connections past it while thousands are in flight).
+    raise_open_file_limit()
     runner = web.AppRunner(
         build_app(config),
         access_log=None,  # per-request logging would dominate the cost at zero latency
@@ -606,7 +635,9 @@ async def _serve(host: str, port: int, config: AgentSimConfig) -> None:
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=4096)  # benchmarks open many connections
+        # Thousands of clients connect at once: a queue as long as the kernel allows
+        # (net.core.somaxconn caps it silently; 4,096 on recent Linux).
+        site = web.TCPSite(runner, host, port, backlog=65535)
         await site.start()
         actual_port = runner.addresses[0][1]
         print(f"reference agent listening on {_format_url(host, actual_port)}", flush=True)

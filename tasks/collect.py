@@ -8,7 +8,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from rollouts.collect import DispatchPlan, collect_chunk
-from rollouts.dispatchers import get_dispatcher, worker_dispatcher
+from rollouts.dispatchers import WorkerPlan, get_dispatcher, worker_dispatcher
 from rollouts.errors import IncompleteRun, RunStopped
 from rollouts.models import ChunkResult, ChunkSpec
 from rollouts.settings import RolloutsSettings
@@ -47,22 +47,21 @@ async def collect_chunk_task(
     spec: ChunkSpec,
     plan: DispatchPlan,
     run_id: str,
-    worker_budgets: dict[str, int] | None = None,
+    worker: WorkerPlan | None = None,
     stop_plan: StopPlan | None = None,
-    adaptive: bool = False,
 ) -> ChunkResult:
     """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
 
-    ``worker_budgets`` None: in the flow's process, sharing the flow's dispatcher. Else on a
-    Dask worker, sharing that process's dispatcher with its share of the run's budget.
+    ``worker`` None: in the flow's process, sharing the flow's dispatcher. Else on a Dask
+    worker, sharing that process's dispatcher with its share of the run's budget.
     ``stop_plan``: the run's deadline and stop grace, the same for every chunk and retry.
     """
     logger = get_run_logger()
-    if worker_budgets is None:
+    if worker is None:
         result = await collect_chunk(spec, plan, get_dispatcher(run_id), stop_plan)
     else:
-        budget = this_worker_budget(worker_budgets)
-        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget, adaptive)
+        budget = this_worker_budget(worker.budgets)
+        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget, worker)
         running = asyncio.run_coroutine_threadsafe(
             collect_chunk(spec, plan, dispatcher, stop_plan), loop
         )

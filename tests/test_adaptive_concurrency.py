@@ -7,17 +7,21 @@ more than K requests are in flight; above ``reject_above`` it answers 429 at onc
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
-from conftest import AgentServer
+from conftest import AgentServer, read_jsonl
 
 from rollouts.agent_capacity import ProcessorSharing
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
-from rollouts.reference_agent import generate_tasks
+from rollouts.reference_agent import generate_tasks, write_tasks
 
 
 @dataclass
@@ -223,3 +227,29 @@ def test_the_reference_agent_rejects_above_its_limit_and_slows_above_capacity(
     assert [status for status, _ in answers] == [200, 200, 200, 429]
     # three in service sharing a capacity of two: 200 ms of work takes about 300 ms
     assert all(0.27 < seconds < 0.6 for status, seconds in answers if status == 200)
+
+
+def test_auto_finds_a_capacity_limited_agents_load_through_the_command(
+    tmp_path: Path, start_agent: Callable[..., AgentServer], prefect_api: str
+) -> None:
+    """With `auto` and a ceiling far above the agent's capacity (8), the run never holds more
+    than about twice that in flight (slow start's last step), draws no 429 from an agent that
+    refuses above 24, and writes every rollout once."""
+    agent = start_agent("--latency-ms", "40", "--capacity", "8", "--reject-above", "24")
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 600, seed=11)
+    out = tmp_path / "rollouts.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "rollouts_cli", "collect", f"+agent_url={agent.url}",
+         f"+input_jsonl_fpath={inp}", f"+output_jsonl_fpath={out}", "+chunk_size=200",
+         "--num-samples-in-parallel", "auto", "--max-in-flight", "256"],
+        env={**os.environ, "PREFECT_API_URL": prefect_api}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["_ng_task_index"] for r in read_jsonl(out)] == list(range(600))
+    outcomes = [q["outcome"] for q in agent.requests()]
+    assert outcomes.count("429") == 0 and len(outcomes) == 600
+    peak = httpx.get(f"{agent.url}/stats").json()["peak_in_flight"]
+    assert 8 <= peak <= 16
