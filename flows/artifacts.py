@@ -4,6 +4,7 @@ a markdown summary, and for a multi-dataset run the mix."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from prefect.artifacts import (
 )
 
 from flows.ui import artifact_key, rounded
+from rollouts.replicas import ReplicaStatus
 from rollouts.status import RunStatus, StatusReader
 from rollouts.summary import CollectSummary, MultiSummary
 
@@ -48,14 +50,24 @@ class LiveProgress:
             await asyncio.sleep(PROGRESS_EVERY_S)
             status = await asyncio.to_thread(self.reader.read)
             if status.expected:
-                await self.show(status.done, status.failed, status.expected)
+                await self.show(status.done, status.failed, status.expected, status.replicas)
 
-    async def show(self, written: int, failed: int, expected: int) -> None:
+    async def show(
+        self, written: int, failed: int, expected: int, replicas: Sequence[ReplicaStatus] = ()
+    ) -> None:
         await aupdate_progress_artifact(
             artifact_id=self.artifact_id,
             progress=100.0 * (written + failed) / expected if expected else 100.0,
-            description=f"{written}/{expected} written, {failed} failed",
+            description=f"{written}/{expected} written, {failed} failed"
+            + "".join(f"; {replica_line(r)}" for r in replicas),
         )
+
+
+def replica_line(r: ReplicaStatus) -> str:
+    """One replica in a line: `http://a:8000 410 answered, 8 in flight, 3 failed (out)`."""
+    failed = sum(r.failed.values())
+    return (f"{r.url} {r.answered} answered, {r.in_flight} in flight, {failed} failed"
+            + (" (out)" if r.ejected else ""))  # fmt: skip
 
 
 async def publish_collection(summary: CollectSummary, status: RunStatus) -> None:
@@ -79,11 +91,23 @@ async def publish_collection(summary: CollectSummary, status: RunStatus) -> None
         key=artifact_key(summary.output, "chunks"),
         description="Chunks and the worker (host:pid) that collected each",
     )
+    if status.replicas:
+        await acreate_table_artifact(
+            table=[replica_row(r) for r in status.replicas],
+            key=artifact_key(summary.output, "replicas"),
+            description="Requests per replica of each replicated agent, over all processes",
+        )
     await acreate_markdown_artifact(
         markdown=collection_markdown(summary),
         key=artifact_key(summary.output, "summary"),
         description="Collection summary",
     )
+
+
+def replica_row(r: ReplicaStatus) -> dict[str, Any]:
+    return {"agent": r.agent, "replica": r.url, "sent": r.sent, "answered": r.answered,
+            "failed": ", ".join(f"{k} {n}" for k, n in sorted(r.failed.items())) or "-",
+            "taken out": r.ejections}  # fmt: skip
 
 
 def collection_markdown(summary: CollectSummary) -> str:

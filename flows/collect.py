@@ -23,6 +23,7 @@ from rollouts.agent_client import check_agents_reachable
 from rollouts.collect import DispatchPlan
 from rollouts.errors import ConfigError, RolloutsError, RunStopped, validation_message
 from rollouts.models import CollectConfig, CountOrAuto, SplitResult
+from rollouts.replicas import agents_to_check
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
 from rollouts.settings import RolloutsSettings
 from rollouts.split import validate_input
@@ -203,7 +204,10 @@ async def check_agents_unless_complete(
     """A dead address would otherwise spend every attempt and chunk retry first; a run whose
     rollouts are all written needs no agent."""
     if (await asyncio.to_thread(reader.read)).state != "complete":
-        await check_agents_reachable(plan.agents_in_use(), settings.connect_timeout_s)
+        agents = agents_to_check(plan.agents_in_use(), plan.agent_url, settings)
+        down = await check_agents_reachable(agents, settings.connect_timeout_s)
+        for line in down:  # replicas down while others are up: collecting goes on without them
+            get_run_logger().warning("%s; collecting from the other replicas", line)
 
 
 async def split_into_chunks(config: CollectConfig, run_dir: Path) -> SplitResult:
@@ -225,8 +229,9 @@ async def split_into_chunks(config: CollectConfig, run_dir: Path) -> SplitResult
 
 async def report(summary: CollectSummary, progress: LiveProgress, reader: StatusReader) -> None:
     """The run's final progress and artifacts in the UI, and its summary line in the logs."""
-    await progress.show(summary.succeeded, summary.failed, summary.expected)
-    await publish_collection(summary, await asyncio.to_thread(reader.read))
+    status = await asyncio.to_thread(reader.read)
+    await progress.show(summary.succeeded, summary.failed, summary.expected, status.replicas)
+    await publish_collection(summary, status)
     get_run_logger().info(
         "%d/%d rollouts written, %d failed, %d missing; %d of %d chunks from cache; %s",
         summary.succeeded, summary.expected, summary.failed, summary.missing,

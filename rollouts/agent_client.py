@@ -14,8 +14,9 @@ import email.utils
 import random
 import socket
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import httpx
@@ -26,6 +27,9 @@ from rollouts.aiohttp_transport import AiohttpSessionTransport
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
 from rollouts.errors import AgentResolutionError, AgentUnreachable
 from rollouts.settings import RolloutsSettings
+
+if TYPE_CHECKING:
+    from rollouts.replicas import ReplicaGroup, ReplicaRouter
 
 MAX_ERROR_CHARS = 500
 MAX_RETRY_AFTER_S = 300.0
@@ -155,7 +159,8 @@ class AgentClient:
     starting each rollout and hands the slot to ``run``.
 
     ``transport`` carries the requests; None: ``default_transport`` (tests pass an
-    ``httpx.MockTransport``).
+    ``httpx.MockTransport``). ``replicas``: spreads the attempts to a replicated agent over
+    its URLs (rollouts/replicas.py).
     """
 
     def __init__(
@@ -166,8 +171,10 @@ class AgentClient:
         *,
         adaptive: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
+        replicas: ReplicaRouter | None = None,
     ) -> None:
         self.policy = policy
+        self.replicas = replicas
         self._places = InFlightLimit(max_in_flight)
         # adaptive: max_in_flight is the ceiling; the controller moves the limit under it
         self.concurrency = (
@@ -248,6 +255,21 @@ class AgentClient:
             )
         return answer
 
+    async def _attempt_on(self, group: ReplicaGroup, body: bytes) -> dict[str, Any] | _Attempt:
+        """One attempt on the replica chosen now (so a retry may go to another one)."""
+        replica = group.pick()
+        failure_class: str | None = "cancelled"
+        try:
+            result = await self._attempt(replica.run_url, body)
+            if isinstance(result, dict):
+                failure_class = None
+            else:
+                failure_class = result.failure_class
+                result.error = f"replica {replica.url}: {result.error}"  # which one failed
+            return result
+        finally:
+            group.done(replica, failure_class)
+
     async def reserve(self) -> Slot:
         """Wait for a free place on the wire and hold it for one rollout's first attempt."""
         await self._places.acquire()
@@ -261,6 +283,7 @@ class AgentClient:
         its backoff, waits for a place of its own.
         """
         last: _Attempt | None = None
+        group = self.replicas.group_for(url) if self.replicas is not None else None
         for attempt in range(1, self.policy.max_attempts + 1):
             place = slot if slot is not None else await self.reserve()
             slot = None
@@ -268,7 +291,10 @@ class AgentClient:
             if concurrency is not None:
                 sent, started = concurrency.sent(), time.monotonic()
             try:
-                result = await self._attempt(url, body)
+                if group is None:
+                    result = await self._attempt(url, body)
+                else:
+                    result = await self._attempt_on(group, body)
             finally:
                 place.release()
             if concurrency is not None:
@@ -304,7 +330,9 @@ class AgentClient:
 
 def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str, str]:
     """Map agent names to base URLs: ROLLOUTS_AGENTS first, then the NeMo Gym head server."""
-    urls = {n: settings.agents[n].rstrip("/") for n in names if n in settings.agents}
+    # A replicated agent resolves to its first replica: the client routes each attempt among
+    # them (rollouts/replicas.py).
+    urls = {n: settings.replicas_of(n)[0] for n in names if n in settings.agents}
     missing = [n for n in names if n not in urls]
     if not missing:
         return urls
@@ -366,23 +394,32 @@ async def _connect_problem(url: str, timeout_s: float) -> str | None:
     return None
 
 
-async def check_agents_reachable(agents: dict[str, str], timeout_s: float) -> None:
+async def check_agents_reachable(
+    agents: Mapping[str, str | Sequence[str]], timeout_s: float
+) -> list[str]:
     """Refuse, before any rollout is sent, when an agent's address accepts no connection.
 
-    ``agents`` maps a label (the agent name, or the URL itself) to its base URL. Without this a
-    dead address costs the whole retry budget (every attempt of every rollout, every chunk
-    retry) before the run says anything.
+    ``agents`` maps a label (the agent name, or the URL itself) to its base URL, or to the URLs
+    of its replicas. Without this a dead address costs the whole retry budget (every attempt of
+    every rollout, every chunk retry) before the run says anything. A replicated agent passes
+    when one replica accepts a connection: the others are taken out at their first failures
+    and probed back in (rollouts/replicas.py). Returns those down replicas, one line each.
     """
-    urls = sorted(set(agents.values()))
+    groups = {label: [urls] if isinstance(urls, str) else list(urls)
+              for label, urls in agents.items()}  # fmt: skip
+    urls = sorted({u for group in groups.values() for u in group})
     problems = await asyncio.gather(*(_connect_problem(u, timeout_s) for u in urls))
     down = {u: p for u, p in zip(urls, problems, strict=True) if p is not None}
-    if not down:
-        return
-    lines = []
-    for label, url in sorted(agents.items()):
-        if url in down:
+    lines, tolerated = [], []
+    for label, group in sorted(groups.items()):
+        dead = [u for u in group if u in down]
+        for url in dead:
             who = f"agent {label!r} at {url}" if label != url else f"agent {url}"
-            lines.append(f"{who}: {down[url]}")
+            if len(group) > 1:
+                who = f"replica {url} of agent {label!r}"
+            (tolerated if len(dead) < len(group) else lines).append(f"{who}: {down[url]}")
+    if not lines:
+        return tolerated
     raise AgentUnreachable(
         "cannot reach the agent, nothing was sent: "
         + "; ".join(lines)

@@ -32,6 +32,7 @@ from rollouts.fileio import (
     write_json_atomic,
 )
 from rollouts.models import ChunkResult, ChunkSpec, CollectConfig, RolloutKey
+from rollouts.replicas import ReplicaRouter
 from rollouts.run_state import worker_id
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import Stopper, StopPlan
@@ -134,11 +135,13 @@ class Dispatcher:
     """
 
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
-                 api_key: str | None, adaptive: bool = False) -> None:  # fmt: skip
+                 api_key: str | None, adaptive: bool = False,
+                 replicas: ReplicaRouter | None = None) -> None:  # fmt: skip
         # One socket per request in flight: refused here, before any is sent, if they
         # cannot all be open at once (this process's budget: the flow's, or a worker's).
         ensure_fd_budget(max_in_flight)
-        self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive)
+        self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive,
+                                  replicas=replicas)  # fmt: skip
         gctune.hold()  # rarer full collections while rollouts are in flight
         self._gc_held = True
         self._chunk_slots = (
@@ -157,6 +160,8 @@ class Dispatcher:
             self._gc_held = False
             gctune.release()
         await self.client.aclose()
+        if self.client.replicas is not None:
+            await self.client.replicas.aclose()
 
 
 class _ResultWriter:
@@ -251,6 +256,8 @@ async def collect_chunk(
             {"index": spec.index, "expected": expected, "worker": worker_id(),
              "started_at": time.time()},
         )  # fmt: skip
+        if client.replicas is not None:  # replicated agents: route them, keep their counts
+            client.replicas.use(plan.agent_urls, Path(spec.tasks_path).parent.parent)
         succeeded, terminal = scan_done(rollouts_path, failures_path)
         writer = _ResultWriter(rollouts_path, failures_path)
         requests = 0
@@ -317,6 +324,8 @@ async def collect_chunk(
     finally:
         stop.untrack(tasks)
         writer.close()
+    if client.replicas is not None:
+        await client.replicas.flush()
     # Recount from the files: they, not this process's tallies, are the truth on resume.
     succeeded, terminal = scan_done(rollouts_path, failures_path)
     indices = task_indices(spec)

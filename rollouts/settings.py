@@ -8,9 +8,12 @@ parameter schema, a flow-run's parameters or a cached result.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rollouts.errors import ConfigError
 
 
 class RolloutsSettings(BaseSettings):
@@ -18,10 +21,22 @@ class RolloutsSettings(BaseSettings):
         env_prefix="ROLLOUTS_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
-    agents: dict[str, str] = Field(
+    agents: dict[str, str | list[str]] = Field(
         default_factory=dict,
-        description='Agent name -> base URL, as JSON: {"my_agent": "http://127.0.0.1:8765"}.',
+        description='Agent name -> base URL, as JSON: {"my_agent": "http://127.0.0.1:8765"}; '
+        'or -> several URLs, replicas of one agent: {"my_agent": ["http://a:8000", '
+        '"http://b:8000"]} (requests go to the replica with the fewest in flight).',
     )
+    replica_eject_after: int = Field(
+        default=3, ge=1,
+        description="A replica is taken out after this many connection errors or timeouts in "
+        "a row (and probed back in).",
+    )  # fmt: skip
+    replica_probe_max_s: float = Field(
+        default=30.0, gt=0,
+        description="Longest wait between two connection probes of a replica taken out "
+        "(they start 1 s apart and double).",
+    )  # fmt: skip
     head_server_url: str | None = Field(
         default=None,
         description="NeMo Gym head server; agent names not in `agents` resolve through it.",
@@ -84,3 +99,42 @@ class RolloutsSettings(BaseSettings):
         description="Requests in flight per Dask worker process. Default: the run's "
         "num_samples_in_parallel divided over the workers.",
     )
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _check_agents(cls, value: Any) -> Any:
+        # Raised as ConfigError, not ValueError: pydantic would bury the agent's name in its
+        # own error format; this way the command reports one line naming it.
+        if isinstance(value, str):
+            return value  # JSON text: pydantic-settings decodes it first
+        if not isinstance(value, dict):
+            raise ConfigError(
+                'ROLLOUTS_AGENTS must be a JSON object: {"name": "http://host:port"} or '
+                '{"name": ["http://a:port", "http://b:port"]}'
+            )
+        for name, urls in value.items():
+            _check_agent_urls(name, urls)
+        return value
+
+    def replicas_of(self, name: str) -> list[str]:
+        """The base URLs of agent ``name`` (one, or its replicas in order), without a final /."""
+        urls = self.agents[name]
+        return [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+
+
+def _check_agent_urls(name: str, urls: Any) -> None:
+    where = f"ROLLOUTS_AGENTS: agent {name!r}"
+    if isinstance(urls, str):
+        urls = [urls]
+    elif not isinstance(urls, list) or not urls:
+        raise ConfigError(f"{where}: expected a URL or a non-empty list of URLs, got {urls!r}")
+    for url in urls:
+        if not isinstance(url, str) or not _looks_like_url(url):
+            raise ConfigError(f"{where}: {url!r} is not an http(s)://host:port URL")
+    if len({u.rstrip("/") for u in urls}) < len(urls):
+        raise ConfigError(f"{where}: a URL is listed twice in {urls!r}")
+
+
+def _looks_like_url(text: str) -> bool:
+    scheme, sep, rest = text.partition("://")
+    return bool(sep) and scheme in ("http", "https") and bool(rest.split("/")[0])

@@ -17,6 +17,7 @@ import orjson
 
 from rollouts.chunks import ChunkFiles, tasks_files
 from rollouts.models import ChunkSpec
+from rollouts.replicas import ReplicaStatus, read_replica_stats
 from rollouts.run_state import read_run_state, recorded_chunks, run_dir_for, worker_id
 
 
@@ -40,6 +41,7 @@ class RunStatus:
     rate_per_s: float | None = None
     eta_s: float | None = None
     state: str = "unknown"  # not started | running | complete | incomplete
+    replicas: list[ReplicaStatus] = field(default_factory=list)  # replicated agents only
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +143,7 @@ class StatusReader:
             status.state = "complete"
         else:
             status.state = f"running ({holder})" if holder else "stopped (incomplete)"
+        status.replicas = read_replica_stats(self.run_dir, status.state.startswith("running"))
         now = time.monotonic()
         self._samples.append((now, finished))
         self._samples = [s for s in self._samples if now - s[0] <= 30.0]  # a 30 s window

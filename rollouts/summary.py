@@ -126,6 +126,8 @@ def _failure_class_line(
     if sample is None:
         return f"{failure_class}: {count}"
     agent, error = sample
+    if error.startswith("replica "):  # a replicated agent's error names the replica itself
+        return f"{failure_class}: {count} (e.g. agent {agent!r}, {error})"
     url = plan.agent_url or plan.agent_urls.get(agent)
     who = f"agent {agent!r} at {url}" if url and url != agent else f"agent {agent}"
     return f"{failure_class}: {count} (e.g. {who}: {error})"

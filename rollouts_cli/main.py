@@ -199,6 +199,7 @@ def check_agent_first(params: dict[str, Any]) -> None:
     starts (its temporary API alone takes seconds). The flow checks again, for deployments."""
     from rollouts.agent_client import check_agents_reachable
     from rollouts.collect import DispatchPlan
+    from rollouts.replicas import agents_to_check
     from rollouts.settings import RolloutsSettings
 
     config = CollectConfig(**params)
@@ -206,7 +207,9 @@ def check_agent_first(params: dict[str, Any]) -> None:
         return  # each row names its agent: known after the split
     settings = RolloutsSettings()
     plan = DispatchPlan.for_run(config, [], settings)  # the flow's own resolution
-    asyncio.run(check_agents_reachable(plan.agents_in_use(), settings.connect_timeout_s))
+    agents = agents_to_check(plan.agents_in_use(), plan.agent_url, settings)
+    for line in asyncio.run(check_agents_reachable(agents, settings.connect_timeout_s)):
+        print(f"rollouts collect: {line}; collecting from the other replicas", file=sys.stderr)
 
 
 def check_placement(params: dict[str, Any]) -> None:

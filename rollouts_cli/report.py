@@ -11,6 +11,7 @@ from rich.table import Table
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
+    from rollouts.replicas import ReplicaStatus
     from rollouts.summary import CollectSummary, MultiSummary
 
 
@@ -73,7 +74,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def print_status(status: RunStatus, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     if status.state == "not started":
         console.print(f"no collection state for {status.output} (looked in {status.run_dir})")
         return
@@ -84,9 +85,29 @@ def print_status(status: RunStatus, console: Console | None = None) -> None:
         table.add_row(f"{c.index:05d}", str(c.expected), str(c.done), str(c.failed),
                       c.worker or "-")  # fmt: skip
     console.print(table)
+    if status.replicas:
+        console.print(replica_table(status.replicas, status.state.startswith("running")))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
     rate = f"{status.rate_per_s:.1f}/s" if status.rate_per_s else "-"
     console.print(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
         f"rate {rate}; ETA {_duration(status.eta_s)}"
     )
+
+
+def replica_table(replicas: list[ReplicaStatus], running: bool) -> Table:
+    """Requests per replica of each replicated agent, over every process of the run."""
+    table = Table(title="replicas")
+    table.add_column("agent / replica", no_wrap=True)  # a URL cut short is no URL
+    for col in ("sent", "answered", "in flight"):
+        table.add_column(col, justify="right")
+    table.add_column("state", no_wrap=True)
+    table.add_column("failed", overflow="fold", min_width=12)
+    for r in replicas:
+        failed = ", ".join(f"{k} {n}" for k, n in sorted(r.failed.items())) or "-"
+        state = ("out" if r.ejected else "live") if running else "-"
+        if r.ejections:
+            state += f" (out {r.ejections}x)"
+        table.add_row(f"{r.agent} {r.url}", str(r.sent), str(r.answered), str(r.in_flight),
+                      state, failed)  # fmt: skip
+    return table
