@@ -55,7 +55,8 @@ async def raise_what_a_rerun_will_not_fix(states: list[State[Any]]) -> None:
     """A chunk stopped by something a rerun alone will not fix (a full disk) ends the run with
     that message, rather than with the rollouts it left missing."""
     for state in states:
-        if not state.is_completed():
+        # A chunk a stop kept from starting (on Dask: still Pending) has no error to read.
+        if state.is_final() and not state.is_completed():
             error = await state.aresult(raise_on_failure=False)
             if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
                 raise error
