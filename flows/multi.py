@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from flows.artifacts import publish_mix
 from flows.collect import collect_rollouts
 from flows.ui import run_name, title
-from rollouts.errors import RolloutsError
+from rollouts.errors import STOP_EXIT_CODES, IncompleteRun, RolloutsError
 from rollouts.models import DatasetConfig, MultiDatasetConfig
 from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary, MultiSummary
 from tasks.mix import mix_task
@@ -26,7 +26,21 @@ __all__ = ["MultiSummary", "collect_multi_dataset"]
 
 
 class DatasetFailed(RolloutsError):
-    """One dataset's collection did not complete; its subflow's message says why."""
+    """One dataset's collection did not complete; its subflow's message says why, and its exit
+    code is the subflow's own: 3 for a deadline, 1 where a rerun is the fix, 2 where the user
+    must change something first."""
+
+    def __init__(self, message: str, exit_code: int = RolloutsError.exit_code) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[type[DatasetFailed], tuple[str, int]]:
+        return type(self), (str(self), self.exit_code)  # kept when Prefect pickles the state
+
+
+def combined_exit_code(codes: list[int]) -> int:
+    """Something to change first (2) outranks a deadline (3), which outranks a rerun (1)."""
+    return next(c for c in (2, 3, 1) if c in codes) if codes else 1
 
 
 @task(name="collect-dataset", task_run_name="collect-dataset-{dataset.name}", cache_policy=NO_CACHE)
@@ -35,8 +49,12 @@ async def collect_dataset_task(dataset: DatasetConfig) -> CollectSummary:
     state = await collect_rollouts.with_options(flow_run_name=dataset.run_label())(
         **dataset.collect_parameters(), return_state=True
     )
-    if not state.is_completed() or state.name == STOPPED_AT_DEADLINE:  # no mix of a partial set
-        raise DatasetFailed(f"{dataset.name}: {state.message}")
+    if state.name == STOPPED_AT_DEADLINE:  # no mix of a partial set
+        raise DatasetFailed(f"{dataset.name}: {state.message}", STOP_EXIT_CODES["deadline"])
+    if not state.is_completed():
+        cause = await state.aresult(raise_on_failure=False)
+        code = cause.exit_code if isinstance(cause, RolloutsError) else IncompleteRun.exit_code
+        raise DatasetFailed(f"{dataset.name}: {state.message}", code)
     return await state.aresult()
 
 
@@ -86,8 +104,12 @@ async def collect_datasets(config: MultiDatasetConfig) -> dict[str, CollectSumma
     await asyncio.to_thread(wait, futures)
     failed = [f.state for f in futures if not f.state.is_completed()]
     if failed:
-        detail = "; ".join(str(s.result(raise_on_failure=False)) for s in failed)
-        raise DatasetFailed(f"{len(failed)} dataset(s) did not complete, no mix written. {detail}")
+        causes = [await s.aresult(raise_on_failure=False) for s in failed]
+        detail = "; ".join(str(c) for c in causes)
+        raise DatasetFailed(
+            f"{len(failed)} dataset(s) did not complete, no mix written. {detail}",
+            combined_exit_code([getattr(c, "exit_code", 1) for c in causes]),
+        )
     return {d.name: f.result() for d, f in zip(config.datasets, futures, strict=True)}
 
 

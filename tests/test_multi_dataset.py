@@ -144,3 +144,29 @@ def test_killed_multi_dataset_run_resumes_without_redoing_finished_work(
     for name, n in {"high_quality": 40, "exploration": 1500, "hard": 20}.items():
         assert len(read_jsonl(outputs[name])) == n * REPEATS[name]
     assert len(read_jsonl(tmp_path / "train_mixed.jsonl")) == 60  # 36 + 18 + 2 groups of 3
+
+
+def test_a_multi_dataset_run_cut_by_its_deadline_exits_3_and_writes_no_mix(
+    tmp_path: Path, start_agent: Any, pg_prefect: PgPrefectServer
+) -> None:
+    """Each dataset's max_duration ends its subflow on time; the command says so with the
+    deadline's exit status (3: rerun to continue), and mixes nothing from a partial set."""
+    agent = start_agent("--latency-ms", "50")
+    config = pattern_6_4(
+        tmp_path, {"high_quality": 20, "exploration": 2000, "hard": 10}, total=30,
+        chunk_size=500, num_samples_in_parallel=4, max_duration="4s",
+    )  # fmt: skip
+    config_path = tmp_path / "mix.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PREFECT_API_URL": pg_prefect.api_url,
+           "ROLLOUTS_AGENTS": orjson.dumps({"sim": agent.url}).decode()}  # fmt: skip
+
+    done = subprocess.run(
+        [sys.executable, "-m", "rollouts_cli", "multi", "--config", str(config_path)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "exploration" in done.stderr and "deadline" in done.stderr
+    assert not (tmp_path / "train_mixed.jsonl").exists()
+    assert (tmp_path / "train_high_quality.jsonl").exists()  # a dataset that finished in time
