@@ -34,7 +34,8 @@ RESPONSES_CREATE_PARAMS_KEYS = frozenset(
 )  # fmt: skip
 
 
-def _count_or_auto(v: Any) -> int | str:
+def count_or_auto(v: Any) -> int | str:
+    """A count of at least 1, or "auto" (from a flag, a `+key` or a form)."""
     if v == "auto":
         return v
     try:
@@ -46,7 +47,7 @@ def _count_or_auto(v: Any) -> int | str:
     return n
 
 
-CountOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_count_or_auto)]
+CountOrAuto = Annotated[int | Literal["auto"], BeforeValidator(count_or_auto)]
 """A count (at least 1), or "auto": found at run time."""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from rollouts.errors import validation_message
-from rollouts.models import CollectConfig
+from rollouts.models import CollectConfig, count_or_auto
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
 
@@ -64,10 +64,6 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     return k, yaml.safe_load(v)
 
 
-def _count_or_auto(text: str) -> int | str:
-    return text if text == "auto" else int(text)
-
-
 def _output_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -92,7 +88,7 @@ def _add_collect_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="+limit: only the first N rows")
     p.add_argument("--num-repeats", dest="num_repeats", type=int, help="+num_repeats (1)")
     p.add_argument(
-        "--num-samples-in-parallel", dest="num_samples_in_parallel", type=_count_or_auto,
+        "--num-samples-in-parallel", dest="num_samples_in_parallel", type=count_or_auto,
         help='+num_samples_in_parallel: requests in flight, whole run (64); "auto": found '
         "at run time, up to --max-in-flight",
     )  # fmt: skip
@@ -132,13 +128,13 @@ def _add_collect_parser(sub: Any) -> None:
         "--dask-address", help="run chunks on this Dask scheduler (tcp://host:8786); needs [dask]"
     )
     p.add_argument(
-        "--processes", dest="processes", type=_count_or_auto,
+        "--processes", dest="processes", type=count_or_auto,
         help='+processes: collect in N local processes, or "auto" (one per core); needs [dask]',
     )  # fmt: skip
     p.add_argument(
         "--dask-local-workers",
         dest="processes",
-        type=_count_or_auto,
+        type=count_or_auto,
         help="the older spelling of --processes",
     )
     p.add_argument("plus", nargs="*", metavar="+key=value", help="NeMo Gym-style arguments")
