@@ -27,6 +27,17 @@ def written_keys(run_dir: Path) -> set[tuple[int, int]]:
     return keys
 
 
+def wait_until_written(
+    proc: subprocess.Popen[bytes], run_dir: Path, n: int, timeout_s: float
+) -> None:
+    """Until ``n`` rollouts are on complete lines, while the collection ``proc`` still runs."""
+    deadline = time.monotonic() + timeout_s
+    while len(written_keys(run_dir)) < n:
+        assert proc.poll() is None, "the collection ended before it could be killed"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+
+
 def read_jsonl_bytes(data: bytes) -> list[dict[str, Any]]:
     import orjson
 
@@ -50,11 +61,7 @@ def test_kill_9_then_same_command_completes_exactly_without_resending_written_ro
 
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 90
-    while len(written_keys(run_dir)) < 500:
-        assert proc.poll() is None, "the collection ended before it could be killed"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.05)
+    wait_until_written(proc, run_dir, 500, timeout_s=90)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = written_keys(run_dir)

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from conftest import AgentServer, read_jsonl
-from test_crash_resume import written_keys
+from test_crash_resume import wait_until_written, written_keys
 
 from flows.dask_runner import collecting_processes
 from rollouts.dispatchers import share_budget
@@ -173,11 +173,7 @@ def test_kill_9_of_the_command_then_rerun_with_processes_is_exact(
                       "+num_samples_in_parallel=16", "--processes", "2")  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while len(written_keys(run_dir)) < 500:
-        assert proc.poll() is None, "the collection ended before it could be killed"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.05)
+    wait_until_written(proc, run_dir, 500, timeout_s=120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(0.3)
