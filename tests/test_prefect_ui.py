@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,16 @@ def test_multi_dataset_run_as_the_ui_shows_it(
     config = MultiDatasetConfig.model_validate(pattern_6_4(tmp_path, SIZES, total=30))
     state = asyncio.run(collect_multi_dataset(config=config, return_state=True))
     assert state.is_completed(), state.message
-    seen = asyncio.run(read_run(state.state_details.flow_run_id))
+    # Task runs reach the API through events, after the flow returns: wait for the last one
+    # (the mix) as the UI would show it a moment later.
+    deadline = time.monotonic() + 20
+    while True:
+        seen = asyncio.run(read_run(state.state_details.flow_run_id))
+        if "mix" in {t.name for t in seen["parent"]["task_runs"]}:
+            break
+        if time.monotonic() > deadline:
+            break  # the assertions below say what is missing
+        time.sleep(0.5)
 
     # The parent run: a meaningful name, and the mix as a table (plus a summary).
     parent = seen["parent"]
