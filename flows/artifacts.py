@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -16,6 +17,7 @@ from prefect.artifacts import (
 )
 
 from flows.ui import artifact_key, rounded
+from rollouts.health import RunHealth, describe_attempt, seconds_text
 from rollouts.replicas import ReplicaStatus
 from rollouts.status import RunStatus, StatusReader
 from rollouts.summary import CollectSummary, MultiSummary
@@ -27,12 +29,14 @@ MIX_COLUMNS = ("proportion", "target", "available", "selected", "shortfall",
 
 class LiveProgress:
     """One progress artifact, updated every few seconds from the run state while collecting
-    (one asyncio task, so updates never land out of order)."""
+    (one asyncio task, so updates never land out of order), with the live health's headline.
+    Each stalled rollout is logged once, in the run's log."""
 
     def __init__(self, reader: StatusReader, output: Path) -> None:
         self.reader, self.output = reader, output
         self.artifact_id: Any = None
         self._updates: asyncio.Task[None] | None = None
+        self._stalls_logged: set[tuple[str, int, int]] = set()
 
     async def __aenter__(self) -> LiveProgress:
         self.artifact_id = await acreate_progress_artifact(
@@ -50,17 +54,33 @@ class LiveProgress:
             await asyncio.sleep(PROGRESS_EVERY_S)
             status = await asyncio.to_thread(self.reader.read)
             if status.expected:
-                await self.show(status.done, status.failed, status.expected, status.replicas)
+                await self.show(status.done, status.failed, status.expected, status.replicas,
+                                status.health)  # fmt: skip
+            if status.health is not None:
+                self.log_new_stalls(status.health)
 
     async def show(
-        self, written: int, failed: int, expected: int, replicas: Sequence[ReplicaStatus] = ()
-    ) -> None:
+        self, written: int, failed: int, expected: int, replicas: Sequence[ReplicaStatus] = (),
+        health: RunHealth | None = None,
+    ) -> None:  # fmt: skip
         await aupdate_progress_artifact(
             artifact_id=self.artifact_id,
             progress=100.0 * (written + failed) / expected if expected else 100.0,
             description=f"{written}/{expected} written, {failed} failed"
+            + (f"; {health.headline()}" if health is not None else "")
             + "".join(f"; {replica_line(r)}" for r in replicas),
         )
+
+    def log_new_stalls(self, health: RunHealth) -> None:
+        """A warning per stalled rollout, the first time it is seen stalled."""
+        for a in health.stalled:
+            key = (a.agent, a.task_index, a.rollout_index)
+            if key not in self._stalls_logged:
+                self._stalls_logged.add(key)
+                get_run_logger().warning(
+                    "stalled: %s; in flight longer than %s (ROLLOUTS_STALL_WARN_S)",
+                    describe_attempt(a), seconds_text(a.stall_after_s),
+                )  # fmt: skip
 
 
 def replica_line(r: ReplicaStatus) -> str:

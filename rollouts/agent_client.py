@@ -29,6 +29,7 @@ from rollouts.errors import AgentResolutionError, AgentUnreachable
 from rollouts.settings import RolloutsSettings
 
 if TYPE_CHECKING:
+    from rollouts.health import HealthRecorder, RolloutTag
     from rollouts.replicas import ReplicaGroup, ReplicaRouter
 
 MAX_ERROR_CHARS = 500
@@ -160,7 +161,8 @@ class AgentClient:
 
     ``transport`` carries the requests; None: ``default_transport`` (tests pass an
     ``httpx.MockTransport``). ``replicas``: spreads the attempts to a replicated agent over
-    its URLs (rollouts/replicas.py).
+    its URLs (rollouts/replicas.py). ``health``: told when each attempt of a tagged rollout
+    starts and ends (rollouts/health.py).
     """
 
     def __init__(
@@ -172,9 +174,11 @@ class AgentClient:
         adaptive: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         replicas: ReplicaRouter | None = None,
+        health: HealthRecorder | None = None,
     ) -> None:
         self.policy = policy
         self.replicas = replicas
+        self.health = health
         self._places = InFlightLimit(max_in_flight)
         # adaptive: max_in_flight is the ceiling; the controller moves the limit under it
         self.concurrency = (
@@ -211,7 +215,23 @@ class AgentClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _attempt(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
+    async def _attempt(
+        self, url: str, body: bytes, tag: RolloutTag | None, attempt: int
+    ) -> dict[str, Any] | _Attempt:
+        """One attempt, told to the health recorder when the rollout is tagged."""
+        health = self.health
+        if health is None or tag is None:
+            return await self._send(url, body)
+        ticket = health.begin(tag, url, attempt)
+        failure_class: str | None = "cancelled"
+        try:
+            result = await self._send(url, body)
+            failure_class = None if isinstance(result, dict) else result.failure_class
+            return result
+        finally:
+            health.end(ticket, failure_class)
+
+    async def _send(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
         try:
             # httpx timeouts are per phase; asyncio.timeout makes the deadline total, so a
             # trickling or hung agent can never stall a rollout past request_timeout_s.
@@ -255,12 +275,14 @@ class AgentClient:
             )
         return answer
 
-    async def _attempt_on(self, group: ReplicaGroup, body: bytes) -> dict[str, Any] | _Attempt:
+    async def _attempt_on(
+        self, group: ReplicaGroup, body: bytes, tag: RolloutTag | None, attempt: int
+    ) -> dict[str, Any] | _Attempt:
         """One attempt on the replica chosen now (so a retry may go to another one)."""
         replica = group.pick()
         failure_class: str | None = "cancelled"
         try:
-            result = await self._attempt(replica.run_url, body)
+            result = await self._attempt(replica.run_url, body, tag, attempt)
             if isinstance(result, dict):
                 failure_class = None
             else:
@@ -275,12 +297,15 @@ class AgentClient:
         await self._places.acquire()
         return Slot(self._places)
 
-    async def run(self, url: str, body: bytes, *, slot: Slot | None = None) -> Outcome:
+    async def run(
+        self, url: str, body: bytes, *, slot: Slot | None = None, tag: RolloutTag | None = None
+    ) -> Outcome:
         """Send one rollout until it succeeds, fails terminally, or the budget runs out.
 
         ``slot``: a place from ``reserve`` for the first attempt, freed by this call once the
         attempt is over, whatever happens; None: wait for one here. Every later attempt, after
-        its backoff, waits for a place of its own.
+        its backoff, waits for a place of its own. ``tag``: which rollout this is, for the
+        live health (rollouts/health.py).
         """
         last: _Attempt | None = None
         group = self.replicas.group_for(url) if self.replicas is not None else None
@@ -292,9 +317,9 @@ class AgentClient:
                 sent, started = concurrency.sent(), time.monotonic()
             try:
                 if group is None:
-                    result = await self._attempt(url, body)
+                    result = await self._attempt(url, body, tag, attempt)
                 else:
-                    result = await self._attempt_on(group, body)
+                    result = await self._attempt_on(group, body, tag, attempt)
             finally:
                 place.release()
             if concurrency is not None:

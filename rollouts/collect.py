@@ -31,6 +31,7 @@ from rollouts.fileio import (
     repair_torn_tail,
     write_json_atomic,
 )
+from rollouts.health import HealthRecorder
 from rollouts.models import ChunkResult, ChunkSpec, CollectConfig, RolloutKey
 from rollouts.replicas import ReplicaRouter
 from rollouts.run_state import worker_id
@@ -136,12 +137,14 @@ class Dispatcher:
 
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
                  api_key: str | None, adaptive: bool = False,
-                 replicas: ReplicaRouter | None = None) -> None:  # fmt: skip
+                 replicas: ReplicaRouter | None = None,
+                 stall_warn_s: float | None = None) -> None:  # fmt: skip
         # One socket per request in flight: refused here, before any is sent, if they
         # cannot all be open at once (this process's budget: the flow's, or a worker's).
         ensure_fd_budget(max_in_flight)
+        self.health = HealthRecorder(stall_warn_s)
         self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive,
-                                  replicas=replicas)  # fmt: skip
+                                  replicas=replicas, health=self.health)  # fmt: skip
         gctune.hold()  # rarer full collections while rollouts are in flight
         self._gc_held = True
         self._chunk_slots = (
@@ -160,6 +163,7 @@ class Dispatcher:
             self._gc_held = False
             gctune.release()
         await self.client.aclose()
+        await self.health.aclose()
         if self.client.replicas is not None:
             await self.client.replicas.aclose()
 
@@ -256,8 +260,10 @@ async def collect_chunk(
             {"index": spec.index, "expected": expected, "worker": worker_id(),
              "started_at": time.time()},
         )  # fmt: skip
+        run_dir = Path(spec.tasks_path).parent.parent
+        dispatcher.health.publish_to(run_dir)
         if client.replicas is not None:  # replicated agents: route them, keep their counts
-            client.replicas.use(plan.agent_urls, Path(spec.tasks_path).parent.parent)
+            client.replicas.use(plan.agent_urls, run_dir)
         succeeded, terminal = scan_done(rollouts_path, failures_path)
         writer = _ResultWriter(rollouts_path, failures_path)
         requests = 0
@@ -271,7 +277,7 @@ async def collect_chunk(
             # parsed dicts: with thousands in flight that is tens of MB.
             nonlocal requests
             started = time.monotonic()
-            outcome = await client.run(url, data, slot=slot)
+            outcome = await client.run(url, data, slot=slot, tag=(agent_ref["name"], *key))
             stop.record(time.monotonic() - started)
             requests += outcome.attempts
             if outcome.kind == "ok":

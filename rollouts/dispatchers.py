@@ -31,7 +31,7 @@ def open_dispatcher(
         api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
         _dispatchers[key] = Dispatcher(
             RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
-            adaptive, ReplicaRouter.from_settings(settings),
+            adaptive, ReplicaRouter.from_settings(settings), settings.stall_warn_s,
         )  # fmt: skip
     return _dispatchers[key]
 
@@ -90,7 +90,8 @@ def worker_dispatcher(
             async def make() -> Dispatcher:
                 return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight,
                                   worker.chunks_at_once, api_key, worker.adaptive,
-                                  ReplicaRouter.from_settings(settings))  # fmt: skip
+                                  ReplicaRouter.from_settings(settings),
+                                  settings.stall_warn_s)  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
             if run_id in _worker_stops:

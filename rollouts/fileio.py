@@ -163,3 +163,22 @@ def atomic_writers(paths: list[Path], mode: str = "wb") -> Iterator[list[IO[Any]
 def write_json_atomic(path: Path, obj: Any) -> None:
     with atomic_writer(path) as f:
         f.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def replace_file_quietly(path: Path, data: bytes) -> None:
+    """Replace ``path`` whole with ``data`` (temp file and rename; no fsync), for figures shown
+    live (replica counts, health): a failed write is skipped, never worth stopping a
+    collection for, and a reader never sees a half-written file."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -22,9 +22,6 @@ sums those files for ``rollouts status`` and the Prefect UI.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from rollouts.fileio import replace_file_quietly
 from rollouts.run_state import worker_id
 from rollouts.settings import RolloutsSettings
 
@@ -187,7 +185,9 @@ class ReplicaRouter:
     async def flush(self) -> None:
         """Write the stats file now (a chunk's end)."""
         if self._stats_path is not None and self._by_run_url:
-            await asyncio.to_thread(_write_stats, self._stats_path, self.snapshot())
+            await asyncio.to_thread(
+                replace_file_quietly, self._stats_path, orjson.dumps(self.snapshot())
+            )
 
     async def _write_forever(self) -> None:
         while True:
@@ -207,24 +207,6 @@ def _tcp_probe(timeout_s: float) -> Probe:
     from rollouts.agent_client import _connect_problem
 
     return lambda url: _connect_problem(url, timeout_s)
-
-
-def _write_stats(path: Path, doc: dict[str, Any]) -> None:
-    """Replace ``path`` whole (temp file and rename; no fsync: these are counts for display).
-    A failed write is skipped: the counts are never worth stopping a collection for."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(doc))
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 @dataclass

@@ -93,6 +93,12 @@ class RolloutsSettings(BaseSettings):
         description="With max_duration: no rollout starts unless more than this is left "
         "before the deadline. Default: the observed p90 latency of the run's rollouts.",
     )  # fmt: skip
+    stall_warn_s: float | None = Field(
+        default=None, gt=0,
+        description="A request in flight longer than this is listed as stalled (rollouts "
+        "status, the Prefect UI) and logged once. Default: 10 x the agent's recent p95 "
+        "latency, at least 5 s.",
+    )  # fmt: skip
     dask_worker_in_flight: int | None = Field(
         default=None,
         ge=1,

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from rollouts.chunks import ChunkFiles, tasks_files
+from rollouts.health import RunHealth, read_health
 from rollouts.models import ChunkSpec
 from rollouts.replicas import ReplicaStatus, read_replica_stats
 from rollouts.run_state import read_run_state, recorded_chunks, run_dir_for, worker_id
@@ -42,9 +43,10 @@ class RunStatus:
     eta_s: float | None = None
     state: str = "unknown"  # not started | running | complete | incomplete
     replicas: list[ReplicaStatus] = field(default_factory=list)  # replicated agents only
+    health: RunHealth | None = None  # while collecting: in flight, latency, failures, stalls
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"health": self.health.to_json() if self.health else None}
 
 
 class _LineCounter:
@@ -143,7 +145,9 @@ class StatusReader:
             status.state = "complete"
         else:
             status.state = f"running ({holder})" if holder else "stopped (incomplete)"
-        status.replicas = read_replica_stats(self.run_dir, status.state.startswith("running"))
+        running = status.state.startswith("running")
+        status.replicas = read_replica_stats(self.run_dir, running)
+        status.health = read_health(self.run_dir) if running else None
         now = time.monotonic()
         self._samples.append((now, finished))
         self._samples = [s for s in self._samples if now - s[0] <= 30.0]  # a 30 s window

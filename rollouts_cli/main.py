@@ -371,6 +371,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rollouts.status import read_status
     from rollouts_cli.report import print_status
 
+    if args.watch:
+        from rollouts_cli.watch import watch_status
+
+        return watch_status(args.output, RolloutsSettings().work_dir, args.interval, args.json)
     status = read_status(args.output, RolloutsSettings().work_dir, sample_s=args.sample_s)
     if args.json:
         sys.stdout.write(orjson.dumps(status.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -424,7 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="progress of a collection (also while it runs, from another terminal)"
     )
     status.add_argument("output", help="the output file of the collection")
-    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.add_argument(
+        "--json", action="store_true",
+        help="machine-readable (with --watch: one JSON line per reading)",
+    )  # fmt: skip
+    status.add_argument(
+        "--watch", action="store_true",
+        help="redraw it in place every --interval seconds until Ctrl-C",
+    )  # fmt: skip
+    status.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between redraws of --watch (2)"
+    )
     status.add_argument(
         "--sample-s", type=float, default=1.0,
         help="seconds between two readings, for the rate and ETA (0: no rate)",

@@ -5,12 +5,15 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
+from rollouts.health import describe_attempt, seconds_text
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
+    from rollouts.health import RunHealth
     from rollouts.replicas import ReplicaStatus
     from rollouts.summary import CollectSummary, MultiSummary
 
@@ -74,25 +77,75 @@ def _duration(seconds: float | None) -> str:
 
 
 def print_status(status: RunStatus, console: Console | None = None) -> None:
-    console = console or _console()
+    (console or _console()).print(status_view(status))
+
+
+def status_view(status: RunStatus) -> RenderableType:
+    """What `rollouts status` shows (and `--watch` redraws): chunks, live health, totals."""
     if status.state == "not started":
-        console.print(f"no collection state for {status.output} (looked in {status.run_dir})")
-        return
-    table = Table(title=f"{status.output}: {status.state}")
-    for col in ("chunk", "expected", "done", "failed", "worker"):
-        table.add_column(col, justify="left" if col == "worker" else "right")
-    for c in status.chunks:
-        table.add_row(f"{c.index:05d}", str(c.expected), str(c.done), str(c.failed),
-                      c.worker or "-")  # fmt: skip
-    console.print(table)
+        return Text(f"no collection state for {status.output} (looked in {status.run_dir})")
+    parts: list[RenderableType] = [chunk_table(status)]
+    if status.health is not None:
+        parts += health_view(status.health)
     if status.replicas:
-        console.print(replica_table(status.replicas, status.state.startswith("running")))
+        parts.append(replica_table(status.replicas, status.state.startswith("running")))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
     rate = f"{status.rate_per_s:.1f}/s" if status.rate_per_s else "-"
-    console.print(
+    parts.append(Text(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
         f"rate {rate}; ETA {_duration(status.eta_s)}"
-    )
+    ))  # fmt: skip
+    return Group(*parts)
+
+
+MAX_CHUNK_ROWS = 12
+
+
+def chunk_table(status: RunStatus) -> Table:
+    """Every chunk of a small run; of a large one, only those not finished (compact)."""
+    chunks = status.chunks
+    caption = None
+    if len(chunks) > MAX_CHUNK_ROWS:
+        open_chunks = [c for c in chunks if c.done + c.failed < c.expected]
+        finished = len(chunks) - len(open_chunks)
+        chunks = open_chunks[:MAX_CHUNK_ROWS]
+        caption = f"{finished} of {len(status.chunks)} chunks finished" + (
+            f"; {len(open_chunks) - len(chunks)} more not shown" if len(open_chunks) > len(chunks)
+            else "")  # fmt: skip
+    table = Table(title=f"{status.output}: {status.state}", caption=caption)
+    for col in ("chunk", "expected", "done", "failed", "worker"):
+        table.add_column(col, justify="left" if col == "worker" else "right")
+    for c in chunks:
+        table.add_row(f"{c.index:05d}", str(c.expected), str(c.done), str(c.failed),
+                      c.worker or "-")  # fmt: skip
+    return table
+
+
+def health_view(health: RunHealth) -> list[RenderableType]:
+    """The live health table (per agent, then per replica), then what is stalled or oldest."""
+    table = Table(title=f"live: {health.processes} process{'es' if health.processes > 1 else ''}, "
+                  f"updated {health.updated_s_ago:.0f} s ago")  # fmt: skip
+    table.add_column("agent", no_wrap=True)
+    for col in ("in flight", "answers/min", "failed/min", "p50", "p95", "p99"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("failed attempts", overflow="fold", min_width=12)
+    for t in [*health.agents, *health.replicas]:
+        failures = ", ".join(f"{k} {n}" for k, n in sorted(t.failures.items())) or "-"
+        table.add_row(t.agent if t.url is None else f"  {t.agent} {t.url}", str(t.in_flight),
+                      str(t.answers_last_min), str(t.failed_last_min), seconds_text(t.p50_s),
+                      seconds_text(t.p95_s), seconds_text(t.p99_s), failures)  # fmt: skip
+    parts: list[RenderableType] = [table]
+    if health.stalled_total:
+        parts.append(Text(f"stalled: {health.stalled_total} in flight longer than "
+                          f"{seconds_text(health.stalled[0].stall_after_s)}", style="bold red"))  # fmt: skip
+        parts += [Text(f"  {describe_attempt(a)}") for a in health.stalled[:10]]
+        if health.stalled_total > 10:
+            parts.append(Text(f"  ... and {health.stalled_total - 10} more (--json lists 50)"))
+    elif health.oldest:
+        parts.append(Text("oldest in flight: " + "; ".join(
+            f"{seconds_text(a.age_s)} (task {a.task_index} rollout {a.rollout_index})"
+            for a in health.oldest[:3])))  # fmt: skip
+    return parts
 
 
 def replica_table(replicas: list[ReplicaStatus], running: bool) -> Table:

@@ -1,0 +1,401 @@
+"""Live health of a collection: what is in flight, how fast, how long answers take, what fails.
+
+Each collecting process has one ``HealthRecorder`` (its dispatcher's). The client tells it when
+each attempt starts and ends (a few dict and deque operations, no I/O), and a background task
+rewrites ``health.<host>_<pid>.json`` in the run directory every ``PUBLISH_EVERY_S``:
+
+- per agent and URL (an agent with replicas has one entry per replica): requests in flight now,
+  answers and failed attempts in the last minute, failed attempts by class since the process
+  started, and a latency histogram of the recent answers (the last ``WINDOW_S`` and at most
+  ``LATENCY_SAMPLES``), so that several processes' percentiles can be merged;
+- the oldest attempts in flight, and those in flight longer than the stall threshold
+  (``ROLLOUTS_STALL_WARN_S``; default ``STALL_P95_FACTOR`` x the agent's recent p95, at
+  least ``STALL_MIN_S``).
+
+The file's size is bounded (histogram buckets, ``OLDEST_SHOWN``, ``STALLED_SHOWN``) however long
+the run. ``read_health`` merges the files of the processes collecting now, for ``rollouts
+status``, the CLI's ``--watch`` and the Prefect UI; a process removes its file when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from rollouts.fileio import replace_file_quietly
+from rollouts.run_state import worker_id
+
+PUBLISH_EVERY_S = 2.0
+WINDOW_S = 60.0
+LATENCY_SAMPLES = 4096  # per agent URL: the window is the last minute or these, the fewer
+OLDEST_SHOWN = 5
+STALLED_SHOWN = 50
+STALL_P95_FACTOR = 10.0
+STALL_MIN_S = 5.0  # a default threshold below this would flag ordinary scheduling hiccups
+FRESH_S = 10.0  # an older file is a process gone (killed): not collecting now
+HEALTH_PREFIX = "health."
+# Failed attempts whose duration says nothing about the agent's answer time: no answer came.
+NO_ANSWER = frozenset({"timeout", "connection_error", "cancelled"})
+# Latency histogram: buckets 2 % wide (a percentile read from it is within 1 % of the exact one).
+_BUCKET_RATIO = math.log(1.02)
+_MIN_LATENCY_S = 1e-5
+
+RolloutTag = tuple[str, int, int]  # (agent, task index, rollout index)
+
+
+def latency_bucket(seconds: float) -> int:
+    return math.floor(math.log(max(seconds, _MIN_LATENCY_S)) / _BUCKET_RATIO)
+
+
+def bucket_value(bucket: int) -> float:
+    """The middle of ``bucket``, in seconds."""
+    return math.exp((bucket + 0.5) * _BUCKET_RATIO)
+
+
+def percentile(histogram: dict[int, int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a latency histogram (bucket -> count); None if empty."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket_value(bucket)
+    raise AssertionError("unreachable: rank <= total")
+
+
+class _Attempt:
+    """One attempt on the wire."""
+
+    __slots__ = ("agent", "attempt", "key", "started", "target")
+
+    def __init__(self, target: _Target, agent: str, key: tuple[int, int], attempt: int,
+                 started: float) -> None:  # fmt: skip
+        self.target, self.agent, self.key, self.attempt = target, agent, key, attempt
+        self.started = started
+
+
+class _Target:
+    """What one process sent one agent URL."""
+
+    __slots__ = ("agent", "answered", "failures", "in_flight", "latencies", "recent", "sent", "url")
+
+    def __init__(self, agent: str, url: str) -> None:
+        self.agent, self.url = agent, url
+        self.in_flight = self.sent = self.answered = 0
+        self.failures: dict[str, int] = {}
+        # (end time, latency of an answer) of the recent answers, oldest first
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
+        # (whole second, answers, failed attempts) ending in that second, oldest first
+        self.recent: deque[list[int]] = deque(maxlen=int(WINDOW_S) + 2)
+
+    def count(self, now: float, failed: bool) -> None:
+        second = int(now)
+        if not self.recent or self.recent[-1][0] != second:
+            self.recent.append([second, 0, 0])
+        self.recent[-1][2 if failed else 1] += 1
+
+    def last_minute(self, now: float) -> tuple[int, int]:
+        since = now - WINDOW_S
+        answers = failed = 0
+        for second, a, f in self.recent:
+            if second >= since:
+                answers += a
+                failed += f
+        return answers, failed
+
+    def histogram(self, now: float) -> dict[int, int]:
+        since = now - WINDOW_S
+        hist: dict[int, int] = {}
+        for ended, seconds in self.latencies:
+            if ended >= since:
+                b = latency_bucket(seconds)
+                hist[b] = hist.get(b, 0) + 1
+        return hist
+
+
+class HealthRecorder:
+    """One process's live view of its attempts. ``begin``/``end`` are on the request path:
+    no I/O, a few microseconds. ``stall_after_s`` None: the default threshold (see module)."""
+
+    def __init__(self, stall_after_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.stall_after_s = stall_after_s
+        self._clock = clock
+        self._targets: dict[tuple[str, str], _Target] = {}
+        self._in_flight: dict[int, _Attempt] = {}  # insertion order: oldest first
+        self._next_id = 0
+        self._path: Path | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    def begin(self, tag: RolloutTag, url: str, attempt: int) -> int:
+        """An attempt of rollout ``tag`` is sent to ``url``; returns its ticket for ``end``."""
+        target = self._targets.get((tag[0], url))
+        if target is None:
+            base = url.removesuffix("/run")  # the agent's address, as configured
+            target = self._targets[(tag[0], url)] = _Target(tag[0], base)
+        target.in_flight += 1
+        target.sent += 1
+        self._next_id += 1
+        self._in_flight[self._next_id] = _Attempt(
+            target, tag[0], (tag[1], tag[2]), attempt, self._clock()
+        )
+        return self._next_id
+
+    def end(self, ticket: int, failure_class: str | None) -> None:
+        """The attempt ``ticket`` ended: answered (None) or failed with ``failure_class``."""
+        a = self._in_flight.pop(ticket)
+        now = self._clock()
+        t = a.target
+        t.in_flight -= 1
+        if failure_class is None:
+            t.answered += 1
+        else:
+            t.failures[failure_class] = t.failures.get(failure_class, 0) + 1
+        if failure_class not in NO_ANSWER:
+            t.latencies.append((now, now - a.started))
+        if failure_class != "cancelled":
+            t.count(now, failed=failure_class is not None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's health document (what ``health.<worker>.json`` holds)."""
+        now = self._clock()
+        targets, thresholds = [], {}
+        for t in self._targets.values():
+            hist = t.histogram(now)
+            answers, failed = t.last_minute(now)
+            p95 = percentile(hist, 0.95)
+            thresholds[id(t)] = self._stall_threshold(p95)
+            targets.append({
+                "agent": t.agent, "url": t.url, "in_flight": t.in_flight, "sent": t.sent,
+                "answered": t.answered, "answers_last_min": answers,
+                "failed_last_min": failed, "failures": dict(t.failures),
+                "latency_hist": {str(b): n for b, n in sorted(hist.items())},
+            })  # fmt: skip
+        oldest, stalled, n_stalled = [], [], 0
+        for a in self._in_flight.values():  # oldest first
+            age = now - a.started
+            if len(oldest) < OLDEST_SHOWN:
+                oldest.append(self._describe(a, age))
+            threshold = thresholds[id(a.target)]
+            if threshold is not None and age > threshold:
+                n_stalled += 1
+                if len(stalled) < STALLED_SHOWN:
+                    stalled.append(self._describe(a, age) | {"stall_after_s": threshold})
+            elif len(oldest) >= OLDEST_SHOWN and age < self._least_threshold(thresholds):
+                break  # every later attempt is younger still: neither oldest nor stalled
+        return {"worker": worker_id(), "updated_at": time.time(), "window_s": WINDOW_S,
+                "targets": targets, "oldest": oldest, "stalled": stalled,
+                "stalled_total": n_stalled}  # fmt: skip
+
+    def _stall_threshold(self, p95: float | None) -> float | None:
+        if self.stall_after_s is not None:
+            return self.stall_after_s
+        if p95 is None:
+            return None  # no answer yet: nothing to compare with
+        return max(STALL_MIN_S, STALL_P95_FACTOR * p95)
+
+    @staticmethod
+    def _least_threshold(thresholds: dict[int, float | None]) -> float:
+        known = [t for t in thresholds.values() if t is not None]
+        return min(known) if known else math.inf
+
+    @staticmethod
+    def _describe(a: _Attempt, age: float) -> dict[str, Any]:
+        return {"agent": a.agent, "url": a.target.url, "task_index": a.key[0],
+                "rollout_index": a.key[1], "attempt": a.attempt, "age_s": round(age, 3),
+                "worker": worker_id()}  # fmt: skip
+
+    # Publishing: one background task on the dispatcher's event loop.
+
+    def publish_to(self, run_dir: Path) -> None:
+        """Start rewriting this process's health file in ``run_dir`` (idempotent; every chunk
+        calls it, from the dispatcher's event loop)."""
+        if self._path is None:
+            self._path = Path(run_dir) / f"{HEALTH_PREFIX}{worker_id().replace(':', '_')}.json"
+            self._writer = asyncio.create_task(self._publish_forever())
+
+    async def flush(self) -> None:
+        if self._path is not None:
+            doc = self.snapshot()
+            await asyncio.to_thread(replace_file_quietly, self._path, orjson.dumps(doc))
+
+    async def _publish_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PUBLISH_EVERY_S)
+            await self.flush()
+
+    async def aclose(self) -> None:
+        """Stop publishing and remove the file: a closed process has nothing in flight."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+
+
+# Reading: every live process's file, merged (rollouts status, --watch, the Prefect UI).
+
+
+@dataclass
+class TargetHealth:
+    """One agent (``url`` None: all its URLs) or one replica, over the processes collecting."""
+
+    agent: str
+    url: str | None
+    in_flight: int = 0
+    sent: int = 0
+    answered: int = 0
+    answers_last_min: int = 0
+    failed_last_min: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # failed attempts by class
+    p50_s: float | None = None
+    p95_s: float | None = None
+    p99_s: float | None = None
+    latency_samples: int = 0
+
+
+@dataclass
+class InFlightAttempt:
+    agent: str
+    url: str
+    task_index: int
+    rollout_index: int
+    attempt: int
+    age_s: float
+    worker: str
+    stall_after_s: float | None = None
+
+
+@dataclass
+class RunHealth:
+    """The live health of a run over the processes collecting into it now."""
+
+    processes: int
+    updated_s_ago: float
+    agents: list[TargetHealth]  # one per agent, all its URLs together
+    replicas: list[TargetHealth]  # one per URL of agents with several URLs
+    oldest: list[InFlightAttempt]
+    stalled: list[InFlightAttempt]
+    stalled_total: int
+
+    @property
+    def in_flight(self) -> int:
+        return sum(a.in_flight for a in self.agents)
+
+    def headline(self) -> str:
+        """The figures in a line: `64 in flight, 1456 answers/min, p50 199 ms, p95 457 ms,
+        p99 604 ms, 2 stalled` (the latencies over every agent's answers)."""
+        if len(self.agents) == 1:
+            a = self.agents[0]
+            p50, p95, p99 = a.p50_s, a.p95_s, a.p99_s
+            latency = f"p50 {seconds_text(p50)}, p95 {seconds_text(p95)}, p99 {seconds_text(p99)}"
+        else:  # agents differ too much for one percentile to mean much: the worst p95
+            worst = max((a.p95_s for a in self.agents if a.p95_s is not None), default=None)
+            latency = f"worst agent p95 {seconds_text(worst)}"
+        stalled = f", {self.stalled_total} stalled" if self.stalled_total else ""
+        return (f"{self.in_flight} in flight, {self.answers_last_min} answers/min, "
+                f"{latency}{stalled}")  # fmt: skip
+
+    @property
+    def answers_last_min(self) -> int:
+        return sum(a.answers_last_min for a in self.agents)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"in_flight": self.in_flight,
+                               "answers_last_min": self.answers_last_min}  # fmt: skip
+
+
+def read_health(run_dir: Path, now: float | None = None) -> RunHealth | None:
+    """The merged health files of the processes publishing into ``run_dir`` now; None if none."""
+    now = time.time() if now is None else now
+    docs = []
+    for path in sorted(Path(run_dir).glob(f"{HEALTH_PREFIX}*.json")):
+        try:
+            doc = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue  # removed or replaced while read: the next read has it
+        if now - float(doc.get("updated_at", 0)) <= FRESH_S:
+            docs.append(doc)
+    if not docs:
+        return None
+    return merge_health(docs, now)
+
+
+def merge_health(docs: list[dict[str, Any]], now: float) -> RunHealth:
+    by_url: dict[tuple[str, str], tuple[TargetHealth, dict[int, int]]] = {}
+    for doc in docs:
+        for t in doc["targets"]:
+            entry = by_url.setdefault(
+                (t["agent"], t["url"]), (TargetHealth(t["agent"], t["url"]), {})
+            )
+            _add(entry[0], entry[1], t)
+    per_agent: dict[str, tuple[TargetHealth, dict[int, int]]] = {}
+    for (agent, _), (th, hist) in by_url.items():
+        entry = per_agent.setdefault(agent, (TargetHealth(agent, None), {}))
+        _add(entry[0], entry[1], asdict(th) | {"latency_hist": hist})
+    urls_of = {
+        agent: [th for (a, _), (th, _) in by_url.items() if a == agent] for agent in per_agent
+    }
+    for th, hist in [*by_url.values(), *per_agent.values()]:
+        th.p50_s, th.p95_s, th.p99_s = (_rounded(percentile(hist, q)) for q in (0.5, 0.95, 0.99))
+        th.latency_samples = sum(hist.values())
+    oldest = sorted(_attempts(d["oldest"] for d in docs), key=lambda a: -a.age_s)
+    stalled = sorted(_attempts(d["stalled"] for d in docs), key=lambda a: -a.age_s)
+    return RunHealth(
+        processes=len(docs),
+        updated_s_ago=round(now - max(float(d["updated_at"]) for d in docs), 1),
+        agents=[th for th, _ in per_agent.values()],
+        replicas=[th for urls in urls_of.values() if len(urls) > 1 for th in urls],
+        oldest=oldest[:OLDEST_SHOWN], stalled=stalled[:STALLED_SHOWN],
+        stalled_total=sum(int(d["stalled_total"]) for d in docs),
+    )  # fmt: skip
+
+
+def _add(th: TargetHealth, hist: dict[int, int], t: dict[str, Any]) -> None:
+    for name in ("in_flight", "sent", "answered", "answers_last_min", "failed_last_min"):
+        setattr(th, name, getattr(th, name) + int(t[name]))
+    for cls, n in t["failures"].items():
+        th.failures[cls] = th.failures.get(cls, 0) + n
+    for b, n in t["latency_hist"].items():
+        hist[int(b)] = hist.get(int(b), 0) + n
+
+
+def _attempts(groups: Iterable[list[dict[str, Any]]]) -> list[InFlightAttempt]:
+    return [InFlightAttempt(**a) for group in groups for a in group]
+
+
+def seconds_text(value: float | None) -> str:
+    """A latency or an age, short: 85 ms, 3.4 s, 2m05s."""
+    if value is None:
+        return "-"
+    if value < 1.0:
+        return f"{value * 1000:.0f} ms"
+    if value < 60.0:
+        return f"{value:.1f} s"
+    m, s = divmod(int(value), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def describe_attempt(a: InFlightAttempt) -> str:
+    """`task 3 rollout 0: 6.0 s on my_agent http://a:8000 (attempt 1, host:123)`."""
+    where = a.agent if a.agent == a.url else f"{a.agent} {a.url}"
+    return (f"task {a.task_index} rollout {a.rollout_index}: {seconds_text(a.age_s)} on {where} "
+            f"(attempt {a.attempt}, {a.worker})")  # fmt: skip
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
