@@ -163,7 +163,6 @@ class Dispatcher:
             self._gc_held = False
             gctune.release()
         await self.client.aclose()
-        await self.health.aclose()
         if self.client.replicas is not None:
             await self.client.replicas.aclose()
 
@@ -245,8 +244,16 @@ async def collect_chunk(
     """Collect every rollout of one chunk not already written. Returns counts, never bodies.
 
     ``stop_plan``: the run's deadline and grace (see rollouts/stopping.py), armed on the
-    dispatcher's stopper; a stopped chunk ends with what finished and says why.
+    dispatcher's stopper; a stopped chunk ends with what finished and says why. While any
+    chunk collects, the process publishes its live health into the run directory.
     """
+    async with dispatcher.health.publishing(Path(spec.tasks_path).parent.parent):
+        return await _collect_chunk(spec, plan, dispatcher, stop_plan)
+
+
+async def _collect_chunk(
+    spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher, stop_plan: StopPlan | None
+) -> ChunkResult:
     stop = dispatcher.stop
     if stop_plan is not None:
         stop.arm(stop_plan)
@@ -260,10 +267,8 @@ async def collect_chunk(
             {"index": spec.index, "expected": expected, "worker": worker_id(),
              "started_at": time.time()},
         )  # fmt: skip
-        run_dir = Path(spec.tasks_path).parent.parent
-        dispatcher.health.publish_to(run_dir)
         if client.replicas is not None:  # replicated agents: route them, keep their counts
-            client.replicas.use(plan.agent_urls, run_dir)
+            client.replicas.use(plan.agent_urls, Path(spec.tasks_path).parent.parent)
         succeeded, terminal = scan_done(rollouts_path, failures_path)
         writer = _ResultWriter(rollouts_path, failures_path)
         requests = 0

@@ -24,7 +24,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,8 @@ class HealthRecorder:
         self._targets: dict[tuple[str, str], _Target] = {}
         self._in_flight: dict[int, _Attempt] = {}  # insertion order: oldest first
         self._next_id = 0
-        self._path: Path | None = None
+        self._path = Path()
+        self._chunks = 0  # chunks collecting now, in this process
         self._writer: asyncio.Task[None] | None = None
 
     def begin(self, tag: RolloutTag, url: str, attempt: int) -> int:
@@ -217,33 +218,33 @@ class HealthRecorder:
                 "rollout_index": a.key[1], "attempt": a.attempt, "age_s": round(age, 3),
                 "worker": worker_id()}  # fmt: skip
 
-    # Publishing: one background task on the dispatcher's event loop.
+    # Publishing: one background task on the dispatcher's event loop, while chunks collect.
 
-    def publish_to(self, run_dir: Path) -> None:
-        """Start rewriting this process's health file in ``run_dir`` (idempotent; every chunk
-        calls it, from the dispatcher's event loop)."""
-        if self._path is None:
+    @contextlib.asynccontextmanager
+    async def publishing(self, run_dir: Path) -> AsyncIterator[None]:
+        """Publish this process's health file in ``run_dir`` while any chunk is inside this
+        block (every chunk enters it); the last one out stops and removes it, so a process that
+        collects nothing now (a long-lived Dask worker) shows nothing in flight."""
+        if self._chunks == 0:
             self._path = Path(run_dir) / f"{HEALTH_PREFIX}{worker_id().replace(':', '_')}.json"
-            self._writer = asyncio.create_task(self._publish_forever())
+            self._writer = asyncio.create_task(self._publish_forever(self._path))
+        self._chunks += 1
+        try:
+            yield
+        finally:
+            self._chunks -= 1
+            if self._chunks == 0 and self._writer is not None:
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
+                self._writer = None
+                with contextlib.suppress(OSError):
+                    self._path.unlink()
 
-    async def flush(self) -> None:
-        if self._path is not None:
-            doc = self.snapshot()
-            await asyncio.to_thread(replace_file_quietly, self._path, orjson.dumps(doc))
-
-    async def _publish_forever(self) -> None:
+    async def _publish_forever(self, path: Path) -> None:
         while True:
             await asyncio.sleep(PUBLISH_EVERY_S)
-            await self.flush()
-
-    async def aclose(self) -> None:
-        """Stop publishing and remove the file: a closed process has nothing in flight."""
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-        if self._path is not None:
-            with contextlib.suppress(OSError):
-                self._path.unlink()
+            doc = self.snapshot()
+            await asyncio.to_thread(replace_file_quietly, path, orjson.dumps(doc))
 
 
 # Reading: every live process's file, merged (rollouts status, --watch, the Prefect UI).

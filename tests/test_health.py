@@ -31,6 +31,7 @@ from rollouts.health import (
     percentile,
 )
 from rollouts.reference_agent import write_tasks
+from rollouts.run_state import run_dir_for
 
 
 class FakeClock:
@@ -262,6 +263,36 @@ def test_a_hung_request_is_listed_as_stalled_within_the_warning_time_and_logged_
     assert sorted(logged) == sorted(set(logged))
     for t, r in hung:  # once per rollout, even when a retry hung again
         assert sum(f"stalled: task {t} rollout {r}:" in line for line in logged) == 1
+
+
+def test_several_processes_publish_one_merged_view(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    agent = start_agent("--latency-ms", "100")
+    out = tmp_path / "two.jsonl"
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 1500, seed=4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollouts_cli", "collect", "--agent-url", agent.url,
+         "--input", str(inp), "--output", str(out), "--chunk-size", "250",
+         "--num-samples-in-parallel", "12", "--processes", "2"],
+        cwd=tmp_path, env={**os.environ, "PREFECT_API_URL": prefect_api},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def both_processes() -> dict[str, Any] | None:
+            health = status_json(out, tmp_path)["health"]
+            return health if health and health["processes"] == 2 else None
+
+        health = wait_for(both_processes, proc, timeout_s=90)
+        (a,) = health["agents"]
+        assert 0 < a["in_flight"] <= 12  # the run's budget, over both processes
+        assert a["p50_s"] == pytest.approx(0.100, rel=0.3)
+    finally:
+        assert proc.wait(180) == 0
+    # Each process removed its file when its last chunk ended.
+    assert list(run_dir_for(out, None).glob("health.*")) == []
 
 
 def read_until(fd: int, seconds: float) -> bytes:
