@@ -237,6 +237,29 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def print_summary(s: dict[str, Any]) -> None:
+    if "rss_mb_first" not in s:
+        print(f"summary: {s}")
+        return
+    print(f"first third vs last third of {s['steady_windows']} steady windows "
+          f"({s['third_windows']} each):")  # fmt: skip
+    print_table(["", "first", "last", "change"], [
+        ["RSS MB (median)", f"{s['rss_mb_first']:.1f}", f"{s['rss_mb_last']:.1f}",
+         f"{s['rss_growth_mb']:+.1f} MB ({s['rss_growth_pct']:+.1f} %)"],
+        ["RSS slope, steady windows", "", "", f"{s['rss_slope_mb_per_min']:+.2f} MB/min"],
+        ["CPU ms/rollout", f"{s['cpu_ms_per_rollout_first']:.3f}",
+         f"{s['cpu_ms_per_rollout_last']:.3f}",
+         f"{s['cpu_ms_per_rollout_last'] - s['cpu_ms_per_rollout_first']:+.3f}"],
+        ["rollouts/s (median)", f"{s['rate_first']:.1f}", f"{s['rate_last']:.1f}", ""],
+        *([label, f"{s[key + '_first']:,.0f}", f"{s[key + '_last']:,.0f}",
+           f"{s[key + '_last'] - s[key + '_first']:+,.0f}"]
+          for label, key in (("state files (median)", "state_files"),
+                             ("state bytes (median)", "state_bytes"),
+                             ("status --json bytes (median)", "status_json_bytes"),
+                             ("status ms (median)", "status_ms"))),
+    ])  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
@@ -300,28 +323,7 @@ def main() -> None:
           f"end {le[0]:.2f}/{le[1]:.2f}/{le[2]:.2f}")  # fmt: skip
     if run["exit"] == 0:
         print("WARNING: the run ran out of tasks before its deadline: not steady to the end")
-    if "rss_mb_first" in summary:
-        s = summary
-        print(f"first third vs last third of {s['steady_windows']} steady windows "
-              f"({s['third_windows']} each):")  # fmt: skip
-        print_table(["", "first", "last", "change"], [
-            ["RSS MB (median)", s["rss_mb_first"], s["rss_mb_last"],
-             f"{s['rss_growth_mb']:+.1f} MB ({s['rss_growth_pct']:+.1f} %)"],
-            ["RSS slope, steady windows", "", "", f"{s['rss_slope_mb_per_min']:+.2f} MB/min"],
-            ["CPU ms/rollout", f"{s['cpu_ms_per_rollout_first']:.3f}",
-             f"{s['cpu_ms_per_rollout_last']:.3f}",
-             f"{s['cpu_ms_per_rollout_last'] - s['cpu_ms_per_rollout_first']:+.3f}"],
-            ["rollouts/s (median)", s["rate_first"], s["rate_last"], ""],
-            ["state files (median)", s["state_files_first"], s["state_files_last"], ""],
-            ["state bytes (median)", s["state_bytes_first"], s["state_bytes_last"],
-             f"{s['state_bytes_last'] - s['state_bytes_first']:+,.0f}"],
-            ["status --json bytes (median)", s["status_json_bytes_first"],
-             s["status_json_bytes_last"],
-             f"{s['status_json_bytes_last'] - s['status_json_bytes_first']:+,.0f}"],
-            ["status ms (median)", s["status_ms_first"], s["status_ms_last"], ""],
-        ])  # fmt: skip
-    else:
-        print(f"summary: {summary}")
+    print_summary(summary)
     write_json("soak", result, args.json)
 
 
