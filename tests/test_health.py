@@ -295,6 +295,39 @@ def test_several_processes_publish_one_merged_view(
     assert list(run_dir_for(out, None).glob("health.*")) == []
 
 
+def test_an_agent_with_replicas_has_a_row_per_replica(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    fast, slow = start_agent("--latency-ms", "50"), start_agent("--latency-ms", "300")
+    out = tmp_path / "replicated.jsonl"
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 1500, seed=5)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollouts_cli", "collect", "--agent-name", "calc",
+         "--input", str(inp), "--output", str(out), "--num-samples-in-parallel", "16"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PREFECT_API_URL": prefect_api,
+             "ROLLOUTS_AGENTS": orjson.dumps({"calc": [fast.url, slow.url]}).decode()},
+    )  # fmt: skip
+    try:
+
+        def answered_by_both() -> dict[str, Any] | None:
+            health = status_json(out, tmp_path)["health"]
+            ok = health and len(health["replicas"]) == 2
+            return health if ok and min(r["answered"] for r in health["replicas"]) > 20 else None
+
+        health = wait_for(answered_by_both, proc)
+    finally:
+        assert proc.wait(120) == 0
+    (agent,) = health["agents"]
+    replicas = {r["url"]: r for r in health["replicas"]}
+    assert agent["agent"] == "calc" and set(replicas) == {fast.url, slow.url}
+    assert agent["in_flight"] == sum(r["in_flight"] for r in replicas.values())
+    assert agent["answered"] == sum(r["answered"] for r in replicas.values())
+    assert replicas[fast.url]["p50_s"] == pytest.approx(0.050, rel=0.5)
+    assert replicas[slow.url]["p50_s"] == pytest.approx(0.300, rel=0.2)
+
+
 def read_until(fd: int, seconds: float) -> bytes:
     data = b""
     deadline = time.monotonic() + seconds
