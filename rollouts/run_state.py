@@ -44,6 +44,9 @@ class RunState(BaseModel):
     output: str | None = None
     # Each chunk as split recorded it, without paths (None: a run dir split before this list).
     chunks: list[dict[str, Any]] | None = None
+    # The last collection's parameters (CollectConfig.stored_params), which `rollouts retry`
+    # reruns with (None: a run dir from before they were stored).
+    params: dict[str, Any] | None = None
 
     @property
     def num_repeats(self) -> int:
@@ -144,6 +147,9 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
                 f"{state.chunk_size}; rerun with chunk_size={state.chunk_size} to resume, "
                 "or add --fresh to start over."
             )
+        if state.params != config.stored_params():
+            state.params = config.stored_params()
+            state.write(run_dir)
         return state.run_id
 
     if paths.rollouts.exists() and paths.rollouts.stat().st_size > 0:
@@ -162,6 +168,7 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
         result_params=config.result_params(),
         fingerprint=config.result_fingerprint(),
         chunk_size=config.chunk_size,
+        params=config.stored_params(),
     ).write(run_dir)
     return run_id
 
