@@ -113,6 +113,25 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_taken_by(run_dir: Path) -> str | None:
+    """Who holds the output's lock right now (``host:pid``), or None: a probe of the lock
+    itself, so a finished collection whose process still lives does not count."""
+    lock_path = run_dir.with_name(run_dir.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _describe(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in params.items())
 

@@ -413,12 +413,11 @@ def retry_params(output: str, classes: list[str]) -> dict[str, Any]:
     """The flow parameters of a retry: the run's own (run.json), and the classes. Refused,
     before Prefect starts, while a collection holds the output."""
     from rollouts.errors import RunLocked
-    from rollouts.run_state import read_run_state, run_dir_for
+    from rollouts.run_state import lock_taken_by, read_run_state, run_dir_for
     from rollouts.settings import RolloutsSettings
-    from rollouts.status import lock_holder
 
     run_dir = run_dir_for(output, RolloutsSettings().work_dir)
-    holder = lock_holder(run_dir)
+    holder = lock_taken_by(run_dir)
     if holder is not None:
         raise RunLocked(
             f"{output} is being collected by {holder} right now; retry once it has ended "
