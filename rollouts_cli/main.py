@@ -445,7 +445,24 @@ def cmd_retry(args: argparse.Namespace) -> int:
         print(f"rollouts retry: {e}", file=sys.stderr)
         return e.exit_code
     _check_parameters(params)
+    print_retry_plan(args.output, args.failure_classes)
     return run_collect_flow("retry", params)
+
+
+def print_retry_plan(output: str, classes: list[str]) -> None:
+    """What the merged failures file says the retry will send (the flow, which reads the
+    chunks' own files, logs the exact count)."""
+    from rollouts.errors import RolloutsError
+    from rollouts.failures import summarize_failures
+
+    try:
+        report = summarize_failures(output, examples=0)
+    except RolloutsError:
+        return  # nothing merged yet: the flow finds what to retry in the chunks
+    counts = [f"{c} ({report.classes[c].count})" for c in classes if c in report.classes]
+    total = sum(report.classes[c].count for c in classes if c in report.classes)
+    print(f"rollouts retry: {report.failures_path} lists {total} rollouts failed with "
+          f"{', '.join(classes)}" + (f": {', '.join(counts)}; sending them again" if total else ""))  # fmt: skip
 
 
 def cmd_serve_agent(args: argparse.Namespace) -> int:

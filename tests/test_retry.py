@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -136,10 +137,21 @@ def test_a_retried_rollout_that_fails_again_stays_with_its_attempts_added(
     assert retried == dict.fromkeys([(0, 0), (1, 0), (3, 0)], 4)
     assert set(keys_of(read_jsonl(out))) == set()
 
+    before = len(agent.requests())
     assert main(["retry", str(out), "--failure-class", "http_400"]) == 1  # 500s still missing
     last = {(f["_ng_task_index"], f["_ng_rollout_index"]): f
             for f in read_jsonl(OutputPaths.for_output(out).failures)}  # fmt: skip
     assert last[(2, 0)]["attempts"] == 2 and last[(2, 0)]["_ng_failure_terminal"] is True
+    # only the http_400 key was sent, not the missing 500s, and its chunk was not retried
+    assert [(q["_ng_task_index"], q["_ng_rollout_index"]) for q in agent.requests()[before:]] == [
+        (2, 0)]  # fmt: skip
+
+    # A plain rerun afterwards resends the 500s: no retry's result answers from the cache.
+    healthy = restart(agent, start_agent, "--fail-400-tasks", "2")
+    state = run_collect(agent_url=agent.url, input_jsonl_fpath=str(inp),
+                        output_jsonl_fpath=str(out))  # fmt: skip
+    assert state.is_completed(), state.message
+    assert sent(healthy) == dict.fromkeys([(0, 0), (1, 0), (3, 0)], 1)
 
 
 # ------------------------------------------------------------------------------- triage
@@ -285,7 +297,8 @@ def test_retry_refuses_while_a_collection_holds_the_output(
 
     assert main(["retry", str(out), "--failure-class", "timeout"]) == 2
     err = capsys.readouterr().err
-    assert f":{proc.pid} right now" in err and "being collected by" in err
+    # refused by the command itself, before Prefect starts, naming the holder
+    assert f"being collected by {socket.gethostname()}:{proc.pid} right now; retry once" in err
     # A deployment calling the flow with the parameter is refused by the run's lock.
     refused = run_collect(**params, retry_failure_classes=["timeout"])
     assert refused.is_failed() and isinstance(refused.result(raise_on_failure=False), RunLocked)
@@ -313,3 +326,27 @@ def test_the_flow_parameter_retries_like_the_command(tmp_path: Path, start_agent
     assert sent(healthy) == {(2, 0): 1, (5, 0): 1}
     assert keys_of(read_jsonl(out)) == [(t, 0) for t in range(8)]
     assert read_jsonl(OutputPaths.for_output(out).failures) == []
+
+
+def test_a_chunk_complete_before_a_retry_is_collected_again_after_it(
+    tmp_path: Path, start_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk was complete and cached (all its failures final); its retried rollouts then
+    gave up: a plain rerun must send them, not answer the chunk from the cache."""
+    monkeypatch.setenv("ROLLOUTS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("ROLLOUTS_CHUNK_RETRIES", "0")
+    first = start_agent("--fail-400-tasks", "1")
+    out = collect_with_faults(tmp_path, first, 4, 1)
+    params = {"agent_url": first.url, "input_jsonl_fpath": str(tmp_path / "tasks.jsonl"),
+              "output_jsonl_fpath": str(out), "chunk_size": 4}  # fmt: skip
+    down = restart(first, start_agent, "--p-500", "1")
+    assert run_collect(**params, retry_failure_classes=["http_400"]).is_failed()
+    assert sent(down) == {(1, 0): 1}
+    (row,) = read_jsonl(OutputPaths.for_output(out).failures)
+    assert (row["_ng_failure_class"], row["attempts"]) == ("http_500", 2)
+
+    healthy = restart(down, start_agent)
+    state = run_collect(**params)
+    assert state.is_completed(), state.message
+    assert sent(healthy) == {(1, 0): 1}
+    assert keys_of(read_jsonl(out)) == [(t, 0) for t in range(4)]
