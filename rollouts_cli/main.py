@@ -446,7 +446,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return e.exit_code
     _check_parameters(params)
     print_retry_plan(args.output, args.failure_classes)
-    return run_collect_flow("retry", params)
+    code = run_collect_flow("retry", params)
+    if code == EXIT_INCOMPLETE:
+        print(f"rollouts retry: `rollouts failures {args.output}` shows what is still missing "
+              "by class; a retry of those classes, or the run's own collect command, sends "
+              "them again", file=sys.stderr)  # fmt: skip
+    return code
 
 
 def print_retry_plan(output: str, classes: list[str]) -> None:

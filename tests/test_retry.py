@@ -107,8 +107,9 @@ def test_retry_by_class_moves_exactly_the_retried_rollouts(
 
 
 def test_a_retried_rollout_that_fails_again_stays_with_its_attempts_added(
-    tmp_path: Path, start_agent: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    tmp_path: Path, start_agent: Any, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     monkeypatch.setenv("ROLLOUTS_MAX_ATTEMPTS", "2")
     monkeypatch.setenv("ROLLOUTS_CHUNK_RETRIES", "1")
     agent = start_agent("--fail-400-tasks", "2", "--p-500", "1")
@@ -138,7 +139,12 @@ def test_a_retried_rollout_that_fails_again_stays_with_its_attempts_added(
     assert set(keys_of(read_jsonl(out))) == set()
 
     before = len(agent.requests())
+    capsys.readouterr()
     assert main(["retry", str(out), "--failure-class", "http_400"]) == 1  # 500s still missing
+    # the missing 500s were not the retry's: its chunk finished (and was not retried)
+    err = capsys.readouterr().err
+    assert "3 of 4 rollouts are neither" in err and "; 0 chunk(s) did not finish" in err
+    assert f"rollouts failures {out}` shows what is still missing" in err
     last = {(f["_ng_task_index"], f["_ng_rollout_index"]): f
             for f in read_jsonl(OutputPaths.for_output(out).failures)}  # fmt: skip
     assert last[(2, 0)]["attempts"] == 2 and last[(2, 0)]["_ng_failure_terminal"] is True
