@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from flows.artifacts import LiveProgress, publish_collection
 from flows.dask_runner import collecting_processes
 from flows.dispatch import collect_chunks, raise_what_a_rerun_will_not_fix
+from flows.retry import finish_retry, reopen_for_retry
 from flows.stopping import stop_controls, stopped_state
 from flows.ui import form_field, own_run_context, run_name
 from rollouts.agent_client import check_agents_reachable
@@ -77,6 +78,7 @@ async def collect_rollouts(
     processes: Annotated[CountOrAuto, _form("processes")] = 1,
     max_duration: Annotated[str | None, _form("max_duration")] = None,
     fresh: Annotated[bool, _form("fresh")] = False,
+    retry_failure_classes: Annotated[list[str] | None, _form("retry_failure_classes")] = None,
 ) -> CollectSummary | State:
     """Collect rollouts of one dataset from one agent into NeMo Gym-compatible files."""
     params = {k: v for k, v in locals().items() if v is not None}
@@ -139,6 +141,7 @@ async def run_collection(
     with run_lock(run_dir, config.output_jsonl_fpath):
         async with stop_controls(stop):
             split = await split_into_chunks(config, run_dir)
+            await reopen_for_retry(config, split, run_dir)
             plan = DispatchPlan.for_run(config, split.agent_names, settings)
             await check_agents_unless_complete(plan, reader, settings)
             async with LiveProgress(reader, paths.rollouts) as progress:
@@ -147,6 +150,7 @@ async def run_collection(
                 )
             await raise_what_a_rerun_will_not_fix(states)
             await end_if_stopped_early(stop, run_dir, reader)
+            await finish_retry(config, split, run_dir)
             merge, metrics = await merge_and_measure(split, plan, paths, config)
     summary = summarize(paths, split, states, merge, metrics)
     summary.stopped = "deadline" if stop.reason == "deadline" and merge.missing else None

@@ -189,7 +189,8 @@ def collect_on_dask(
         )  # fmt: skip
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
-                                                  "worker": worker, "stop_plan": stop.plan})
+                                                  "worker": worker, "stop_plan": stop.plan,
+                                                  "retry": bool(config.retry_failure_classes)})
             for spec in chunks
         ]  # fmt: skip
         wait_relaying_stop(futures, stop, lambda: runner.client.run(

@@ -7,6 +7,7 @@ import gc
 from pathlib import Path
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
 from flows.dask_runner import collect_on_dask, dask_enabled
@@ -29,6 +30,11 @@ async def collect_chunks(
     chunk_task = collect_chunk_task.with_options(
         retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
     )
+    retry = bool(config.retry_failure_classes)
+    if retry:
+        # A retry's chunk result is complete over the reopened rollouts only: it must neither
+        # come from the cache nor be stored as the chunk's result (tasks/collect.py).
+        chunk_task = chunk_task.with_options(cache_policy=NO_CACHE)
     # Prefect and pandas leave a large, long-lived heap; full collections over it stall the
     # event loop while requests wait. Freezing it keeps the collector's GC work small.
     gc.freeze()
@@ -44,7 +50,7 @@ async def collect_chunks(
     try:
         # Awaited together on this event loop, chunk tasks share one dispatcher.
         return await asyncio.gather(
-            *(chunk_task(s, plan, run_id, stop_plan=stop.plan, return_state=True)
+            *(chunk_task(s, plan, run_id, stop_plan=stop.plan, retry=retry, return_state=True)
               for s in chunks)
         )  # fmt: skip
     finally:

@@ -7,6 +7,10 @@ Layout, under ``<run dir>/chunks/``, for chunk number NNNNN:
   range: the indices (split), so that merge need not read the tasks file
 - ``NNNNN.rollouts.jsonl`` and ``NNNNN.failures.jsonl``: results, appended (collect)
 - ``NNNNN.status.json``: which worker took the chunk, and when (collect)
+- ``NNNNN.retry.json``: while a retry by failure class runs, the keys it reopened and their
+  attempts so far (rollouts/retry.py)
+- ``NNNNN.reopened``: how many retries reopened keys of this chunk: part of its cache key, so a
+  chunk completed before a retry is collected again afterwards, not answered from the cache
 
 The run's ``run.json`` lists the chunks of its last split (see run_state.record_chunks), so
 that status needs no tasks file either.
@@ -35,6 +39,8 @@ class ChunkFiles:
     rollouts: Path
     failures: Path
     status: Path
+    retry: Path
+    reopened: Path
 
     @classmethod
     def at(cls, chunks_dir: Path, index: int) -> ChunkFiles:
@@ -47,6 +53,8 @@ class ChunkFiles:
             rollouts=stem.with_name(stem.name + ".rollouts.jsonl"),
             failures=stem.with_name(stem.name + ".failures.jsonl"),
             status=stem.with_name(stem.name + ".status.json"),
+            retry=stem.with_name(stem.name + ".retry.json"),
+            reopened=stem.with_name(stem.name + ".reopened"),
         )
 
     @classmethod

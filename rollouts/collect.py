@@ -34,6 +34,7 @@ from rollouts.fileio import (
 from rollouts.health import HealthRecorder
 from rollouts.models import ChunkResult, ChunkSpec, CollectConfig, RolloutKey
 from rollouts.replicas import ReplicaRouter
+from rollouts.retry import retry_attempts
 from rollouts.run_state import worker_id
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import Stopper, StopPlan
@@ -207,14 +208,17 @@ def _output_row(answer: dict[str, Any], key: RolloutKey, agent_ref: dict[str, st
     return row
 
 
-def _failure_row(outcome: Outcome, key: RolloutKey, agent_ref: dict[str, str]) -> dict:
+def _failure_row(
+    outcome: Outcome, key: RolloutKey, agent_ref: dict[str, str], earlier: int = 0
+) -> dict:
+    """``earlier``: attempts spent on this rollout before (a retry by failure class)."""
     row: dict[str, Any] = dict(outcome.answer or {})
     for k in ("_ng_task_index", "_ng_rollout_index", "agent_ref"):
         row.pop(k, None)
     row["_ng_failure_class"] = outcome.failure_class
     row["_ng_failure_terminal"] = outcome.terminal
     row["error"] = outcome.error
-    row["attempts"] = outcome.attempts
+    row["attempts"] = earlier + outcome.attempts
     row["_ng_task_index"], row["_ng_rollout_index"] = key
     row["agent_ref"] = agent_ref
     return row
@@ -239,21 +243,26 @@ async def _await_rollouts(tasks: set[asyncio.Task[None]]) -> None:
 
 
 async def collect_chunk(
-    spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher, stop_plan: StopPlan | None = None
-) -> ChunkResult:
+    spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher,
+    stop_plan: StopPlan | None = None, retry: bool = False,
+) -> ChunkResult:  # fmt: skip
     """Collect every rollout of one chunk not already written. Returns counts, never bodies.
 
     ``stop_plan``: the run's deadline and grace (see rollouts/stopping.py), armed on the
-    dispatcher's stopper; a stopped chunk ends with what finished and says why. While any
-    chunk collects, the process publishes its live health into the run directory.
+    dispatcher's stopper; a stopped chunk ends with what finished and says why.
+    ``retry``: a retry by failure class (rollouts/retry.py): only the keys it reopened are
+    sent, their attempts add up, and ``missing`` counts only them (other missing rollouts are
+    a plain rerun's business). While any chunk collects, the process publishes its live
+    health into the run directory.
     """
     async with dispatcher.health.publishing(Path(spec.tasks_path).parent.parent):
-        return await _collect_chunk(spec, plan, dispatcher, stop_plan)
+        return await _collect_chunk(spec, plan, dispatcher, stop_plan, retry)
 
 
 async def _collect_chunk(
-    spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher, stop_plan: StopPlan | None
-) -> ChunkResult:
+    spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher, stop_plan: StopPlan | None,
+    retry: bool,
+) -> ChunkResult:  # fmt: skip
     stop = dispatcher.stop
     if stop_plan is not None:
         stop.arm(stop_plan)
@@ -270,6 +279,7 @@ async def _collect_chunk(
         if client.replicas is not None:  # replicated agents: route them, keep their counts
             client.replicas.use(plan.agent_urls, Path(spec.tasks_path).parent.parent)
         succeeded, terminal = scan_done(rollouts_path, failures_path)
+        earlier = retry_attempts(files) if retry else {}
         writer = _ResultWriter(rollouts_path, failures_path)
         requests = 0
         tasks: set[asyncio.Task[None]] = set()
@@ -289,11 +299,13 @@ async def _collect_chunk(
                 assert outcome.answer is not None
                 writer.write(writer.rollouts, _output_row(outcome.answer, key, agent_ref))
             elif outcome.kind == "failed":
-                writer.write(writer.failures, _failure_row(outcome, key, agent_ref))
+                writer.write(writer.failures,
+                             _failure_row(outcome, key, agent_ref, earlier.get(key, 0)))  # fmt: skip
             # else no_persist: written nowhere; the next run redoes it
 
         try:
-            pending = _pending(spec, plan.num_repeats, succeeded | terminal)
+            pending = _pending(spec, plan.num_repeats, succeeded | terminal,
+                               set(earlier) if retry else None)  # fmt: skip
             for started, (row, r) in enumerate(pending, start=1):
                 body = plan.body(row, r)
                 agent_ref = body["agent_ref"]
@@ -342,13 +354,16 @@ async def _collect_chunk(
     indices = task_indices(spec)
     n_ok = sum(1 for t, r in succeeded if t in indices and 0 <= r < plan.num_repeats)
     n_failed = sum(1 for t, r in terminal if t in indices and 0 <= r < plan.num_repeats)
+    missing = expected - n_ok - n_failed
+    if retry:
+        missing = sum(1 for k in earlier if k not in succeeded and k not in terminal)
     return ChunkResult(
         index=spec.index,
         n_tasks=spec.n_tasks,
         expected=expected,
         succeeded=n_ok,
         failed=n_failed,
-        missing=expected - n_ok - n_failed,
+        missing=missing,
         rollouts_path=str(rollouts_path),
         failures_path=str(failures_path),
         worker=worker_id(),
@@ -359,10 +374,12 @@ async def _collect_chunk(
 
 
 def _pending(
-    spec: ChunkSpec, repeats: int, done: set[RolloutKey]
+    spec: ChunkSpec, repeats: int, done: set[RolloutKey], only: set[RolloutKey] | None = None
 ) -> Iterator[tuple[dict[str, Any], int]]:
-    """The only read of a chunk's tasks file after split: the rows' bodies, for requests."""
+    """The only read of a chunk's tasks file after split: the rows' bodies, for requests.
+    ``only``: send none but these keys (a retry by failure class)."""
     for row in iter_jsonl(ChunkFiles.of(spec).tasks):
         for r in range(repeats):
-            if (row["_ng_task_index"], r) not in done:
+            key = (row["_ng_task_index"], r)
+            if key not in done and (only is None or key in only):
                 yield row, r

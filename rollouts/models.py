@@ -142,6 +142,28 @@ class CollectConfig(BaseModel):
         default=False, title="Start fresh",
         description="Discard the previous run state of this output and start over.",
     )  # fmt: skip
+    retry_failure_classes: list[str] = Field(
+        default_factory=list, title="Retry failure classes",
+        description="Optional (list of text). Retry by failure class: send again only the "
+        "rollouts of the failures file whose last failure has one of these classes (e.g. "
+        "timeout, http_500), whether final or given up, and merge; what succeeds moves to the "
+        "rollouts file. Give the run's own parameters (`rollouts retry` reads them).",
+    )  # fmt: skip
+
+    @field_validator("retry_failure_classes")
+    @classmethod
+    def _classes_named(cls, v: list[str]) -> list[str]:
+        if any(not c.strip() for c in v):
+            raise ValueError("retry_failure_classes: a failure class cannot be empty")
+        return list(dict.fromkeys(v))  # each once, in the order given
+
+    def stored_params(self) -> dict[str, Any]:
+        """The parameters a later `rollouts retry` reruns with (run.json): all but the
+        one-offs, with absolute paths so that it may run from any directory."""
+        params = self.model_dump(mode="json", exclude={"fresh", "retry_failure_classes"})
+        for k in ("input_jsonl_fpath", "output_jsonl_fpath"):
+            params[k] = str(Path(params[k]).resolve())
+        return params
 
     @field_validator("limit")
     @classmethod
@@ -367,7 +389,8 @@ class DatasetConfig(BaseModel):
 
     def collect_parameters(self) -> dict[str, Any]:
         """The collect-rollouts flow's parameters for this dataset: every field of
-        `CollectConfig` but `fresh` (tests/test_parameters.py holds them together)."""
+        `CollectConfig` but the one-offs `fresh` and `retry_failure_classes`
+        (tests/test_parameters.py holds them together)."""
         renamed = {"input": "input_jsonl_fpath", "output": "output_jsonl_fpath"}
         return {
             renamed.get(name, name): value

@@ -44,6 +44,9 @@ class RunState(BaseModel):
     output: str | None = None
     # Each chunk as split recorded it, without paths (None: a run dir split before this list).
     chunks: list[dict[str, Any]] | None = None
+    # The last collection's parameters (CollectConfig.stored_params), which `rollouts retry`
+    # reruns with (None: a run dir from before they were stored).
+    params: dict[str, Any] | None = None
 
     @property
     def num_repeats(self) -> int:
@@ -110,6 +113,25 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_taken_by(run_dir: Path) -> str | None:
+    """Who holds the output's lock right now (``host:pid``), or None: a probe of the lock
+    itself, so a finished collection whose process still lives does not count."""
+    lock_path = run_dir.with_name(run_dir.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _describe(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in params.items())
 
@@ -144,6 +166,9 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
                 f"{state.chunk_size}; rerun with chunk_size={state.chunk_size} to resume, "
                 "or add --fresh to start over."
             )
+        if state.params != config.stored_params():
+            state.params = config.stored_params()
+            state.write(run_dir)
         return state.run_id
 
     if paths.rollouts.exists() and paths.rollouts.stat().st_size > 0:
@@ -162,6 +187,7 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
         result_params=config.result_params(),
         fingerprint=config.result_fingerprint(),
         chunk_size=config.chunk_size,
+        params=config.stored_params(),
     ).write(run_dir)
     return run_id
 

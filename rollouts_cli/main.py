@@ -125,6 +125,11 @@ def _add_collect_parser(sub: Any) -> None:
         help="+fresh: discard this output's state and files, start over",
     )  # fmt: skip
     p.add_argument(
+        "--retry-failure-class", dest="retry_failure_classes", action="append",
+        metavar="CLASS", help="+retry_failure_classes: send again only the failures of this "
+        "class (repeatable); `rollouts retry` does it with the run's own parameters",
+    )  # fmt: skip
+    p.add_argument(
         "--dask-address", help="run chunks on this Dask scheduler (tcp://host:8786); needs [dask]"
     )
     p.add_argument(
@@ -218,18 +223,24 @@ def check_placement(params: dict[str, Any]) -> None:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from rollouts.errors import RolloutsError
-
     params = collect_params(args)
     _check_parameters(params)
     # Where chunks run is infrastructure, not a result-changing parameter: a setting.
     if args.dask_address:
         os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
+    return run_collect_flow("collect", params)
+
+
+def run_collect_flow(command: str, params: dict[str, Any]) -> int:
+    """Run the collect-rollouts flow here, with a progress bar; print its summary; the exit
+    status says what to do next."""
+    from rollouts.errors import RolloutsError
+
     try:
         check_placement(params)
         check_agent_first(params)
     except RolloutsError as e:
-        print(f"rollouts collect: {e}", file=sys.stderr)
+        print(f"rollouts {command}: {e}", file=sys.stderr)
         return e.exit_code
     from flows.collect import CollectSummary, collect_rollouts
     from rollouts.settings import RolloutsSettings
@@ -240,12 +251,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     with cli_progress_bar(params["output_jsonl_fpath"], RolloutsSettings().work_dir):
         state = _run_flow_state(collect_rollouts, params)
     if not state.is_completed():
-        return _exit_for_failed("collect", state)
+        return _exit_for_failed(command, state)
     summary = state.result()
     assert isinstance(summary, CollectSummary)
     print_summary(summary)
     if state.name == STOPPED_AT_DEADLINE:
-        print(f"rollouts collect: {state.message}", file=sys.stderr)
+        print(f"rollouts {command}: {state.message}", file=sys.stderr)
         return EXIT_DEADLINE
     return EXIT_OK
 
@@ -383,6 +394,86 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if status.state != "not started" else EXIT_USAGE
 
 
+def cmd_failures(args: argparse.Namespace) -> int:
+    import orjson
+
+    from rollouts.errors import RolloutsError
+    from rollouts.failures import summarize_failures
+    from rollouts_cli.triage import print_failures
+
+    try:
+        report = summarize_failures(args.output, examples=args.examples)
+    except RolloutsError as e:
+        print(f"rollouts failures: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.json:
+        sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print_failures(report)
+    return EXIT_OK
+
+
+def retry_params(output: str, classes: list[str]) -> dict[str, Any]:
+    """The flow parameters of a retry: the run's own (run.json), and the classes. Refused,
+    before Prefect starts, while a collection holds the output."""
+    from rollouts.errors import RunLocked
+    from rollouts.run_state import lock_taken_by, read_run_state, run_dir_for
+    from rollouts.settings import RolloutsSettings
+
+    run_dir = run_dir_for(output, RolloutsSettings().work_dir)
+    holder = lock_taken_by(run_dir)
+    if holder is not None:
+        raise RunLocked(
+            f"{output} is being collected by {holder} right now; retry once it has ended "
+            "(a retry and a collection never write one output together)"
+        )
+    state = read_run_state(run_dir)
+    if state is None:
+        raise UsageError(f"no collection state for {output} (looked in {run_dir}): "
+                         "give the --output of a collection, with the same ROLLOUTS_WORK_DIR")  # fmt: skip
+    if state.params is None:
+        raise UsageError(
+            f"the run state of {output} ({run_dir}) predates stored parameters: rerun its "
+            "`rollouts collect` command once (it records them, sending only what is missing), "
+            "or add --retry-failure-class to that command"
+        )
+    return {**state.params, "retry_failure_classes": classes}
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from rollouts.errors import RolloutsError
+
+    try:
+        params = retry_params(args.output, args.failure_classes)
+    except RolloutsError as e:
+        print(f"rollouts retry: {e}", file=sys.stderr)
+        return e.exit_code
+    _check_parameters(params)
+    print_retry_plan(args.output, args.failure_classes)
+    code = run_collect_flow("retry", params)
+    if code == EXIT_INCOMPLETE:
+        print(f"rollouts retry: `rollouts failures {args.output}` shows what is still missing "
+              "by class; a retry of those classes, or the run's own collect command, sends "
+              "them again", file=sys.stderr)  # fmt: skip
+    return code
+
+
+def print_retry_plan(output: str, classes: list[str]) -> None:
+    """What the merged failures file says the retry will send (the flow, which reads the
+    chunks' own files, logs the exact count)."""
+    from rollouts.errors import RolloutsError
+    from rollouts.failures import summarize_failures
+
+    try:
+        report = summarize_failures(output, examples=0)
+    except RolloutsError:
+        return  # nothing merged yet: the flow finds what to retry in the chunks
+    counts = [f"{c} ({report.classes[c].count})" for c in classes if c in report.classes]
+    total = sum(report.classes[c].count for c in classes if c in report.classes)
+    print(f"rollouts retry: {report.failures_path} lists {total} rollouts failed with "
+          f"{', '.join(classes)}" + (f": {', '.join(counts)}; sending them again" if total else ""))  # fmt: skip
+
+
 def cmd_serve_agent(args: argparse.Namespace) -> int:
     from rollouts.reference_agent import serve_agent_from_args
 
@@ -445,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     status.set_defaults(func=cmd_status)
 
+    _add_triage_parsers(sub)
     serve = sub.add_parser(
         "serve-agent",
         help="run the reference agent SIMULATOR (arithmetic tasks) for demos, tests, benchmarks",
@@ -452,6 +544,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_agent_arguments(serve)
     serve.set_defaults(func=cmd_serve_agent)
     return parser
+
+
+def _add_triage_parsers(sub: Any) -> None:
+    failures = sub.add_parser(
+        "failures", help="what failed in a collection: counts by class and agent, first errors"
+    )
+    failures.add_argument("output", help="the output file of the collection")
+    failures.add_argument("--json", action="store_true", help="machine-readable")
+    failures.add_argument(
+        "--examples", type=int, default=5, help="keys shown per class (default: %(default)s)"
+    )
+    failures.set_defaults(func=cmd_failures)
+    retry = sub.add_parser(
+        "retry", parents=[_output_options()],
+        help="send again the rollouts that failed with given classes, with the run's own "
+        "parameters, and merge",
+    )  # fmt: skip
+    retry.add_argument("output", help="the output file of the collection")
+    retry.add_argument(
+        "--failure-class", dest="failure_classes", action="append", required=True,
+        metavar="CLASS", help="a failure class to retry, e.g. timeout (repeatable)",
+    )  # fmt: skip
+    retry.set_defaults(func=cmd_retry)
 
 
 def _console_settings(verbose: bool) -> None:
@@ -473,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _console_settings(getattr(args, "verbose", False))
     try:
-        if args.command in ("collect", "multi"):
+        if args.command in ("collect", "multi", "retry"):
             check_prefect_api()
         return int(args.func(args))
     except UsageError as e:

@@ -7,10 +7,12 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from rollouts.chunks import ChunkFiles
 from rollouts.collect import DispatchPlan, collect_chunk
 from rollouts.dispatchers import WorkerPlan, get_dispatcher, worker_dispatcher
 from rollouts.errors import IncompleteRun, RunStopped
 from rollouts.models import ChunkResult, ChunkSpec
+from rollouts.retry import reopen_count
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import StopPlan
 from tasks.cache_policies import content_policy
@@ -20,13 +22,18 @@ def _chunk_identity(inputs: dict[str, Any]) -> Any:
     spec: ChunkSpec = inputs["spec"]
     plan: DispatchPlan = inputs["plan"]
     # Agent URLs are left out on purpose: an agent that moved host still gives the same rollouts.
-    return {
+    identity = {
         "chunk": spec.cache_identity(),
         "agent": plan.agent_name or plan.agent_url,
         "num_repeats": plan.num_repeats,
         "overrides": plan.overrides,
         "add_seed": plan.add_seed,
     }
+    # A retry by failure class reopened rollouts of this chunk: a result cached before it may
+    # say "complete" of a chunk whose retried rollouts now failed in a way a rerun resends.
+    if reopened := reopen_count(ChunkFiles.of(spec).reopened):
+        identity["reopened"] = reopened
+    return identity
 
 
 def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
@@ -49,21 +56,24 @@ async def collect_chunk_task(
     run_id: str,
     worker: WorkerPlan | None = None,
     stop_plan: StopPlan | None = None,
+    retry: bool = False,
 ) -> ChunkResult:
     """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
 
     ``worker`` None: in the flow's process, sharing the flow's dispatcher. Else on a Dask
     worker, sharing that process's dispatcher with its share of the run's budget.
     ``stop_plan``: the run's deadline and stop grace, the same for every chunk and retry.
+    ``retry``: send only the rollouts a retry by failure class reopened (rollouts/retry.py);
+    such runs are never cached (the flow gives them no cache policy).
     """
     logger = get_run_logger()
     if worker is None:
-        result = await collect_chunk(spec, plan, get_dispatcher(run_id), stop_plan)
+        result = await collect_chunk(spec, plan, get_dispatcher(run_id), stop_plan, retry)
     else:
         budget = this_worker_budget(worker.budgets)
         loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget, worker)
         running = asyncio.run_coroutine_threadsafe(
-            collect_chunk(spec, plan, dispatcher, stop_plan), loop
+            collect_chunk(spec, plan, dispatcher, stop_plan, retry), loop
         )
         result = await asyncio.wrap_future(running)
     logger.info(
