@@ -66,7 +66,8 @@ from rollouts.status import StatusReader
 BULK = (".tasks.jsonl", ".rollouts.jsonl", ".failures.jsonl")  # a chunk's data, not state
 CLK_TCK = __import__("os").sysconf("SC_CLK_TCK")
 HEADERS = ["elapsed s", "rollouts", "rollouts/s", "RSS MB", "CPU ms/rollout", "state files",
-           "state bytes", "status --json bytes", "status ms", "load 1m"]  # fmt: skip
+           "state bytes", "health bytes", "status --json bytes", "status ms",
+           "load 1m"]  # fmt: skip
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -169,13 +170,17 @@ def soak(
                  "cpu_ms_per_rollout": 1000 * (cpu - prev["cpu_s"]) / n if n else None,
                  "state_files": files["count"], "state_bytes": files["bytes"],
                  "state_by_kind": files["by_kind"], "status_json_bytes": status_bytes,
+                 # the live health files: rewritten every 2 s, they must not grow
+                 "health_bytes": sum(v for k, v in files["by_kind"].items()
+                                     if k.startswith("health.")),
                  "status_ms": round(status_ms, 1), "status_exit": status_rc,
                  "chunks_started": sum(1 for c in st.chunks if c.worker),
                  "load_1m": loadavg()[0]}  # fmt: skip
             samples.append(s)
             row = [round(elapsed), finished, f"{s['rate']:.1f}", f"{rss:.1f}",
                    "-" if n == 0 else f"{s['cpu_ms_per_rollout']:.3f}", files["count"],
-                   files["bytes"], status_bytes, round(status_ms), s["load_1m"]]  # fmt: skip
+                   files["bytes"], s["health_bytes"], status_bytes, round(status_ms),
+                   s["load_1m"]]  # fmt: skip
             rows.append(row)
             print(" | ".join(f"{v:,}".rjust(len(h)) if isinstance(v, int) else str(v).rjust(len(h))
                              for h, v in zip(HEADERS, row, strict=True)), flush=True)  # fmt: skip
@@ -230,6 +235,8 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "state_bytes_last": med(last, "state_bytes"),
         "state_files_first": med(first, "state_files"),
         "state_files_last": med(last, "state_files"),
+        "health_bytes_first": med(first, "health_bytes"),
+        "health_bytes_last": med(last, "health_bytes"),
         "status_json_bytes_first": med(first, "status_json_bytes"),
         "status_json_bytes_last": med(last, "status_json_bytes"),
         "status_ms_first": med(first, "status_ms"),
@@ -255,6 +262,7 @@ def print_summary(s: dict[str, Any]) -> None:
            f"{s[key + '_last'] - s[key + '_first']:+,.0f}"]
           for label, key in (("state files (median)", "state_files"),
                              ("state bytes (median)", "state_bytes"),
+                             ("health file bytes (median)", "health_bytes"),
                              ("status --json bytes (median)", "status_json_bytes"),
                              ("status ms (median)", "status_ms"))),
     ])  # fmt: skip
