@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 from collections import deque
@@ -75,54 +76,41 @@ def percentile(histogram: dict[int, int], q: float) -> float | None:
     raise AssertionError("unreachable: rank <= total")
 
 
-class _Attempt:
-    """One attempt on the wire."""
-
-    __slots__ = ("agent", "attempt", "key", "started", "target")
-
-    def __init__(self, target: _Target, agent: str, key: tuple[int, int], attempt: int,
-                 started: float) -> None:  # fmt: skip
-        self.target, self.agent, self.key, self.attempt = target, agent, key, attempt
-        self.started = started
+# One attempt on the wire: (its target, its rollout's tag, attempt number, start time). A plain
+# tuple: made and dropped once per request.
+_InFlight = tuple["_Target", RolloutTag, int, float]
 
 
 class _Target:
-    """What one process sent one agent URL."""
+    """What one process sent one agent URL. The request path only bumps counters and appends a
+    latency; what happened in the last minute is read at each snapshot against the counters
+    as they were a minute earlier (``marks``)."""
 
-    __slots__ = ("agent", "answered", "failures", "in_flight", "latencies", "recent", "sent", "url")
+    __slots__ = ("agent", "answered", "failed", "failures", "in_flight", "latencies", "marks",
+                 "n_latencies", "sent", "url")  # fmt: skip
 
-    def __init__(self, agent: str, url: str) -> None:
+    def __init__(self, agent: str, url: str, now: float) -> None:
         self.agent, self.url = agent, url
-        self.in_flight = self.sent = self.answered = 0
+        self.in_flight = self.sent = self.answered = self.failed = self.n_latencies = 0
         self.failures: dict[str, int] = {}
-        # (end time, latency of an answer) of the recent answers, oldest first
-        self.latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
-        # (whole second, answers, failed attempts) ending in that second, oldest first
-        self.recent: deque[list[int]] = deque(maxlen=int(WINDOW_S) + 2)
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # the latest, oldest first
+        # (time, answered, failed, n_latencies) at each snapshot, oldest first
+        self.marks: deque[tuple[float, int, int, int]] = deque([(now, 0, 0, 0)])
 
-    def count(self, now: float, failed: bool) -> None:
-        second = int(now)
-        if not self.recent or self.recent[-1][0] != second:
-            self.recent.append([second, 0, 0])
-        self.recent[-1][2 if failed else 1] += 1
-
-    def last_minute(self, now: float) -> tuple[int, int]:
-        since = now - WINDOW_S
-        answers = failed = 0
-        for second, a, f in self.recent:
-            if second >= since:
-                answers += a
-                failed += f
-        return answers, failed
-
-    def histogram(self, now: float) -> dict[int, int]:
-        since = now - WINDOW_S
+    def last_minute(self, now: float) -> tuple[int, int, dict[int, int]]:
+        """(answers, failed attempts, latency histogram) since the last mark at least
+        ``WINDOW_S`` old (so over the last minute and up to one snapshot period more)."""
+        marks = self.marks
+        marks.append((now, self.answered, self.failed, self.n_latencies))
+        while len(marks) > 1 and marks[1][0] <= now - WINDOW_S:
+            marks.popleft()
+        _, answered, failed, n_latencies = marks[0]
         hist: dict[int, int] = {}
-        for ended, seconds in self.latencies:
-            if ended >= since:
-                b = latency_bucket(seconds)
-                hist[b] = hist.get(b, 0) + 1
-        return hist
+        recent = min(self.n_latencies - n_latencies, len(self.latencies))
+        for seconds in itertools.islice(reversed(self.latencies), recent):
+            b = latency_bucket(seconds)
+            hist[b] = hist.get(b, 0) + 1
+        return self.answered - answered, self.failed - failed, hist
 
 
 class HealthRecorder:
@@ -134,7 +122,7 @@ class HealthRecorder:
         self.stall_after_s = stall_after_s
         self._clock = clock
         self._targets: dict[tuple[str, str], _Target] = {}
-        self._in_flight: dict[int, _Attempt] = {}  # insertion order: oldest first
+        self._in_flight: dict[int, _InFlight] = {}  # insertion order: oldest first
         self._next_id = 0
         self._path = Path()
         self._chunks = 0  # chunks collecting now, in this process
@@ -142,40 +130,38 @@ class HealthRecorder:
 
     def begin(self, tag: RolloutTag, url: str, attempt: int) -> int:
         """An attempt of rollout ``tag`` is sent to ``url``; returns its ticket for ``end``."""
+        now = self._clock()
         target = self._targets.get((tag[0], url))
         if target is None:
             base = url.removesuffix("/run")  # the agent's address, as configured
-            target = self._targets[(tag[0], url)] = _Target(tag[0], base)
+            target = self._targets[(tag[0], url)] = _Target(tag[0], base, now)
         target.in_flight += 1
         target.sent += 1
         self._next_id += 1
-        self._in_flight[self._next_id] = _Attempt(
-            target, tag[0], (tag[1], tag[2]), attempt, self._clock()
-        )
+        self._in_flight[self._next_id] = (target, tag, attempt, now)
         return self._next_id
 
     def end(self, ticket: int, failure_class: str | None) -> None:
         """The attempt ``ticket`` ended: answered (None) or failed with ``failure_class``."""
-        a = self._in_flight.pop(ticket)
-        now = self._clock()
-        t = a.target
+        t, _, _, started = self._in_flight.pop(ticket)
         t.in_flight -= 1
         if failure_class is None:
             t.answered += 1
         else:
             t.failures[failure_class] = t.failures.get(failure_class, 0) + 1
-        if failure_class not in NO_ANSWER:
-            t.latencies.append((now, now - a.started))
-        if failure_class != "cancelled":
-            t.count(now, failed=failure_class is not None)
+            if failure_class != "cancelled":
+                t.failed += 1
+            if failure_class in NO_ANSWER:
+                return  # no answer came: its duration is no answer time
+        t.latencies.append(self._clock() - started)
+        t.n_latencies += 1
 
     def snapshot(self) -> dict[str, Any]:
         """This process's health document (what ``health.<worker>.json`` holds)."""
         now = self._clock()
         targets, thresholds = [], {}
         for t in self._targets.values():
-            hist = t.histogram(now)
-            answers, failed = t.last_minute(now)
+            answers, failed, hist = t.last_minute(now)
             p95 = percentile(hist, 0.95)
             thresholds[id(t)] = self._stall_threshold(p95)
             targets.append({
@@ -186,10 +172,10 @@ class HealthRecorder:
             })  # fmt: skip
         oldest, stalled, n_stalled = [], [], 0
         for a in self._in_flight.values():  # oldest first
-            age = now - a.started
+            age = now - a[3]
             if len(oldest) < OLDEST_SHOWN:
                 oldest.append(self._describe(a, age))
-            threshold = thresholds[id(a.target)]
+            threshold = thresholds[id(a[0])]
             if threshold is not None and age > threshold:
                 n_stalled += 1
                 if len(stalled) < STALLED_SHOWN:
@@ -213,9 +199,10 @@ class HealthRecorder:
         return min(known) if known else math.inf
 
     @staticmethod
-    def _describe(a: _Attempt, age: float) -> dict[str, Any]:
-        return {"agent": a.agent, "url": a.target.url, "task_index": a.key[0],
-                "rollout_index": a.key[1], "attempt": a.attempt, "age_s": round(age, 3),
+    def _describe(a: _InFlight, age: float) -> dict[str, Any]:
+        target, (agent, task_index, rollout_index), attempt, _ = a
+        return {"agent": agent, "url": target.url, "task_index": task_index,
+                "rollout_index": rollout_index, "attempt": attempt, "age_s": round(age, 3),
                 "worker": worker_id()}  # fmt: skip
 
     # Publishing: one background task on the dispatcher's event loop, while chunks collect.

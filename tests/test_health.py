@@ -77,6 +77,7 @@ def test_only_the_last_minute_counts_and_failures_are_kept_by_class() -> None:
     record(recorder, clock, [0.01] * 100)
     record(recorder, clock, [0.01] * 3, failure="http_500")
     record(recorder, clock, [5.0] * 2, failure="timeout")  # no answer: not a latency
+    recorder.snapshot()  # as published every 2 s
     clock.now += 61.0  # a minute later: nothing recent
     record(recorder, clock, [0.4] * 10)
     (t,) = recorder.snapshot()["targets"]
