@@ -28,6 +28,7 @@ from rollouts.health import (
     HealthRecorder,
     merge_health,
     percentile,
+    read_health,
 )
 from rollouts.reference_agent import write_tasks
 from rollouts.run_state import run_dir_for
@@ -244,19 +245,26 @@ def test_a_hung_request_is_listed_as_stalled_within_the_warning_time_and_logged_
         "ROLLOUTS_REQUEST_TIMEOUT_S": "6",
     }, "--agent-url", agent.url)  # fmt: skip
     first_seen: dict[tuple[int, int, int], float] = {}  # (task, rollout, attempt) -> age
+    listed_by_the_command = False
+    run_dir = run_dir_for(out, None)
     try:
         while proc.poll() is None:
-            health = status_json(out, tmp_path)["health"] or {}
-            for s in health.get("stalled", []):
-                first_seen.setdefault((s["task_index"], s["rollout_index"], s["attempt"]),
-                                      s["age_s"])  # fmt: skip
-            time.sleep(0.1)
+            # Read the published files directly, every 50 ms, so that no publication (every
+            # 2 s) is missed; the command shows the same list (checked once below).
+            health = read_health(run_dir)
+            for s in health.stalled if health else []:
+                first_seen.setdefault((s.task_index, s.rollout_index, s.attempt), s.age_s)
+            if first_seen and not listed_by_the_command:
+                listed = (status_json(out, tmp_path)["health"] or {}).get("stalled", [])
+                listed_by_the_command = bool(listed)
+            time.sleep(0.05)
     finally:
         stderr = proc.stderr.read().decode() if proc.stderr else ""
         assert proc.wait(120) == 0, stderr
     hung = {(r["_ng_task_index"], r["_ng_rollout_index"]) for r in agent.requests()
             if r["outcome"] == "hang"}  # fmt: skip
     assert hung, "the agent's seed should hang some requests"
+    assert listed_by_the_command
     assert {(t, r) for t, r, _ in first_seen} == hung  # every hung one, and only those
     for key, age in first_seen.items():
         # listed once past the threshold, by the next publication (every 2 s) and reading
