@@ -171,6 +171,7 @@ class HealthRecorder:
                 "latency_hist": {str(b): n for b, n in sorted(hist.items())},
             })  # fmt: skip
         oldest, stalled, n_stalled = [], [], 0
+        least = min((t for t in thresholds.values() if t is not None), default=math.inf)
         for a in self._in_flight.values():  # oldest first
             age = now - a[3]
             if len(oldest) < OLDEST_SHOWN:
@@ -180,7 +181,7 @@ class HealthRecorder:
                 n_stalled += 1
                 if len(stalled) < STALLED_SHOWN:
                     stalled.append(self._describe(a, age) | {"stall_after_s": threshold})
-            elif len(oldest) >= OLDEST_SHOWN and age < self._least_threshold(thresholds):
+            elif len(oldest) >= OLDEST_SHOWN and age < least:
                 break  # every later attempt is younger still: neither oldest nor stalled
         return {"worker": worker_id(), "updated_at": time.time(), "window_s": WINDOW_S,
                 "targets": targets, "oldest": oldest, "stalled": stalled,
@@ -192,11 +193,6 @@ class HealthRecorder:
         if p95 is None:
             return None  # no answer yet: nothing to compare with
         return max(STALL_MIN_S, STALL_P95_FACTOR * p95)
-
-    @staticmethod
-    def _least_threshold(thresholds: dict[int, float | None]) -> float:
-        known = [t for t in thresholds.values() if t is not None]
-        return min(known) if known else math.inf
 
     @staticmethod
     def _describe(a: _InFlight, age: float) -> dict[str, Any]:
