@@ -330,7 +330,7 @@ def read_until(fd: int, seconds: float, enough: Any = lambda data: False) -> byt
     data = b""
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0 and not enough(data):
-        ready, _, _ = select.select([fd], [], [], left)
+        ready, _, _ = select.select([fd], [], [], min(left, 0.1))
         if ready:
             try:
                 chunk = os.read(fd, 65536)
@@ -359,14 +359,21 @@ def test_watch_redraws_in_place_and_ends_cleanly_on_ctrl_c(
             env={**os.environ, "COLUMNS": "140", "LINES": "60"},
         )  # fmt: skip
         os.close(slave)
-        # Ctrl-C once three frames are on the screen, as a user would after watching a while
-        # (not during start-up, where CPython itself can hang in an import on SIGINT).
-        screen = read_until(master, 30.0, lambda data: data.count(b"watched.jsonl: running") >= 3)
-        watch.send_signal(signal.SIGINT)
-        code = watch.wait(10)
-        screen += read_until(master, 0.5)
-        os.close(master)
-        stderr = watch.stderr.read().decode() if watch.stderr else ""
+        try:
+            # Ctrl-C once three frames are on the screen, as a user would after watching a
+            # while (not during start-up: CPython itself can hang in an import on SIGINT).
+            screen = read_until(master, 30.0,
+                                lambda data: data.count(b"watched.jsonl: running") >= 3)  # fmt: skip
+            watch.send_signal(signal.SIGINT)
+            # Keep reading, as a terminal does: a pty holds a few KB, and the last frame and
+            # the cursor's return are written on the way out.
+            screen += read_until(master, 15.0, lambda _: watch.poll() is not None)
+            code = watch.wait(5)
+            screen += read_until(master, 0.3)
+            stderr = watch.stderr.read().decode() if watch.stderr else ""
+        finally:
+            watch.kill()
+            os.close(master)
     finally:
         assert proc.wait(120) == 0
     assert code == 0 and "Traceback" not in stderr and stderr == ""
@@ -388,7 +395,13 @@ def test_watch_as_json_lines_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert watch.stdout is not None
     first = read_until(watch.stdout.fileno(), 30.0, lambda data: data.count(b"\n") >= 3)
     watch.send_signal(signal.SIGINT)
-    stdout, stderr = watch.communicate(timeout=10)
+    try:
+        stdout, stderr = watch.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        state = Path(f"/proc/{watch.pid}/status").read_text()
+        wchan = Path(f"/proc/{watch.pid}/wchan").read_text()
+        watch.kill()
+        raise AssertionError(f"no exit after Ctrl-C: wchan {wchan}\n{state}") from None
     assert watch.returncode == 0 and stderr == b""
     lines = [orjson.loads(line) for line in (first + stdout).splitlines()]
     assert len(lines) >= 3 and {line["state"] for line in lines} == {"not started"}
