@@ -4,6 +4,7 @@ status after another instead (a log), and with ``--json`` one JSON line each tim
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,10 @@ from rollouts_cli.report import status_view
 def watch_status(output: str, work_dir: Path | None, interval_s: float, as_json: bool) -> int:
     """Show the status of ``output`` every ``interval_s`` until interrupted; exit status 0."""
     reader = StatusReader(output, work_dir)
+    # Ctrl-C is the one way out of a watch, so it must work even where SIGINT arrives ignored
+    # (a command started in the background by a script inherits it so; `collect` installs its
+    # own handler likewise).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if as_json or not sys.stdout.isatty():
             _append_forever(reader, interval_s, as_json)

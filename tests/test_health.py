@@ -9,6 +9,7 @@ import os
 import pty
 import random
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -387,9 +388,11 @@ def test_watch_redraws_in_place_and_ends_cleanly_on_ctrl_c(
 
 def test_watch_as_json_lines_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     out = tmp_path / "none.jsonl"
+    # Started as a script's background job is: with SIGINT ignored, which it inherits.
+    command = shlex.join([sys.executable, "-m", "rollouts_cli", "status", str(out), "--watch",
+                          "--json", "--interval", "0.2"])  # fmt: skip
     watch = subprocess.Popen(
-        [sys.executable, "-m", "rollouts_cli", "status", str(out), "--watch", "--json",
-         "--interval", "0.2"],
+        ["sh", "-c", f"trap '' INT; exec {command}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert watch.stdout is not None
