@@ -369,7 +369,14 @@ def seconds_text(value: float | None) -> str:
         return f"{value * 1000:.0f} ms"
     if value < 60.0:
         return f"{value:.1f} s"
-    m, s = divmod(int(value), 60)
+    return clock_text(value)
+
+
+def clock_text(seconds: float | None) -> str:
+    """A duration in whole seconds: 0m05s, 12m30s, 2h05m00s (an ETA, an age past a minute)."""
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from rollouts.health import clock_text
 from rollouts.status import RunStatus, StatusReader
 
 LINE_EVERY_S = 30.0
@@ -50,7 +51,7 @@ def _polling(
 def _progress_line(name: str, s: RunStatus) -> str:
     done = s.done + s.failed
     rate = f", {s.rate_per_s:,.0f}/s" if s.rate_per_s else ""
-    eta = f", ETA {int(s.eta_s) // 60}m{int(s.eta_s) % 60:02d}s" if s.eta_s else ""
+    eta = f", ETA {clock_text(s.eta_s)}" if s.eta_s else ""
     health = f"; {s.health.headline()}" if s.health is not None else ""
     return (f"{name}: {done:,}/{s.expected:,} ({100.0 * done / s.expected:.1f}%), "
             f"{s.failed:,} failed{rate}{eta}{health}")  # fmt: skip

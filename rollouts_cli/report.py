@@ -9,7 +9,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from rollouts.health import describe_attempt, seconds_text
+from rollouts.health import clock_text, describe_attempt, seconds_text
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
@@ -68,14 +68,6 @@ def print_multi_summary(summary: MultiSummary, console: Console | None = None) -
     console.print(f"manifest: {summary.mix_manifest}")
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def print_status(status: RunStatus, console: Console | None = None) -> None:
     (console or _console()).print(status_view(status))
 
@@ -93,7 +85,7 @@ def status_view(status: RunStatus) -> RenderableType:
     rate = f"{status.rate_per_s:.1f}/s" if status.rate_per_s else "-"
     parts.append(Text(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
-        f"rate {rate}; ETA {_duration(status.eta_s)}"
+        f"rate {rate}; ETA {clock_text(status.eta_s)}"
     ))  # fmt: skip
     return Group(*parts)
 
