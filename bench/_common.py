@@ -134,11 +134,13 @@ def _status_kb(pid: int, key: str) -> int | None:
     return None
 
 
-def _cpu_s(pid: int) -> float | None:
-    """utime + stime of one process so far, from /proc/PID/stat."""
+def _cpu_s(pid: int, reaped_children: bool = False) -> float | None:
+    """utime + stime of one process so far, from /proc/PID/stat; with ``reaped_children``
+    also cutime + cstime (its children that ended and were waited for)."""
     with contextlib.suppress(OSError, IndexError, ValueError):
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = fields[11:15] if reaped_children else fields[11:13]
+        return sum(int(x) for x in ticks) / os.sysconf("SC_CLK_TCK")
     return None
 
 

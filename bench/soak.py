@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import (
     PY,
+    _cpu_s,
     _descendants,
     _status_kb,
     add_gate_args,
@@ -64,7 +65,6 @@ from rollouts.run_state import run_dir_for
 from rollouts.status import StatusReader
 
 BULK = (".tasks.jsonl", ".rollouts.jsonl", ".failures.jsonl")  # a chunk's data, not state
-CLK_TCK = __import__("os").sysconf("SC_CLK_TCK")
 HEADERS = ["elapsed s", "rollouts", "rollouts/s", "RSS MB", "CPU ms/rollout", "state files",
            "state bytes", "health bytes", "status --json bytes", "status ms",
            "load 1m"]  # fmt: skip
@@ -73,14 +73,8 @@ HEADERS = ["elapsed s", "rollouts", "rollouts/s", "RSS MB", "CPU ms/rollout", "s
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds of ``pid`` and its descendants: utime + stime of each live one, plus
     cutime + cstime (its reaped children) of each."""
-    total = 0
-    for p in _descendants(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended between the listing and the read
-        total += sum(int(x) for x in fields[11:15])
-    return total / CLK_TCK
+    # one that ended between the listing and the read counts as nothing
+    return sum(_cpu_s(p, reaped_children=True) or 0.0 for p in _descendants(pid))
 
 
 def tree_rss_mb(pid: int) -> float:
