@@ -408,3 +408,20 @@ def test_watch_as_json_lines_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert watch.returncode == 0 and stderr == b""
     lines = [orjson.loads(line) for line in (first + stdout).splitlines()]
     assert len(lines) >= 3 and {line["state"] for line in lines} == {"not started"}
+
+
+@pytest.mark.fast
+def test_a_large_run_lists_only_its_unfinished_chunks() -> None:
+    from rich.console import Console
+
+    from rollouts.status import ChunkStatus, RunStatus
+    from rollouts_cli.report import status_view
+
+    chunks = [ChunkStatus(i, 100, 100 if i < 17 else 40, 0, "h:1") for i in range(20)]
+    status = RunStatus("out.jsonl", "/rd", 2000, 1820, 0, chunks, state="running (h:1)")
+    console = Console(width=120, record=True)
+    console.print(status_view(status))
+    text = console.export_text()
+    shown = {int(line.split()[1]) for line in text.splitlines() if line.startswith("│ 000")}
+    assert shown == {17, 18, 19}
+    assert "17 of 20 chunks finished" in text
