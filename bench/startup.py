@@ -76,7 +76,9 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
     atexit.register(dump)  # registered first: runs last, after Prefect's own atexit (server stop)
 
     def wrap_sync(obj: Any, attr: str, label: str) -> None:
-        orig = getattr(obj, attr)
+        orig = getattr(obj, attr, None)
+        if orig is None:  # moved in this tree: that phase is simply not stamped
+            return
 
         def wrapper(*a: Any, **k: Any) -> Any:
             mark(f"{label}:start")
@@ -88,7 +90,9 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
         setattr(obj, attr, wrapper)
 
     def wrap_async(obj: Any, attr: str, label: str) -> None:
-        orig = getattr(obj, attr)
+        orig = getattr(obj, attr, None)
+        if orig is None:  # moved in this tree: that phase is simply not stamped
+            return
 
         async def wrapper(*a: Any, **k: Any) -> Any:
             mark(f"{label}:start")
@@ -582,6 +586,9 @@ def main() -> None:
         "export, instead of the working tree",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--burn", type=int, default=0, metavar="N",
+                    help="measure under load: N processes spinning on the CPU for the whole "
+                    "run (the load gate is then off)")
     ap.add_argument("--json", type=Path, default=None, help="default bench/results/startup.json")
     from _common import add_gate_args
 
@@ -594,7 +601,10 @@ def main() -> None:
 
     from rollouts.reference_agent import write_tasks
 
+    if args.burn:
+        args.load_threshold = float("inf")
     gate = gate_from_args(args)
+    burners = [subprocess.Popen([PY, "-c", "while True: pass"]) for _ in range(args.burn)]
     runs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {"servers": {}, "cold": None, "warmups": {}}
     imports = None
@@ -602,7 +612,9 @@ def main() -> None:
         print("imports ...", flush=True)
         imports = measure_imports(args.import_repeats)
 
-    with bench_dir("startup", args.keep) as tmp:
+    with contextlib.ExitStack() as stop_burners, bench_dir("startup", args.keep) as tmp:
+        for burner in burners:
+            stop_burners.callback(burner.kill)
         write_tasks(tmp / "tasks.jsonl", args.n)
         agent = Agent(tmp / "requests.jsonl", tmp)
         try:
@@ -755,6 +767,8 @@ def main() -> None:
         arows = []
         for mode in args.modes:
             probed = [r for r in runs if r["mode"] == mode and r["probe"]]
+            if not probed:
+                continue
             arows.append([mode, statistics.median(r["api_before_first"]["calls"] for r in probed),
                           statistics.median(r["api_before_first"]["sum_s"] for r in probed),
                           ", ".join(f"{k} x{v[0]} {v[1]:.2f}s" for k, v in
