@@ -19,7 +19,7 @@ from rollouts.collect import DispatchPlan
 from rollouts.dispatchers import WorkerPlan, request_worker_stop, share_budget
 from rollouts.errors import ConfigError, SharedStorageError
 from rollouts.models import ChunkSpec, CollectConfig
-from rollouts.settings import RolloutsSettings
+from rollouts.settings import TEMPORARY_API_ENV, RolloutsSettings
 from rollouts.stopping import Stopper
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def prepare_worker_environment(settings: RolloutsSettings, api_url: str) -> None
 
     current = get_current_settings()
     if settings.dask_address:
-        if not current.api.url:
+        if not current.api.url or current.api.url == os.environ.get(TEMPORARY_API_ENV):
             raise ConfigError(
                 "Dask workers need a Prefect server they can reach: set PREFECT_API_URL (e.g. "
                 "`make server`) here and on every worker. This run uses a temporary local API."

@@ -15,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rollouts.errors import ConfigError
 
+# Set by the `rollouts` command to the URL of the temporary Prefect API it started for itself
+# (rollouts_cli/temporary_api.py): that URL serves this command and its subprocesses only.
+TEMPORARY_API_ENV = "ROLLOUTS_TEMPORARY_PREFECT_API_URL"
+
 
 class RolloutsSettings(BaseSettings):
     model_config = SettingsConfigDict(

@@ -263,7 +263,12 @@ def run_collect_flow(command: str, params: dict[str, Any]) -> int:
 
 def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
     from rollouts.logs import console_reports_failures_once
+    from rollouts_cli import temporary_api
 
+    try:
+        temporary_api.attach()
+    except temporary_api.TemporaryApiError as e:
+        raise UsageError(str(e)) from None
     console_reports_failures_once()  # Prefect's logging is set up by now
     with prefect_result_storage():
         state = asyncio.run(flow(**params, return_state=True))
@@ -590,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("collect", "multi", "retry"):
             check_prefect_api()
+            from rollouts_cli import temporary_api
+
+            # First thing: the server's start then overlaps everything else the command does.
+            temporary_api.launch_unless_configured()
         return int(args.func(args))
     except UsageError as e:
         print(f"rollouts {args.command}: {e}", file=sys.stderr)
