@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# No telemetry and no first-run telemetry notice (offline machines): the server's setting and
+# the client's (DO_NOT_TRACK, read from the environment only). `rollouts` sets both by itself.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
 
 # Prefect state of this checkout (its result cache, the local server's SQLite database).
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -17,7 +20,10 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 #   PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/prefect make server
 PREFECT_PORT ?= 4200
 SERVER_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
-REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:8765"}
+# The reference agent of `make agent`, which the deployments' defaults name `reference`:
+#   make agent AGENT_PORT=8800   (and: make worker AGENT_PORT=8800)
+AGENT_PORT ?= 8765
+REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:$(AGENT_PORT)"}
 
 .PHONY: install demo test test-fast lint clean server deploy worker agent
 
@@ -68,4 +74,4 @@ worker: install
 
 ## The reference agent simulator as agent `reference` for the deployments' defaults.
 agent: install
-	$(BIN)/rollouts serve-agent --port 8765 --latency-ms 20
+	$(BIN)/rollouts serve-agent --port $(AGENT_PORT) --latency-ms 20
