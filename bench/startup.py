@@ -110,6 +110,12 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
     wrap_sync(cli, "_check_parameters", "check_parameters")
     if hasattr(cli, "check_agent_first"):  # newer trees probe the agent before Prefect starts
         wrap_sync(cli, "check_agent_first", "check_agent_first")
+    try:  # newer trees start the temporary API themselves: stamp the wait for it
+        import rollouts_cli.temporary_api as temporary_api
+
+        wrap_sync(temporary_api, "attach", "temporary_api")
+    except ImportError:
+        pass
     import builtins
 
     orig_import = builtins.__import__
@@ -380,7 +386,8 @@ PHASES = [
     ("import flows.collect (prefect, pandas, ...)", "flows_import:start", "flows_import:end"),
     ("settings, progress bar -> flow call", "flows_import:end", "flow_call:start"),
     ("flow call -> flow body (engine, API)", "flow_call:start", "flow_body:start"),
-    ("  of which temporary API start", "temporary_api:start", "temporary_api:end"),
+    ("  of which temporary API start (or the wait for it)", "temporary_api:start",
+     "temporary_api:end"),
     ("  of which create_flow_run", "create_flow_run:start", "create_flow_run:end"),
     ("flow body -> prepare_run_dir done", "flow_body:start", "prepare_run_dir:end"),
     ("split task: engine -> body", "prepare_run_dir:end", "split_body:start"),
