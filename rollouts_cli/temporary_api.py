@@ -144,8 +144,14 @@ def launch_unless_configured() -> None:
 
     Called before Prefect is imported, so a PREFECT_API_URL from a Prefect profile, `.env` or
     `prefect.toml` is not known yet: `attach` stops the server again in that (rarer) case."""
-    if not os.environ.get("PREFECT_API_URL") and not _launched:
-        _launched.append(TemporaryApi())
+    if os.environ.get("PREFECT_API_URL") or _launched:
+        return
+    if "prefect.settings" in sys.modules:  # already loaded (a program calling main()): ask it
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            return
+    _launched.append(TemporaryApi())
 
 
 def attach() -> None:
