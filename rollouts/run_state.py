@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,9 +99,7 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
     lock_path = run_dir.with_name(run_dir.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_soon(fd):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise RunLocked(
                 f"{output} is being collected by {holder} right now (lock {lock_path}); "
@@ -113,9 +112,25 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _flock_soon(fd: int, tries: int = 20, pause_s: float = 0.005) -> bool:
+    """The exclusive lock, retried for ~0.1 s: a `lock_taken_by` probe holds a shared lock
+    for microseconds, and a collection starting just then must not be refused for it."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(pause_s)
+    return False
+
+
 def lock_taken_by(run_dir: Path) -> str | None:
-    """Who holds the output's lock right now (``host:pid``), or None: a probe of the lock
-    itself, so a finished collection whose process still lives does not count."""
+    """Who holds the output's lock right now (``host:pid``), or None. The one test of
+    "running" (`rollouts status`, `rollouts retry`): a probe of the lock itself, so a
+    collection that ended while its process lives on (a notebook, a worker, a caller of the
+    flow) does not count, and one that died released it with the kernel. Shared, so probes
+    from several watchers never see each other as the holder."""
     lock_path = run_dir.with_name(run_dir.name + ".lock")
     try:
         fd = os.open(lock_path, os.O_RDONLY)
@@ -123,7 +138,7 @@ def lock_taken_by(run_dir: Path) -> str | None:
         return None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         fcntl.flock(fd, fcntl.LOCK_UN)

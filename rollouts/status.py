@@ -7,7 +7,6 @@ only the bytes appended since the previous one.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from rollouts.chunks import ChunkFiles, tasks_files
 from rollouts.health import RunHealth, read_health
 from rollouts.models import ChunkSpec
 from rollouts.replicas import ReplicaStatus, read_replica_stats
-from rollouts.run_state import read_run_state, recorded_chunks, run_dir_for, worker_id
+from rollouts.run_state import lock_taken_by, read_run_state, recorded_chunks, run_dir_for
 
 
 @dataclass
@@ -140,7 +139,7 @@ class StatusReader:
         status.done = sum(c.done for c in status.chunks)
         status.failed = sum(c.failed for c in status.chunks)
         finished = status.done + status.failed
-        holder = lock_holder(self.run_dir)
+        holder = lock_taken_by(self.run_dir)
         if status.expected and finished >= status.expected:
             status.state = "complete"
         else:
@@ -156,27 +155,6 @@ class StatusReader:
             status.rate_per_s = (finished - n0) / (now - t0)
             status.eta_s = max(0.0, status.expected - finished) / status.rate_per_s
         return status
-
-
-def lock_holder(run_dir: Path) -> str | None:
-    """`host:pid` of the process collecting into this run, if it is alive (on this host)."""
-    lock = run_dir.with_name(run_dir.name + ".lock")
-    try:
-        holder = lock.read_text().strip()
-    except FileNotFoundError:
-        return None
-    host, _, pid = holder.rpartition(":")
-    if not pid.isdigit():
-        return None
-    if host != worker_id().rpartition(":")[0]:
-        return holder  # another host: cannot check; report what the lock says
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return holder
 
 
 def read_status(

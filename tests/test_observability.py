@@ -83,6 +83,70 @@ def test_status_reports_true_counts_per_chunk_while_a_collection_runs(
     assert (final["done"], final["failed"], final["state"]) == (598, 2, "complete")
 
 
+HOLD_THE_LOCK = """
+import sys
+from pathlib import Path
+from rollouts.run_state import run_lock
+run_dir, out = Path(sys.argv[1]), sys.argv[2]
+with run_lock(run_dir, out):
+    print("held", flush=True)
+    sys.stdin.readline()
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_status_says_running_only_while_the_lock_is_held_not_while_its_process_lives(
+    tmp_path: Path, start_agent: Any, monkeypatch: Any
+) -> None:
+    """A run that stopped while its process lives on (a notebook, a worker, this very test)
+    is not running: the lock is the truth, not the pid written in the lock file."""
+    monkeypatch.setenv("ROLLOUTS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("ROLLOUTS_CHUNK_RETRIES", "0")
+    agent = start_agent("--p-500", "1")  # every answer a 500: the run stops incomplete
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 20, seed=5)
+    out = tmp_path / "rollouts.jsonl"
+    state = asyncio.run(collect_rollouts(agent_url=agent.url, input_jsonl_fpath=str(inp),
+                                         output_jsonl_fpath=str(out), return_state=True))  # fmt: skip
+    assert state.is_failed()
+    run_dir = run_dir_for(out, None)
+    lock = run_dir.with_name(run_dir.name + ".lock")
+    host = socket.gethostname()
+    assert lock.read_text() == f"{host}:{os.getpid()}"  # this process collected, and lives on
+    env = {**os.environ}
+
+    def cli_state() -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", "rollouts_cli", "status", str(out), "--json", "--sample-s",
+             "0"], check=True, capture_output=True, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        return orjson.loads(res.stdout)["state"]
+
+    assert cli_state() == "stopped (incomplete)"
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(run_dir), str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli_state() == f"running ({host}:{holder.pid})"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        assert holder.poll() is None and lock.read_text() == f"{host}:{holder.pid}"
+        assert cli_state() == "stopped (incomplete)"
+        text = subprocess.run([sys.executable, "-m", "rollouts_cli", "status", out.name],
+                              check=True, capture_output=True, text=True, env=env,
+                              cwd=tmp_path).stdout  # fmt: skip
+        assert f"{out.name}: stopped (incomplete)" in text
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
 def test_run_has_progress_metrics_table_and_summary_artifacts(
     tmp_path: Path, agent: AgentServer
 ) -> None:
