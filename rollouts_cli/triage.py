@@ -48,6 +48,15 @@ def print_failures(report: FailureReport, console: Console | None = None) -> Non
         "gave up (a plain rerun of the collection sends them again): "
         + (", ".join(gave_up) or "none")
     )
-    console.print("to send a class again (final ones too, once their cause is fixed):")
-    console.print(f"  {retry_command(report, [report.by_count()[0].failure_class])}",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    final = final_classes(report)
+    console.print("final (a rerun leaves them; retry them once their cause is fixed): "
+                  + (", ".join(final) or "none"))  # fmt: skip
+    if not final:
+        console.print("to send the ones that gave up again, without the rest of the collection:")
+    console.print(f"  {retry_command(report, final or gave_up)}", highlight=False,
+                  soft_wrap=True)  # fmt: skip
+
+
+def final_classes(report: FailureReport) -> list[str]:
+    """Every class with final failures, most first: one retry covers them all."""
+    return [c.failure_class for c in report.by_count() if c.terminal]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -183,7 +184,34 @@ def test_failures_command_counts_by_class_and_agent(
     assert main(["failures", str(out), "--examples", "1"]) == 0
     text = capsys.readouterr().out
     assert FAILURE_CLASS in text and "http_400: HTTP 400" in text and "3,0" in text
-    assert f"rollouts retry {out} --failure-class {FAILURE_CLASS}" in text
+    assert f"rollouts retry {out} --failure-class {FAILURE_CLASS} --failure-class http_400" in text
+
+
+def test_failures_offers_one_retry_for_every_final_class_and_it_works(
+    tmp_path: Path, start_agent: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = start_agent("--fail-class-tasks", "3", "--fail-400-tasks", "1,6")
+    n, repeats = 10, 2
+    out = collect_with_faults(tmp_path, first, n, repeats)
+    capsys.readouterr()
+
+    assert main(["failures", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"final (a rerun leaves them; retry them once their cause is fixed): http_400, " \
+        f"{FAILURE_CLASS}" in lines
+    (command,) = [line.strip() for line in lines if line.strip().startswith("rollouts retry")]
+    assert command == (f"rollouts retry {out} --failure-class http_400 "
+                       f"--failure-class {FAILURE_CLASS}")  # fmt: skip
+
+    # Both causes fixed: the printed command, run as printed, sends both classes again.
+    healthy = restart(first, start_agent)
+    argv = shlex.split(command)
+    assert argv[0] == "rollouts" and main(argv[1:]) == 0
+    failed_before = {(t, r) for t in (1, 3, 6) for r in range(repeats)}
+    assert sent(healthy) == dict.fromkeys(failed_before, 1)
+    paths = OutputPaths.for_output(out)
+    assert keys_of(read_jsonl(paths.rollouts)) == [(t, r) for t in range(n) for r in range(repeats)]
+    assert read_jsonl(paths.failures) == []
 
 
 @pytest.mark.fast
