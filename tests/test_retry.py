@@ -197,8 +197,10 @@ def test_failures_offers_one_retry_for_every_final_class_and_it_works(
 
     assert main(["failures", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert f"final (a rerun leaves them; retry them once their cause is fixed): http_400, " \
+    assert (
+        f"final (a rerun leaves them; retry them once their cause is fixed): http_400, "
         f"{FAILURE_CLASS}" in lines
+    )
     (command,) = [line.strip() for line in lines if line.strip().startswith("rollouts retry")]
     assert command == (f"rollouts retry {out} --failure-class http_400 "
                        f"--failure-class {FAILURE_CLASS}")  # fmt: skip
