@@ -24,7 +24,7 @@ from rollouts.summary import CollectSummary, MultiSummary
 
 PROGRESS_EVERY_S = 3.0
 MIX_COLUMNS = ("proportion", "target", "available", "selected", "shortfall",
-               "deviation_from_quota")  # fmt: skip
+               "deviation_from_quota", "note")  # fmt: skip
 
 
 class LiveProgress:
@@ -160,7 +160,8 @@ async def publish_mix(result: MultiSummary, mix_output: str) -> None:
     await acreate_table_artifact(
         table=rows,
         key=artifact_key(mix_output, "mix"),
-        description="Mix per source: target proportion, quota and what was selected",
+        description="Mix per source: target proportion, quota, what was selected and why it "
+        "differs",
     )
     lines = [
         f"# Multi-dataset collection: {Path(mix_output).name}",
@@ -173,6 +174,7 @@ async def publish_mix(result: MultiSummary, mix_output: str) -> None:
         ),
         "",
         f"- mix: `{result.mix_output}` ({result.mix_rows} rollouts)",
+        *([f"- {result.mix_note}"] if result.mix_note else []),
         f"- manifest: `{result.mix_manifest}`",
     ]
     await acreate_markdown_artifact(

@@ -121,8 +121,11 @@ async def mix_datasets(config: MultiDatasetConfig, result: MultiSummary) -> None
     fresh_mix = mix_task.with_options(refresh_cache=not (out.exists() and manifest.exists()))
     mix_state = await fresh_mix(config.mix_request(), return_state=True)
     mixed = await mix_state.aresult()  # raises the mix's error: a RolloutsError is reported
-    get_run_logger().info("mixed %d rollouts into %s", mixed.rows, mixed.output)
+    # INFO: the run's log in the UI; the console has the note once, in the summary.
+    get_run_logger().info("mixed %d rollouts into %s%s", mixed.rows, mixed.output,
+                          f" ({mixed.note})" if mixed.note else "")  # fmt: skip
     result.mix_output, result.mix_manifest = str(mixed.output), str(mixed.manifest)
     result.mix_rows, result.mix_sources = mixed.rows, mixed.per_source
+    result.mix_total, result.mix_note = config.mix.total, mixed.note
     result.mix_from_cache = mix_state.name == "Cached"
     await publish_mix(result, config.mix.output)

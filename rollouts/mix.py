@@ -11,6 +11,8 @@ import hashlib
 import math
 import random
 from array import array
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -178,26 +180,195 @@ def _apply_shortfall(
         final.update(largest_remainder(remaining, open_))
 
 
-def _select_groups(sizes: array, quota: int, rng: random.Random) -> list[int]:
-    """Group numbers whose sizes add up as close to ``quota`` rows as whole groups allow:
-    greedy in a seeded random order, then one more group if that lands closer."""
-    order = list(range(len(sizes)))
-    rng.shuffle(order)
-    chosen: list[int] = []
-    total = 0
-    best_extra: int | None = None  # the skipped group that would land closest
-    for g in order:
-        size = sizes[g]
-        if total + size <= quota:
-            chosen.append(g)
-            total += size
-            if total == quota:
-                return chosen
-        elif best_extra is None or size < sizes[best_extra]:
-            best_extra = g
-    if best_extra is not None and abs(total + sizes[best_extra] - quota) < quota - total:
-        chosen.append(best_extra)
-    return chosen
+class Reachable:
+    """Which row counts whole groups can make: bit ``n`` set when some groups add up to ``n``
+    rows. A bounded knapsack over the group sizes (each size's count split in powers of two),
+    so it costs a few shifts of an integer of ``limit`` bits, not one step per group."""
+
+    def __init__(self, sizes: dict[int, int], limit: int) -> None:
+        mask = (1 << (limit + 1)) - 1
+        bits = 1
+        for size, count in sorted(sizes.items()):
+            piece, left = 1, count
+            while left > 0:
+                take = min(piece, left)
+                bits |= (bits << (size * take)) & mask
+                left -= take
+                piece *= 2
+        self.limit = limit
+        self._bytes = bits.to_bytes(limit // 8 + 1, "little")  # O(1) tests
+
+    def __contains__(self, n: int) -> bool:
+        return 0 <= n <= self.limit and bool(self._bytes[n >> 3] >> (n & 7) & 1)
+
+    def nearest(self, n: int) -> tuple[int | None, int | None]:
+        """The closest reachable counts below and above ``n`` (None where there is none)."""
+        below = next((m for m in range(min(n, self.limit + 1) - 1, -1, -1) if m in self), None)
+        above = next((m for m in range(max(n, -1) + 1, self.limit + 1) if m in self), None)
+        return below, above
+
+
+def _merged(sizes: list[dict[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for counts in sizes:
+        for size, count in counts.items():
+            out[size] = out.get(size, 0) + count
+    return out
+
+
+@dataclass
+class MixPlan:
+    """Rows to take from each source, and why the plan differs where it does."""
+
+    rows: dict[str, int]
+    total: int  # what whole groups can make closest to the quotas' sum
+    notes: dict[str, str]  # source -> why its rows differ from its quota ("" where they don't)
+    groups_note: str  # why `total` is not the quotas' sum ("" where it is)
+
+
+def plan_rows(quotas: dict[str, int], sizes: dict[str, dict[int, int]]) -> MixPlan:
+    """Rows per source, each made of whole groups, that add up to the quotas' sum exactly
+    whenever some combination of whole groups does (another source gives the rows one source's
+    groups cannot), else to the closest sum they make (ties: the smaller).
+
+    Among the plans that reach it: the fewest rows away from the quotas, then the smallest
+    relative change (a row more weighs less on a large source), then source order. Exact: a
+    search within a window of +-W rows around every quota, widened until its best plan is
+    within W rows of the quotas in all (no plan outside the window can then do better)."""
+    names = list(quotas)
+    available = {n: sum(k * c for k, c in sizes[n].items()) for n in names}
+    reach = {n: Reachable(sizes[n], available[n]) for n in names}
+    wanted = sum(quotas.values())
+    if all(quotas[n] in reach[n] for n in names):
+        return MixPlan(dict(quotas), wanted, dict.fromkeys(names, ""), "")
+
+    every = Reachable(_merged([sizes[n] for n in names]), sum(available.values()))
+    total, groups_note = wanted, ""
+    if wanted not in every:
+        below, above = every.nearest(wanted)
+        assert below is not None  # no rows at all is always reachable
+        total = below if above is None or wanted - below <= above - wanted else above
+        groups_note = _no_combination(wanted, below, above, _merged([sizes[n] for n in names]))
+    shift = total - wanted  # what the deviations from the quotas must add up to
+    widest = max(max(quotas[n], available[n] - quotas[n]) for n in names)
+    window = max(*(max(sizes[n], default=1) for n in names), abs(shift), 1)
+    while True:
+        found = _window_plan(names, quotas, reach, shift, window)
+        if found is not None and (found[0] <= window or window >= widest):
+            break
+        if window >= widest:
+            raise AssertionError("a reachable total has a plan")  # the full window is exact
+        window = min(2 * window, widest)
+    rows = {n: quotas[n] + d for n, d in zip(names, found[1], strict=True)}
+    short = [n for n in names if quotas[n] not in reach[n]]
+    notes = {}
+    for n in names:
+        d = rows[n] - quotas[n]
+        if d == 0:
+            notes[n] = ""
+        elif n in short:
+            below, above = reach[n].nearest(quotas[n])
+            made = " or ".join(str(m) for m in (below, above) if m is not None)
+            notes[n] = f"whole {_sizes_text(sizes[n])} make {made}, not {quotas[n]}"
+            if rows[n] not in (below, above):  # farther: the only way to the total
+                notes[n] += f"; {rows[n]} lets the others make the total"
+        else:
+            others = ", ".join(short)
+            notes[n] = (f"{abs(d)} row{'s' if abs(d) > 1 else ''} {'more' if d > 0 else 'fewer'}"
+                        f", making up for the whole groups of {others}")  # fmt: skip
+    return MixPlan(rows, total, notes, groups_note)
+
+
+def _window_plan(
+    names: list[str], quotas: dict[str, int], reach: dict[str, Reachable], shift: int,
+    window: int,
+) -> tuple[int, list[int]] | None:  # fmt: skip
+    """The best deviations d (quota + d reachable, |d| <= window) adding up to ``shift``:
+    (rows away from the quotas, the deviations), or None. A DP over the running sum."""
+    # state: running sum of deviations -> (rows away, relative change); back: per source
+    states: dict[int, tuple[int, float]] = {0: (0, 0.0)}
+    back: list[dict[int, tuple[int, int]]] = []
+    for i, name in enumerate(names):
+        q = quotas[name]
+        moves = sorted((d for d in range(-window, window + 1) if q + d in reach[name]),
+                       key=lambda d: (abs(d), d))  # fmt: skip
+        room = window * (len(names) - i - 1)  # what the sources after this one can still move
+        new: dict[int, tuple[int, float]] = {}
+        came: dict[int, tuple[int, int]] = {}
+        for at in sorted(states):
+            away, rel = states[at]
+            for d in moves:
+                to = at + d
+                if abs(shift - to) > room:
+                    continue
+                cost = (away + abs(d), rel + d * d / max(q, 1))
+                if to not in new or cost < new[to]:
+                    new[to], came[to] = cost, (at, d)
+        if not new:
+            return None
+        states = new
+        back.append(came)
+    if shift not in states:
+        return None
+    deviations, at = [], shift
+    for came in reversed(back):
+        at, d = came[at]
+        deviations.append(d)
+    return states[shift][0], deviations[::-1]
+
+
+def _sizes_text(counts: dict[int, int]) -> str:
+    """`groups of 3 rows`, `groups of 2 or 3 rows`, `groups of 1 to 8 rows`."""
+    sizes = sorted(counts)
+    if not sizes:
+        return "groups"
+    if len(sizes) == 1:
+        return f"groups of {sizes[0]} row{'s' if sizes[0] > 1 else ''}"
+    if len(sizes) <= 3:
+        return f"groups of {', '.join(map(str, sizes[:-1]))} or {sizes[-1]} rows"
+    return f"groups of {sizes[0]} to {sizes[-1]} rows"
+
+
+def _no_combination(wanted: int, below: int | None, above: int | None,
+                    counts: dict[int, int]) -> str:  # fmt: skip
+    step = 0
+    for size in counts:
+        step = math.gcd(step, size)
+    why = f"no combination of whole groups makes {wanted} rows"
+    if step > 1:
+        why += f" (every group has a multiple of {step} rows)"
+    closest = " and ".join(str(m) for m in (below, above) if m is not None)
+    return f"{why}; the closest {'are' if ' and ' in closest else 'is'} {closest}"
+
+
+def _outward(start: int, top: int) -> Iterator[int]:
+    """start, start - 1, start + 1, start - 2, ... within [0, top]."""
+    for step in range(top + 1):
+        for k in (start - step, start + step) if step else (start,):
+            if 0 <= k <= top:
+                yield k
+
+
+def _pick_groups(by_size: dict[int, array], rows: int, rng: random.Random) -> list[int]:
+    """Group numbers adding up to exactly ``rows`` (reachable): of each size about the same
+    share (so that, say, tasks with a failed rollout are neither favoured nor avoided), the
+    groups of each size drawn at random."""
+    sizes = sorted(by_size, reverse=True)
+    available = sum(s * len(by_size[s]) for s in sizes)
+    share = rows / available if available else 0.0
+    # rest[j]: what the sizes from j on can make
+    rest = [Reachable({s: len(by_size[s]) for s in sizes[j:]}, rows) for j in range(len(sizes))]
+    rest.append(Reachable({}, rows))
+    picked: list[int] = []
+    left = rows
+    for j, size in enumerate(sizes):
+        count = len(by_size[size])
+        ideal = round(share * count)
+        take = next(k for k in _outward(ideal, count) if left - size * k in rest[j + 1])
+        picked += rng.sample(list(by_size[size]), take)
+        left -= size * take
+    assert left == 0
+    return picked
 
 
 class SourceSelection(BaseModel):
@@ -212,6 +383,7 @@ class SourceSelection(BaseModel):
     selected: int
     shortfall: int  # rows the source lacked for its target
     deviation_from_quota: int  # selected - quota: whole groups round it
+    note: str = ""  # why selected is not the quota ("" where it is)
 
 
 @dataclass
@@ -220,6 +392,8 @@ class MixResult:
     manifest: Path
     rows: int
     per_source: dict[str, SourceSelection]
+    total_requested: int = 0
+    note: str = ""  # why rows is not total_requested ("" where it is)
 
 
 def mix_sources(request: MixRequest) -> MixResult:
@@ -235,27 +409,31 @@ def mix_sources(request: MixRequest) -> MixResult:
     targets = largest_remainder(request.total, weights)
     available = {n: len(idx) for n, idx in indices.items()}
     quotas = _apply_shortfall(targets, available, weights, request.shortfall)
+    sizes: dict[str, dict[int, int]] = {}
+    for n in names:
+        sizes[n] = dict(Counter(spans[n][2])) if keep_groups else {1: available[n]}
+    plan = plan_rows(quotas, sizes)
 
     # Blocks to write, as parallel arrays: (source, first position, rows); a block is one
     # group (contiguous in that source's order) or one row.
     b_source, b_start, b_count = array("l"), array("q"), array("l")  # "b" overflowed at 128
-    selected: dict[str, int] = {}
     for si, name in enumerate(names):
         rng = _rng(request.seed, "select", name)
-        _, starts, sizes = spans[name]
+        _, starts, group_sizes = spans[name]
         if keep_groups:
-            picked = sorted(_select_groups(sizes, quotas[name], rng))
-            for g in picked:
+            by_size: dict[int, array] = {}
+            for g, size in enumerate(group_sizes):
+                by_size.setdefault(size, array("q")).append(g)
+            for g in sorted(_pick_groups(by_size, plan.rows[name], rng)):
                 b_source.append(si)
                 b_start.append(starts[g])
-                b_count.append(sizes[g])
-            selected[name] = sum(sizes[g] for g in picked)
+                b_count.append(group_sizes[g])
         else:
-            picked = sorted(rng.sample(range(len(indices[name])), quotas[name]))
+            picked = sorted(rng.sample(range(len(indices[name])), plan.rows[name]))
             b_source.extend(si for _ in picked)
             b_start.extend(picked)
             b_count.extend(1 for _ in picked)
-            selected[name] = len(picked)
+    selected = plan.rows
     order = list(range(len(b_source)))
     _rng(request.seed, "order").shuffle(order)
 
@@ -265,16 +443,18 @@ def mix_sources(request: MixRequest) -> MixResult:
             path=str(indices[n].path), sha256=indices[n].sha256, proportion=weights[n],
             target=targets[n], quota=quotas[n], available=available[n], selected=selected[n],
             shortfall=max(0, targets[n] - available[n]),
-            deviation_from_quota=selected[n] - quotas[n],
+            deviation_from_quota=selected[n] - quotas[n], note=plan.notes[n],
         )
         for n in names
     }  # fmt: skip
+    note = total_note(request.total, per_source, plan)
     manifest = out.with_name(f"{out.stem}_manifest.json")
     manifest_doc = {
         "output": str(out),
         "seed": request.seed,
         "total_requested": request.total,
         "total_written": sum(selected.values()),
+        "note": note,
         "keep_groups": keep_groups,
         "shortfall_policy": request.shortfall,
         "sources": {n: sel.model_dump() for n, sel in per_source.items()},
@@ -296,4 +476,18 @@ def mix_sources(request: MixRequest) -> MixResult:
             for h in handles:
                 h.close()
         mf.write(orjson.dumps(manifest_doc, option=orjson.OPT_INDENT_2) + b"\n")
-    return MixResult(out, manifest, sum(selected.values()), per_source)
+    return MixResult(out, manifest, sum(selected.values()), per_source, request.total, note)
+
+
+def total_note(total: int, per_source: dict[str, SourceSelection], plan: MixPlan) -> str:
+    """Why the mix has fewer or more rows than asked, in one line ("" when it has them all)."""
+    if plan.total == total:
+        return ""
+    reasons = []
+    lacking = {n: s for n, s in per_source.items() if s.shortfall}
+    if lacking:
+        reasons.append("the sources have fewer rows than asked (" + "; ".join(
+            f"{n}: {s.available} of {s.target}" for n, s in lacking.items()) + ")")  # fmt: skip
+    if plan.groups_note:
+        reasons.append(plan.groups_note)
+    return f"{plan.total} rows, not {total}: " + "; ".join(reasons)

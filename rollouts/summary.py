@@ -62,6 +62,8 @@ class MultiSummary(BaseModel):
     mix_output: str | None = None
     mix_manifest: str | None = None
     mix_rows: int | None = None
+    mix_total: int | None = None  # the rows the config asked for
+    mix_note: str = ""  # why mix_rows is not mix_total ("" where it is)
     mix_sources: dict[str, SourceSelection] = {}
     mix_from_cache: bool = False
 

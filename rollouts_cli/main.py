@@ -375,8 +375,11 @@ def cmd_mix(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for name, s in result.per_source.items():
         print(f"{name}: {s.selected} selected (target {s.target}, {s.available} available, "
-              f"shortfall {s.shortfall}, {s.deviation_from_quota:+d} vs quota)")  # fmt: skip
+              f"shortfall {s.shortfall}, {s.deviation_from_quota:+d} vs quota"
+              + (f": {s.note})" if s.note else ")"))  # fmt: skip
     print(f"{result.rows} rows -> {result.output}\nmanifest: {result.manifest}")
+    if result.note:
+        print(f"mix: {result.note}")
     return EXIT_OK
 
 

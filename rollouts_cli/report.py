@@ -58,13 +58,19 @@ def print_multi_summary(summary: MultiSummary, console: Console | None = None) -
     table = Table(show_header=True)
     for col in ("source", "proportion", "target", "available", "selected", "shortfall",
                 "vs quota"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "source" else "right")
+        table.add_column(col, justify="left" if col == "source" else "right", no_wrap=True)
+    notes = any(s.note for s in summary.mix_sources.values())
+    if notes:
+        table.add_column("why", overflow="fold", min_width=20)
     for name, s in summary.mix_sources.items():
         table.add_row(name, f"{s.proportion:g}", str(s.target), str(s.available),
-                      str(s.selected), str(s.shortfall), f"{s.deviation_from_quota:+d}")  # fmt: skip
+                      str(s.selected), str(s.shortfall), f"{s.deviation_from_quota:+d}",
+                      *([s.note or "-"] if notes else []))  # fmt: skip
     console.print(table)
     cached = " (mix from cache)" if summary.mix_from_cache else ""
     console.print(f"{summary.mix_rows} rows -> {summary.mix_output}{cached}")
+    if summary.mix_note:
+        console.print(f"mix: {summary.mix_note}", highlight=False, soft_wrap=True)
     console.print(f"manifest: {summary.mix_manifest}")
 
 

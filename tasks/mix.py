@@ -17,7 +17,9 @@ def _mix_identity(inputs: dict[str, Any]) -> Any:
     return {
         "request": request.model_dump(mode="json"),
         "sources": [file_identity(s.path) for s in request.sources],
-        "result": 2,  # per_source is typed (SourceSelection); an older cached result is not
+        # 3: the mix reaches the total across sources and says why where it cannot; an older
+        # cached result (2: typed per_source; 1: untyped) may be a row short without a word.
+        "result": 3,
     }
 
 
