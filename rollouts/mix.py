@@ -273,9 +273,9 @@ def plan_rows(quotas: dict[str, int], sizes: dict[str, dict[int, int]]) -> MixPl
             if rows[n] not in (below, above):  # farther: the only way to the total
                 notes[n] += f"; {rows[n]} lets the others make the total"
         else:
-            others = ", ".join(short)
-            notes[n] = (f"{abs(d)} row{'s' if abs(d) > 1 else ''} {'more' if d > 0 else 'fewer'}"
-                        f", making up for the whole groups of {others}")  # fmt: skip
+            whose = f"{short[0]}'s whole groups" if len(short) == 1 else (
+                f"the whole groups of {', '.join(short)}")  # fmt: skip
+            notes[n] = f"for {whose}"  # the rows it gives or leaves: deviation_from_quota
     return MixPlan(rows, total, notes, groups_note)
 
 
@@ -318,15 +318,15 @@ def _window_plan(
 
 
 def _sizes_text(counts: dict[int, int]) -> str:
-    """`groups of 3 rows`, `groups of 2 or 3 rows`, `groups of 1 to 8 rows`."""
+    """`groups of 3`, `groups of 2 or 3`, `groups of 1 to 8` (rows each)."""
     sizes = sorted(counts)
     if not sizes:
         return "groups"
     if len(sizes) == 1:
-        return f"groups of {sizes[0]} row{'s' if sizes[0] > 1 else ''}"
+        return f"groups of {sizes[0]}"
     if len(sizes) <= 3:
-        return f"groups of {', '.join(map(str, sizes[:-1]))} or {sizes[-1]} rows"
-    return f"groups of {sizes[0]} to {sizes[-1]} rows"
+        return f"groups of {', '.join(map(str, sizes[:-1]))} or {sizes[-1]}"
+    return f"groups of {sizes[0]} to {sizes[-1]}"
 
 
 def _no_combination(wanted: int, below: int | None, above: int | None,

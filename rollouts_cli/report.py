@@ -58,7 +58,7 @@ def print_multi_summary(summary: MultiSummary, console: Console | None = None) -
     table = Table(show_header=True)
     for col in ("source", "proportion", "target", "available", "selected", "shortfall",
                 "vs quota"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "source" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "source" else "right")
     notes = any(s.note for s in summary.mix_sources.values())
     if notes:
         table.add_column("why", overflow="fold", min_width=20)

@@ -232,8 +232,8 @@ def test_the_demo_mix_writes_exactly_400_another_source_giving_the_row_hard_cann
         "high_quality": 241, "exploration": 120, "hard": 39}  # fmt: skip
     assert all(whole_groups(rows, sources[n], n) for n in sources)
     hq, ex, hard = (result.per_source[n] for n in ("high_quality", "exploration", "hard"))
-    assert hard.note == "whole groups of 3 rows make 39 or 42, not 40"
-    assert hq.note == "1 row more, making up for the whole groups of hard"
+    assert hard.note == "whole groups of 3 make 39 or 42, not 40"
+    assert hq.note == "for hard's whole groups"
     assert ex.note == "" and result.note == ""
     manifest = orjson.loads(result.manifest.read_bytes())
     assert (manifest["total_requested"], manifest["total_written"], manifest["note"]) == (
@@ -256,9 +256,7 @@ def test_when_the_others_have_no_row_to_spare_the_groups_round_up_and_they_give_
     assert Counter(r["_mix_source"] for r in rows) == {
         "high_quality": 239, "exploration": 119, "hard": 42}  # fmt: skip
     assert all(whole_groups(rows, sources[n], n) for n in sources)
-    assert result.per_source["exploration"].note == (
-        "1 row fewer, making up for the whole groups of hard"
-    )
+    assert result.per_source["exploration"].note == ("for hard's whole groups")
 
 
 def test_groups_of_several_sizes_reach_the_total_exactly(tmp_path: Path) -> None:
@@ -299,7 +297,7 @@ def test_when_no_combination_of_whole_groups_makes_the_total_it_says_why_once(
     assert printed.count(why) == 1 and f"mix: {why}" in printed.splitlines()
     assert (
         "a: 39 selected (target 40, 300 available, shortfall 0, -1 vs quota: whole groups "
-        "of 3 rows make 39 or 42, not 40)" in printed
+        "of 3 make 39 or 42, not 40)" in printed
     )
     assert len(read_jsonl(out)) == 99
     manifest = orjson.loads((tmp_path / "m_manifest.json").read_bytes())
@@ -347,3 +345,31 @@ def test_the_plan_reaches_the_total_whenever_whole_groups_can(seed: int) -> None
     away = sum(abs(plan.rows[n] - quotas[n]) for n in names)
     assert away == sum(abs(x - quotas[n]) for x, n in zip(best, names, strict=True))
     assert (plan.groups_note == "") == (plan.total == sum(quotas.values()))
+
+
+def test_the_multi_summary_says_why_in_the_mix_table_and_once_below_it(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from rollouts.summary import MultiSummary
+    from rollouts_cli.report import print_multi_summary
+
+    a = write_jsonl(tmp_path / "a.jsonl", rollouts(100, 3, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", rollouts(100, 3, "b"))
+    req = MixRequest(
+        sources=[MixSource(name="a", path=str(a), proportion=0.4),
+                 MixSource(name="b", path=str(b), proportion=0.6)],
+        output=str(tmp_path / "m.jsonl"), total=100,
+    )  # fmt: skip
+    result = mix_sources(req)
+    summary = MultiSummary(
+        datasets={}, mix_output=str(result.output), mix_manifest=str(result.manifest),
+        mix_rows=result.rows, mix_total=req.total, mix_note=result.note,
+        mix_sources=result.per_source,
+    )  # fmt: skip
+    console = Console(record=True, width=200)
+    print_multi_summary(summary, console)
+    text = console.export_text()
+    assert text.count(result.note) == 1 and f"mix: {result.note}" in text.splitlines()
+    assert result.note.startswith("99 rows, not 100: no combination of whole groups")
+    (a_row,) = [line for line in text.splitlines() if line.startswith("│ a ")]
+    assert "-1 │ whole groups of 3 make 39 or 42, not 40" in a_row
