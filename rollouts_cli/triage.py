@@ -50,7 +50,7 @@ def print_failures(report: FailureReport, console: Console | None = None) -> Non
     )
     final = final_classes(report)
     console.print("final (a rerun leaves them; retry them once their cause is fixed): "
-                  + (", ".join(final) or "none"))  # fmt: skip
+                  + (", ".join(final) or "none"), highlight=False, soft_wrap=True)  # fmt: skip
     if not final:
         console.print("to send the ones that gave up again, without the rest of the collection:")
     console.print(f"  {retry_command(report, final or gave_up)}", highlight=False,
