@@ -19,6 +19,7 @@ from flows.collect import collect_rollouts
 from flows.ui import run_name, title
 from rollouts.errors import STOP_EXIT_CODES, IncompleteRun, RolloutsError
 from rollouts.models import DatasetConfig, MultiDatasetConfig
+from rollouts.run_state import started_from
 from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary, MultiSummary
 from tasks.mix import mix_task
 
@@ -46,9 +47,10 @@ def combined_exit_code(codes: list[int]) -> int:
 @task(name="collect-dataset", task_run_name="collect-dataset-{dataset.name}", cache_policy=NO_CACHE)
 async def collect_dataset_task(dataset: DatasetConfig) -> CollectSummary:
     """Run one dataset's collect-rollouts subflow. A task, so that datasets run concurrently."""
-    state = await collect_rollouts.with_options(flow_run_name=dataset.run_label())(
-        **dataset.collect_parameters(), return_state=True
-    )
+    with started_from("multi-dataset run"):  # its conflicts name what works here: no `fresh`
+        state = await collect_rollouts.with_options(flow_run_name=dataset.run_label())(
+            **dataset.collect_parameters(), return_state=True
+        )
     if state.name == STOPPED_AT_DEADLINE:  # no mix of a partial set
         raise DatasetFailed(f"{dataset.name}: {state.message}", STOP_EXIT_CODES["deadline"])
     if not state.is_completed():

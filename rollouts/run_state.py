@@ -15,10 +15,11 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -147,6 +148,38 @@ def lock_taken_by(run_dir: Path) -> str | None:
         os.close(fd)
 
 
+# Where the run was started, for the one thing its conflict messages must say in the words of
+# that place: how to discard an output's collection and start over. The layer that knows sets
+# it: the `rollouts` command around its flow run, the multi-dataset flow around each dataset;
+# anything else is a flow run (a deployment, the UI's form, a Python call).
+StartedFrom = Literal["command line", "multi-dataset run", "flow run"]
+_started_from: ContextVar[StartedFrom] = ContextVar("rollouts_started_from", default="flow run")
+
+
+@contextlib.contextmanager
+def started_from(origin: StartedFrom) -> Iterator[None]:
+    """Conflict messages raised in this block (and in the tasks and subflows it starts: they
+    copy the context) name the way to start over that works for ``origin``."""
+    token = _started_from.set(origin)
+    try:
+        yield
+    finally:
+        _started_from.reset(token)
+
+
+def how_to_start_over(run_dir: Path) -> str:
+    """What discards the collection in ``run_dir`` where this run was started, as a verb
+    phrase: the flag on the command line, the parameter in a flow run (named as its form shows
+    it), and in a multi-dataset run, which has neither, deleting it."""
+    origin = _started_from.get()
+    if origin == "command line":
+        return "add --fresh"
+    if origin == "multi-dataset run":
+        return f"delete the output's files and its run state {run_dir}"
+    form_title = CollectConfig.model_fields["fresh"].title
+    return f'set the `fresh` parameter ("{form_title}" in the UI form)'
+
+
 def _describe(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in params.items())
 
@@ -173,13 +206,14 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
                 f"{config.output_jsonl_fpath} was collected with "
                 f"{_describe(state.result_params)}; this run asks for "
                 f"{_describe(config.result_params())}. Mixing them would corrupt the dataset: "
-                "write to another output, or add --fresh to discard it and start over."
+                f"write to another output, or {how_to_start_over(run_dir)} to discard it and start "
+                "over."
             )
         if state.chunk_size != config.chunk_size:
             raise RunConflict(
                 f"{config.output_jsonl_fpath} is being collected with chunk_size="
                 f"{state.chunk_size}; rerun with chunk_size={state.chunk_size} to resume, "
-                "or add --fresh to start over."
+                f"or {how_to_start_over(run_dir)} to start over."
             )
         if state.params != config.stored_params():
             state.params = config.stored_params()
@@ -189,8 +223,8 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
     if paths.rollouts.exists() and paths.rollouts.stat().st_size > 0:
         raise RunConflict(
             f"{paths.rollouts} already exists but its run state ({run_dir}) is missing, so its "
-            "rollouts cannot be matched to tasks. Choose another output, or add --fresh to "
-            "replace it."
+            f"rollouts cannot be matched to tasks. Choose another output, or "
+            f"{how_to_start_over(run_dir)} to replace it."
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex

@@ -23,7 +23,7 @@ from rollouts.chunks import ChunkFiles, write_task_indices
 from rollouts.errors import InputError, RunConflict
 from rollouts.fileio import dumps_line, fsync_dir
 from rollouts.models import ChunkSpec, SplitResult
-from rollouts.run_state import record_chunks
+from rollouts.run_state import how_to_start_over, record_chunks
 
 MAX_REPORTED_PROBLEMS = 20
 
@@ -52,6 +52,7 @@ class _ChunkWriter:
     """Stages one chunk and checks it against the version collected before, line by line."""
 
     def __init__(self, run_dir: Path, index: int, input_path: Path) -> None:
+        self.run_dir = run_dir
         self.index = index
         self.input_path = input_path
         self.files = ChunkFiles.of_run(run_dir, index)
@@ -76,7 +77,8 @@ class _ChunkWriter:
                     "differs from the task already collected at that position for this output. "
                     "To resume an interrupted collection, rerun the original command unchanged "
                     "(rollouts already written are skipped; no need to cut the input with "
-                    "`tail`). To collect changed data, write to another output or add --fresh."
+                    "`tail`). To collect changed data, write to another output or "
+                    f"{how_to_start_over(self.run_dir)}."
                 )
             if not before:
                 self.changed = True  # rows appended past what was split before

@@ -20,6 +20,7 @@ import yaml
 
 from rollouts.errors import validation_message
 from rollouts.models import CollectConfig, count_or_auto
+from rollouts_cli import run_link  # first: it notes the user's PREFECT_API_URL at start
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
 
@@ -263,6 +264,7 @@ def run_collect_flow(command: str, params: dict[str, Any]) -> int:
 
 def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
     from rollouts.logs import console_reports_failures_once
+    from rollouts.run_state import started_from
     from rollouts_cli import temporary_api
 
     try:
@@ -270,8 +272,8 @@ def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
     except temporary_api.TemporaryApiError as e:
         raise UsageError(str(e)) from None
     console_reports_failures_once()  # Prefect's logging is set up by now
-    with prefect_result_storage():
-        state = asyncio.run(flow(**params, return_state=True))
+    with prefect_result_storage(), started_from("command line"):
+        state = asyncio.run(run_link.with_run_link(flow)(**params, return_state=True))
     return state
 
 
@@ -331,9 +333,14 @@ def load_multi_config(path: str) -> Any:
 def cmd_multi(args: argparse.Namespace) -> int:
     config = load_multi_config(args.config)
     from flows.multi import collect_multi_dataset
+    from rollouts.settings import RolloutsSettings
+    from rollouts_cli.progress import cli_multi_progress
     from rollouts_cli.report import print_multi_summary
 
-    state = _run_flow_state(collect_multi_dataset, {"config": config})
+    outputs = {d.name: d.output for d in config.datasets}
+    mix = None if config.mix is None else (config.mix.output, config.mix.total)
+    with cli_multi_progress(outputs, mix, RolloutsSettings().work_dir):
+        state = _run_flow_state(collect_multi_dataset, {"config": config})
     if not state.is_completed():
         return _exit_for_failed("multi", state)
     print_multi_summary(state.result())
