@@ -1,10 +1,11 @@
 """Deployments on a real PostgreSQL-backed Prefect server and a process worker, deployed from
-prefect.yaml."""
+prefect.yaml; the README's deployment examples, run as written."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from conftest import ROOT, AgentServer, read_jsonl, write_jsonl
 from pg_prefect import PgPrefectServer
 
@@ -27,15 +29,23 @@ from rollouts.run_state import run_dir_for
 BIN = Path(sys.executable).parent
 
 
+# What a deployment's flow run needs of the checkout. The test deploys from a directory of
+# links to them: prefect.yaml's pull step makes the deploying directory the flow runs' working
+# directory, so relative paths (the defaults' outputs) land there, not in the checkout's out/.
+PROJECT_FILES = ("prefect.yaml", "flows", "tasks", "rollouts", "rollouts_cli", "data",
+                 "examples", "scripts")  # fmt: skip
+
+
 @dataclass
 class PrefectStack:
     env: dict[str, str]
     agent: AgentServer
     tmp: Path
+    project: Path  # where `make deploy` ran: the flow runs' working directory
 
     def prefect(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(BIN / "prefect"), *args], env=self.env, cwd=ROOT, capture_output=True,
+            [str(BIN / "prefect"), *args], env=self.env, cwd=self.project, capture_output=True,
             text=True, timeout=timeout, check=False,
         )  # fmt: skip
 
@@ -70,6 +80,11 @@ def stack(
     """The production setup: the session's PostgreSQL-backed server, the `rollouts` process
     pool with prefect.yaml's deployments and the resume automation, a worker, an agent."""
     tmp = tmp_path_factory.mktemp("prefect-stack")
+    project = tmp / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        (project / name).symlink_to(ROOT / name)
+    (project / ".venv").symlink_to(sys.prefix)  # for the README's `source .venv/bin/activate`
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("ROLLOUTS_", "PREFECT_"))},
         "PREFECT_HOME": str(tmp / "prefect-home"),
@@ -79,6 +94,7 @@ def stack(
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "ROLLOUTS_CHUNK_RETRY_DELAY_S": "0",
         "ROLLOUTS_BACKOFF_BASE_S": "0.02",
+        "PWD": str(project),  # prefect.yaml's {{ $PWD }}
     }
     procs: list[subprocess.Popen[bytes]] = []
     agent_log = tmp / "agent-requests.jsonl"
@@ -91,7 +107,7 @@ def stack(
     agent_url = agent_proc.stdout.readline().decode().rsplit(" ", 1)[-1].strip()
     env["ROLLOUTS_AGENTS"] = orjson.dumps({"reference": agent_url}).decode()
     try:
-        s = PrefectStack(env, AgentServer(agent_url, agent_proc, agent_log), tmp)
+        s = PrefectStack(env, AgentServer(agent_url, agent_proc, agent_log), tmp, project)
         res = s.prefect("work-pool", "create", "rollouts", "--type", "process")
         assert res.returncode == 0, res.stderr
         res = s.prefect("--no-prompt", "deploy", "--all")
@@ -294,3 +310,88 @@ def test_deployed_forms_describe_every_field_and_the_automation_says_what_it_doe
     assert trigger.match["prefect.resource.id"] in ("prefect.flow-run.*", ["prefect.flow-run.*"])
     assert set(trigger.match_related["prefect.resource.id"]) == flow_ids
     assert trigger.expect == {"prefect.flow-run.Crashed"} and trigger.threshold == 1
+
+
+def readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def bash_block(section: str, containing: str) -> str:
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if containing in b]
+    return block
+
+
+def outputs_of(parameters: dict[str, Any], cwd: Path) -> set[Path]:
+    """Every output a collect-rollouts or collect-multi-dataset run with ``parameters`` writes
+    when it runs in ``cwd``."""
+    if "config" in parameters:
+        config = parameters["config"]
+        paths = [d["output"] for d in config["datasets"]]
+        paths += [config["mix"]["output"]] if config.get("mix") else []
+    else:
+        paths = [parameters["output_jsonl_fpath"]]
+    return {Path(os.path.normpath(cwd / p)) for p in paths}
+
+
+def test_the_readmes_deployment_examples_run_as_written_and_leave_the_defaults_working(
+    stack: PrefectStack,
+) -> None:
+    """The README's examples of "Run it from Prefect", taken from the README itself, in a clean
+    shell set up as the README says, against the running server; then every deployment's
+    default run (what its schedule starts) still completes, and a run that would change a
+    default output's parameters is refused naming the form's "Start fresh"."""
+    from prefect.client.orchestration import PrefectClient
+
+    section = readme_section("Run it from Prefect (deployments, schedules, automatic resume)")
+    setup = bash_block(section, "source .venv/bin/activate")
+    examples = bash_block(section, "prefect deployment run")
+    api_url = stack.env["PREFECT_API_URL"]
+    script = (f"set -euo pipefail\n{setup}\n"
+              f"export PREFECT_API_URL={api_url}  # this test's server, not :4200\n{examples}")  # fmt: skip
+    clean_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(stack.tmp / "home"),
+                 "LANG": "C.UTF-8"}  # fmt: skip
+    res = subprocess.run(["bash", "-c", script], cwd=stack.project, env=clean_env,
+                         capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    example_runs = re.findall(r"UUID: ([0-9a-f-]{36})", res.stdout)
+    assert len(example_runs) == examples.count("prefect deployment run") == 3, res.stdout
+
+    names = ("collect-rollouts/local", "collect-multi-dataset/local", "collect-rollouts/continuous")
+
+    async def read() -> tuple[list[Any], list[Any]]:
+        async with PrefectClient(api_url) as client:
+            return ([await client.read_flow_run(i) for i in example_runs],
+                    [await client.read_deployment_by_name(n) for n in names])  # fmt: skip
+
+    runs, deployments = asyncio.run(read())
+    assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    # Outputs of their own: none of the deployments' defaults, none of `make demo`'s.
+    cwd = stack.project
+    default_outputs = set().union(*(outputs_of(d.parameters, cwd) for d in deployments))
+    demo = yaml.safe_load((ROOT / "examples/mix.yaml").read_text(encoding="utf-8"))
+    taken = default_outputs | outputs_of({"config": demo}, cwd)
+    for run in runs:
+        assert not outputs_of(run.parameters, cwd) & taken, run.parameters
+
+    for name in names:  # what the schedules start
+        fr = stack.wait_final(stack.run_deployment(name))
+        assert fr.state.is_completed(), (name, fr.state)
+    default_rows = read_jsonl(stack.project / "out/deployed/sample_rollouts.jsonl")
+    assert len(default_rows) == 200 * 4
+    assert {r["responses_create_params"]["temperature"] for r in default_rows} == {0.4}
+
+    # The mistake the examples no longer make, made on purpose: refused, with the way out as
+    # the run form names it, and the default output untouched.
+    (local,) = [d for d in deployments if d.name == "local" and "config" not in d.parameters]
+    form_title = local.parameter_openapi_schema["properties"]["fresh"]["title"]
+    assert form_title == "Start fresh"
+    refused = stack.wait_final(stack.run_deployment(
+        "collect-rollouts/local", "--params", '{"responses_create_params": {"temperature": 0.7}}'))  # fmt: skip
+    assert refused.state.is_failed()
+    assert refused.state.message.endswith(
+        "Mixing them would corrupt the dataset: write to another output, or set the `fresh` "
+        f'parameter ("{form_title}" in the UI form) to discard it and start over.'
+    ), refused.state.message
+    assert "--fresh" not in refused.state.message
+    assert read_jsonl(stack.project / "out/deployed/sample_rollouts.jsonl") == default_rows
