@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,15 @@ import orjson
 import pytest
 from conftest import AgentServer, read_jsonl, write_jsonl
 from prefect.states import State
+from prefect.utilities.callables import parameter_schema
 
 from flows.collect import CollectSummary, collect_rollouts
 from rollouts.errors import AgentUnreachable, InputError, RunConflict, RunLocked
+from rollouts.models import CollectConfig
 from rollouts.reference_agent import generate_tasks, write_tasks
-from rollouts.run_state import run_dir_for, run_lock
+from rollouts.run_state import StartedFrom, prepare_run_dir, run_dir_for, run_lock, started_from
+from rollouts.split import split_input
+from rollouts_cli.main import main as cli_main
 
 
 def run_collect(**params: Any) -> State:
@@ -147,18 +152,85 @@ def test_changed_row_is_refused(tmp_path: Path, agent: AgentServer) -> None:
 
 
 def test_other_result_changing_parameters_are_refused_and_fresh_starts_over(
-    tmp_path: Path, agent: AgentServer
+    tmp_path: Path, agent: AgentServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A flow run is told of the `fresh` parameter as its form titles it; the command line of
+    --fresh. Each way out works where it is named."""
     inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(10)))
     out = tmp_path / "out.jsonl"
     base = {"agent_url": agent.url, "input_jsonl_fpath": str(inp), "output_jsonl_fpath": str(out)}
     collect_ok(**base, responses_create_params={"temperature": 0.2})
 
     state = run_collect(**base, responses_create_params={"temperature": 0.9})
-    assert state.is_failed() and "temperature" in state.message and "--fresh" in state.message
-
+    form_title = parameter_schema(collect_rollouts).properties["fresh"]["title"]
+    assert form_title == "Start fresh"
+    assert state.is_failed()
+    collected, asked = state.message.split("; this run asks for ")
+    assert collected.startswith(f"{out} was collected with ") and '"temperature":0.2' in collected
+    assert '"temperature":0.9' in asked and asked.endswith(
+        ". Mixing them would corrupt the dataset: write to another output, or set the `fresh` "
+        f'parameter ("{form_title}" in the UI form) to discard it and start over.'
+    )
     collect_ok(**base, responses_create_params={"temperature": 0.9}, fresh=True)
     assert {r["responses_create_params"]["temperature"] for r in read_jsonl(out)} == {0.9}
+
+    cli = ["collect", f"--agent-url={agent.url}", f"--input={inp}", f"--output={out}"]
+    capsys.readouterr()
+    assert cli_main([*cli, "--temperature", "0.5"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "Mixing them would corrupt the dataset: write to another output, or add --fresh to "
+        "discard it and start over.\n"
+    )
+    assert cli_main([*cli, "--temperature", "0.5", "--fresh"]) == 0
+    assert {r["responses_create_params"]["temperature"] for r in read_jsonl(out)} == {0.5}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("origin", "way_out"),
+    [
+        ("command line", "add --fresh"),
+        ("flow run", 'set the `fresh` parameter ("Start fresh" in the UI form)'),
+        ("multi-dataset run", "delete the output's files and its run state {run_dir}"),
+    ],
+)  # fmt: skip
+def test_every_conflict_names_the_way_to_start_over_where_the_run_was_started(
+    tmp_path: Path, origin: StartedFrom, way_out: str
+) -> None:
+    """Other parameters, another chunk size, a changed row, an output without its run state:
+    each refusal names the one way to start over that exists where the run was started (a
+    multi-dataset run has neither --fresh nor the `fresh` parameter)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(6)))
+    out = tmp_path / "out.jsonl"
+    run_dir = run_dir_for(out, None)
+    way_out = way_out.format(run_dir=run_dir)
+    config = CollectConfig(agent_url="http://127.0.0.1:9", input_jsonl_fpath=str(inp),
+                           output_jsonl_fpath=str(out), chunk_size=4)  # fmt: skip
+    run_id = prepare_run_dir(config, run_dir)
+    split_input(inp, run_dir, run_id=run_id, chunk_size=4)
+    out.write_bytes(b'{"a": 1}\n')
+    tasks = list(generate_tasks(6))
+    tasks[1]["expected_answer"] = "changed"
+
+    def output_without_its_run_state() -> None:
+        shutil.rmtree(run_dir)
+        prepare_run_dir(config, run_dir)
+
+    messages = []
+    with started_from(origin):
+        for refused in (
+            lambda: prepare_run_dir(config.model_copy(update={"num_repeats": 2}), run_dir),
+            lambda: prepare_run_dir(config.model_copy(update={"chunk_size": 5}), run_dir),
+            lambda: split_input(write_jsonl(inp, tasks), run_dir, run_id=run_id, chunk_size=4),
+            output_without_its_run_state,
+        ):
+            with pytest.raises(RunConflict) as e:
+                refused()
+            messages.append(str(e.value))
+
+    assert [m.count(way_out) for m in messages] == [1, 1, 1, 1], messages
+    if origin != "command line":
+        assert not [m for m in messages if "--fresh" in m], messages
 
 
 def test_fresh_with_bad_input_keeps_what_was_collected(tmp_path: Path, agent: AgentServer) -> None:
