@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,3 +171,68 @@ def test_a_multi_dataset_run_cut_by_its_deadline_exits_3_and_writes_no_mix(
     assert "exploration" in done.stderr and "deadline" in done.stderr
     assert not (tmp_path / "train_mixed.jsonl").exists()
     assert (tmp_path / "train_high_quality.jsonl").exists()  # a dataset that finished in time
+
+
+def test_rollouts_multi_shows_each_dataset_and_the_mix_and_on_a_server_the_runs_page(
+    tmp_path: Path, start_agent: Any, pg_prefect: PgPrefectServer
+) -> None:
+    """Without a terminal (a log, `make demo` in CI): a line per dataset as it starts and
+    finishes and the mix's, never a long silence; with the user's server, the run's page in
+    its UI first; with the command's temporary API, no page (it has no UI). A dataset refused
+    for other parameters names the way out of a multi-dataset run, which has no `fresh`."""
+    agent = start_agent("--latency-ms", "5")
+    sizes = {"high_quality": 60, "exploration": 40, "hard": 20}
+    rollouts = {name: n * REPEATS[name] for name, n in sizes.items()}
+    config = pattern_6_4(tmp_path, sizes, total=60)
+    config_path = tmp_path / "mix.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    user_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ROLLOUTS_"))}
+    user_env |= {"PREFECT_HOME": str(tmp_path / "home"),
+                 "ROLLOUTS_AGENTS": orjson.dumps({"sim": agent.url}).decode()}  # fmt: skip
+    on_server = {**user_env, "PREFECT_API_URL": pg_prefect.api_url}
+
+    def multi(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rollouts_cli", "multi", "--config", str(config_path)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+
+    first = multi(on_server)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    stderr = first.stderr.splitlines()
+    ui = re.escape(pg_prefect.api_url.removesuffix("/api"))
+    page = re.fullmatch(rf"Prefect UI: {ui}/runs/flow-run/([0-9a-f-]{{36}})", stderr[0])
+    assert page, stderr
+    (flow_name,) = pg_prefect.query(
+        "SELECT f.name FROM flow_run r JOIN flow f ON f.id = r.flow_id WHERE r.id = $1::uuid",
+        page[1],
+    )
+    assert flow_name == ("collect-multi-dataset",)
+    mix_out = config["mix"]["output"]
+    for name in sizes:  # its last line: finished
+        (last,) = [x for x in stderr if x.startswith(f"{name}: ")][-1:]
+        n = rollouts[name]
+        assert last.startswith(f"{name}: {n}/{n} (100.0%), 0 failed"), stderr
+    assert stderr[-1] == f"mix: 60 rows written to {mix_out}", stderr
+    assert sum(x.startswith("Prefect UI: ") for x in stderr) == 1  # the run, not its subflows
+
+    again = multi(user_env)  # no server: the command's temporary API
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Prefect UI" not in again.stderr
+    for name in sizes:  # each dataset from the cache: its finished line, once
+        (line,) = [x for x in again.stderr.splitlines() if x.startswith(f"{name}: ")]
+        n = rollouts[name]
+        assert line.startswith(f"{name}: {n}/{n} (100.0%), 0 failed"), again.stderr
+    assert f"mix: mixing 60 rows into {mix_out}" in again.stderr.splitlines()
+
+    config["datasets"][2]["responses_create_params"] = {"temperature": 0.9}
+    config_path.write_text(yaml.safe_dump(config))
+    refused = multi(on_server)
+
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    hard_run_dir = run_dir_for(config["datasets"][2]["output"], None)
+    assert (f"write to another output, or delete the output's files and its run state "
+            f"{hard_run_dir} to discard it and start over") in refused.stderr  # fmt: skip
+    assert "--fresh" not in refused.stderr and "`fresh` parameter" not in refused.stderr
