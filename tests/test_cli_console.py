@@ -37,15 +37,20 @@ def collect(
     return res, time.monotonic() - start
 
 
+RUN_PAGE = re.compile(r"Prefect UI: http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}\n")
+
+
 def assert_one_message(res: subprocess.CompletedProcess[str], exit_code: int) -> str:
     """Exactly one `rollouts collect: ...` message on stderr, nothing on stdout, no traceback;
-    returns the message."""
+    returns the message. Before it, once the flow run started, only its page in the UI."""
     assert res.returncode == exit_code, res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert res.stdout == ""
-    assert res.stderr.startswith("rollouts collect: "), res.stderr
-    assert res.stderr.count("rollouts collect: ") == 1, res.stderr
-    return res.stderr
+    page = RUN_PAGE.match(res.stderr)
+    stderr = res.stderr[page.end() :] if page else res.stderr
+    assert stderr.startswith("rollouts collect: "), res.stderr
+    assert stderr.count("rollouts collect: ") == 1, res.stderr
+    return stderr
 
 
 def free_port() -> int:
@@ -161,7 +166,7 @@ def test_a_healthy_run_prints_its_summary_and_no_error_or_warning(
                      "+output_jsonl_fpath=out.jsonl", "+num_repeats=2")  # fmt: skip
 
     assert res.returncode == 0, res.stderr
-    assert res.stderr == ""
+    assert RUN_PAGE.fullmatch(res.stderr), res.stderr  # the run's page, and nothing else
     assert "40/40 written, 0 failed, 0 missing; 0/1 chunks from cache" in res.stdout
     assert not re.search(r"ERROR|WARNING|Traceback", res.stdout)
 
