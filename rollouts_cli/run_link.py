@@ -7,8 +7,6 @@ import os
 import sys
 from typing import Any
 
-from rollouts.settings import TEMPORARY_API_ENV
-
 # As the command started (this module is imported with it): later the command may point
 # PREFECT_API_URL at its temporary API.
 _USER_API_URL = os.environ.get("PREFECT_API_URL", "").strip() or None
@@ -18,6 +16,8 @@ def user_server_api_url() -> str | None:
     """The API URL of the Prefect server the user named in PREFECT_API_URL when the command
     started, or None: none named, or the temporary API of an earlier command of this process
     (a program calling `main()` twice)."""
+    from rollouts.settings import TEMPORARY_API_ENV  # here: not before the API's launch
+
     if _USER_API_URL is None or os.environ.get(TEMPORARY_API_ENV) == _USER_API_URL:
         return None
     return _USER_API_URL
