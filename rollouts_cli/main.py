@@ -20,7 +20,7 @@ import yaml
 
 from rollouts.errors import validation_message
 from rollouts.models import CollectConfig, count_or_auto
-from rollouts_cli import run_link  # first: it notes the user's PREFECT_API_URL at start
+from rollouts_cli import run_link
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
 
