@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import secrets
@@ -76,9 +77,7 @@ def test_a_parameter_never_carries_credentials() -> None:
             make()
 
 
-def collect(
-    env: dict[str, str], cwd: Path, *args: str
-) -> subprocess.CompletedProcess[str]:
+def collect(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rollouts_cli", "collect", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
@@ -125,7 +124,9 @@ def test_credentials_in_agent_urls_are_basic_auth_redacted_everywhere_stored_now
     inp = tmp_path / "tasks.jsonl"
     write_tasks(inp, 40, seed=3)
     out = tmp_path / "out.jsonl"
-    env = user_env(prefect_api, tmp_path / "home", ROLLOUTS_AGENTS=orjson.dumps({"a": urls}).decode())
+    env = user_env(
+        prefect_api, tmp_path / "home", ROLLOUTS_AGENTS=orjson.dumps({"a": urls}).decode()
+    )
     run_dir = run_dir_for(out, None)
 
     proc = subprocess.Popen(
@@ -136,10 +137,8 @@ def test_credentials_in_agent_urls_are_basic_auth_redacted_everywhere_stored_now
     health: dict[str, bytes] = {}  # what the live health files held while it collected
     while proc.poll() is None:
         for p in run_dir.glob("health.*.json") if run_dir.exists() else ():
-            try:
+            with contextlib.suppress(FileNotFoundError):  # removed as the run ends
                 health[f"{p} #{len(health)}"] = p.read_bytes()
-            except FileNotFoundError:
-                pass
         time.sleep(0.05)
     stdout, stderr = proc.communicate()
 
@@ -252,7 +251,9 @@ def test_an_unexpected_exception_in_the_transport_is_one_classified_failure_per_
     ])  # fmt: skip
     assert agent.requests() == []  # it never left the process
 
-    failures = [orjson.loads(x) for x in (tmp_path / "out_failures.jsonl").read_bytes().splitlines()]
+    failures = [
+        orjson.loads(x) for x in (tmp_path / "out_failures.jsonl").read_bytes().splitlines()
+    ]
     assert len(failures) == 100
     assert {(f["_ng_failure_class"], f["_ng_failure_terminal"], f["attempts"], f["error"])
             for f in failures} == {("unexpected_error", True, 1, error)}  # fmt: skip
