@@ -229,8 +229,11 @@ class AgentClient:
     def _target(self, url: str) -> tuple[httpx.URL, httpx.Headers]:
         """Where a request to ``url`` goes, and with which headers: credentials in the URL
         become basic auth (none when the API key's bearer header is sent)."""
-        parsed, authorization = self._credentials.split(httpx.URL(url))
-        if authorization is None or self._bearer:
+        parsed = httpx.URL(url)
+        if self._bearer:  # the key's header alone: the URL's credentials are not used
+            return parsed.copy_with(userinfo=b"") if parsed.userinfo else parsed, self._http.headers
+        parsed, authorization = self._credentials.split(parsed)
+        if authorization is None:
             return parsed, self._http.headers
         headers = self._http.headers.copy()
         headers["authorization"] = authorization

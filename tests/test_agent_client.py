@@ -119,6 +119,8 @@ def test_the_api_key_wins_over_credentials_in_the_url() -> None:
               settings.agent_credentials())  # fmt: skip
     assert str(agent.requests[0].url) == "http://agent.test:8000/run"
     assert agent.requests[0].headers.get_list("authorization") == ["Bearer s3cret"]
+    send_once("http://alice:***@agent.test:8000/run", agent, "s3cret")  # no password here
+    assert agent.requests[1].headers.get_list("authorization") == ["Bearer s3cret"]
 
 
 def test_an_unexpected_exception_is_one_final_classified_failure() -> None:
