@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from flows.artifacts import LiveProgress, publish_collection
 from flows.dask_runner import collecting_processes
-from flows.dispatch import collect_chunks, raise_what_a_rerun_will_not_fix
+from flows.dispatch import collect_chunks, first_chunk_error, raise_what_a_rerun_will_not_fix
 from flows.retry import finish_retry, reopen_for_retry
 from flows.stopping import stop_controls, stopped_state
 from flows.ui import form_field, own_run_context, run_name
@@ -37,6 +37,7 @@ from rollouts.summary import (
     deadline_message,
     incomplete_run,
     stopped_run,
+    unexpected_errors_message,
 )
 from tasks.merge import merge_task
 from tasks.metrics import metrics_task
@@ -152,12 +153,26 @@ async def run_collection(
             await end_if_stopped_early(stop, run_dir, reader)
             await finish_retry(config, split, run_dir)
             merge, metrics = await merge_and_measure(split, plan, paths, config)
+            if merge.failed:
+                await warn_of_unexpected_errors(config.output_jsonl_fpath)
     summary = summarize(paths, split, states, merge, metrics)
     summary.stopped = "deadline" if stop.reason == "deadline" and merge.missing else None
     await report(summary, progress, reader)
     if merge.missing and summary.stopped is None:
-        raise incomplete_run(merge, plan, sum(1 for s in states if not s.is_completed()))
+        raise incomplete_run(merge, plan, sum(1 for s in states if not s.is_completed()),
+                             await first_chunk_error(states))  # fmt: skip
     return summary
+
+
+async def warn_of_unexpected_errors(output: str) -> None:
+    """One warning (the console, the run's logs) for every rollout that met an unexpected
+    exception, however many: each is a classified failure in the failures file."""
+    from rollouts.failures import summarize_failures
+
+    report = await asyncio.to_thread(summarize_failures, output, 0)
+    message = unexpected_errors_message(report, output)
+    if message is not None:
+        get_run_logger().warning("%s", message)
 
 
 async def end_if_stopped_early(stop: Stopper, run_dir: Path, reader: StatusReader) -> None:

@@ -17,6 +17,7 @@ from rollouts.errors import IncompleteRun, RolloutsError
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import Stopper
+from rollouts.urls import redact
 from tasks.collect import collect_chunk_task
 
 
@@ -66,3 +67,14 @@ async def raise_what_a_rerun_will_not_fix(states: list[State[Any]]) -> None:
             error = await state.aresult(raise_on_failure=False)
             if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
                 raise error
+
+
+async def first_chunk_error(states: list[State[Any]]) -> str | None:
+    """The exception that ended the first failed chunk, when it is not one of ours (those say
+    what is missing, or were raised above): `ValueError: ...`, for the run's last message."""
+    for state in states:
+        if state.is_final() and not state.is_completed():
+            error = await state.aresult(raise_on_failure=False)
+            if isinstance(error, Exception) and not isinstance(error, RolloutsError):
+                return redact(f"{type(error).__name__}: {error}")
+    return None

@@ -27,6 +27,7 @@ from rollouts.aiohttp_transport import AiohttpSessionTransport
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
 from rollouts.errors import AgentResolutionError, AgentUnreachable
 from rollouts.settings import RolloutsSettings
+from rollouts.urls import AgentCredentials, redact
 
 if TYPE_CHECKING:
     from rollouts.health import HealthRecorder, RolloutTag
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 
 MAX_ERROR_CHARS = 500
 MAX_RETRY_AFTER_S = 300.0
+# An exception nothing else classifies, raised anywhere on a request's path (building it, the
+# transport, reading the answer): a bug or a misconfiguration. Final: every attempt would meet it
+# again, so retrying it would only multiply the same failure (README, "Failure classes").
+UNEXPECTED_ERROR = "unexpected_error"
 
 OutcomeKind = Literal["ok", "failed", "no_persist"]
 _READ = httpx.ByteStream(b"")  # what an answer's stream becomes once its body is read
@@ -110,6 +115,8 @@ def _classify_transport_error(exc: BaseException) -> str:
 
 
 def _short(text: str) -> str:
+    """An error text as stored and shown: no URL's password in it, at most MAX_ERROR_CHARS."""
+    text = redact(text)
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
@@ -162,7 +169,10 @@ class AgentClient:
     ``transport`` carries the requests; None: ``default_transport`` (tests pass an
     ``httpx.MockTransport``). ``replicas``: spreads the attempts to a replicated agent over
     its URLs (rollouts/replicas.py). ``health``: told when each attempt of a tagged rollout
-    starts and ends (rollouts/health.py).
+    starts and ends (rollouts/health.py). ``credentials``: the passwords of agent URLs that
+    carry one; the URLs ``run`` gets are redacted (``http://user:***@host``), and each request
+    goes to the URL without them, with basic auth, unless ``api_key`` is set (then its bearer
+    header alone).
     """
 
     def __init__(
@@ -175,8 +185,11 @@ class AgentClient:
         transport: httpx.AsyncBaseTransport | None = None,
         replicas: ReplicaRouter | None = None,
         health: HealthRecorder | None = None,
+        credentials: AgentCredentials | None = None,
     ) -> None:
         self.policy = policy
+        self._credentials = credentials or AgentCredentials(())
+        self._bearer = bool(api_key)
         self.replicas = replicas
         self.health = health
         self._places = InFlightLimit(max_in_flight)
@@ -198,19 +211,33 @@ class AgentClient:
         self._http._cookies = _NoCookies()
         # What httpx's build_request would merge into every request, merged once.
         self._extensions = {"timeout": self._http.timeout.as_dict()}
-        self._urls: dict[str, httpx.URL] = {}
+        self._urls: dict[str, tuple[httpx.URL, httpx.Headers]] = {}
 
     def _request(self, url: str, body: bytes) -> httpx.Request:
         """``POST url`` with the client's headers and timeouts (``AsyncClient.build_request``
         without re-parsing the URL and re-merging headers for each of a million requests)."""
-        parsed = self._urls.get(url)
-        if parsed is None:
+        target = self._urls.get(url)
+        if target is None:
             if len(self._urls) >= 1024:
                 self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
+            target = self._urls[url] = self._target(url)
+        parsed, headers = target
         return httpx.Request(
-            "POST", parsed, headers=self._http.headers, content=body, extensions=self._extensions
+            "POST", parsed, headers=headers, content=body, extensions=self._extensions
         )
+
+    def _target(self, url: str) -> tuple[httpx.URL, httpx.Headers]:
+        """Where a request to ``url`` goes, and with which headers: credentials in the URL
+        become basic auth (none when the API key's bearer header is sent)."""
+        parsed = httpx.URL(url)
+        if self._bearer:  # the key's header alone: the URL's credentials are not used
+            return parsed.copy_with(userinfo=b"") if parsed.userinfo else parsed, self._http.headers
+        parsed, authorization = self._credentials.split(parsed)
+        if authorization is None:
+            return parsed, self._http.headers
+        headers = self._http.headers.copy()
+        headers["authorization"] = authorization
+        return parsed, headers
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -232,11 +259,20 @@ class AgentClient:
             health.end(ticket, failure_class)
 
     async def _send(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
+        """One request and its answer, classified. Nothing raised on the way escapes: an
+        exception no other class covers is an ``unexpected_error``, final (see its comment)."""
+        try:
+            return await self._exchange(url, body)
+        except Exception as e:  # every exception becomes a classified failure
+            return _Attempt(UNEXPECTED_ERROR, _short(f"{type(e).__name__}: {e}"), False)
+
+    async def _exchange(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
+        request = self._request(url, body)
         try:
             # httpx timeouts are per phase; asyncio.timeout makes the deadline total, so a
             # trickling or hung agent can never stall a rollout past request_timeout_s.
             async with asyncio.timeout(self.policy.request_timeout_s):
-                resp = await self._http.send(self._request(url, body))
+                resp = await self._http.send(request)
         except TimeoutError:
             return _Attempt("timeout", f"no answer within {self.policy.request_timeout_s}s", True)
         except httpx.TransportError as e:
@@ -375,8 +411,9 @@ def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str
         config = yaml.safe_load(text) if isinstance(text, str) else text
     except (httpx.HTTPError, ValueError, yaml.YAMLError) as e:
         raise AgentResolutionError(
-            f"could not read the agent config from the head server {head}: {e}"
-        ) from e
+            redact(f"could not read the agent config from the head server {head}: {e}")
+        ) from None
+    head = redact(head)
     for name in missing:
         servers = (config or {}).get(name, {}).get("responses_api_agents") or {}
         entry = next(iter(servers.values()), None) if isinstance(servers, dict) else None

@@ -11,6 +11,9 @@ aiohttp error as ``__cause__`` (``agent_client._classify_transport_error`` reads
 - the server closed the connection or sent no valid HTTP: ``httpx.RemoteProtocolError``;
 - a broken body or socket: ``httpx.ReadError``.
 
+Credentials in a URL (``http://user:pw@host``) are sent as httpx sends them: the
+``Authorization`` header httpx made of them, never in the URL.
+
 Not for streaming: ``client.stream(...)`` gets the answer once it is whole.
 """
 
@@ -90,7 +93,10 @@ class AiohttpSessionTransport(httpx.AsyncBaseTransport):
         if url is None:
             if len(self._urls) >= _MAX_CACHED_URLS:
                 self._urls.clear()
-            url = self._urls[text] = yarl.URL(text, encoded=True)  # httpx encoded it already
+            # Credentials in the URL: httpx has already made them an Authorization header
+            # (as its own transport, aiohttp never sees them twice; it refuses both at once).
+            wire = request.url.copy_with(userinfo=b"") if request.url.userinfo else request.url
+            url = self._urls[text] = yarl.URL(str(wire), encoded=True)  # httpx encoded it
         return url
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -38,6 +38,7 @@ from rollouts.retry import retry_attempts
 from rollouts.run_state import worker_id
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import Stopper, StopPlan
+from rollouts.urls import AgentCredentials
 
 FSYNC_EVERY_S = 5.0
 DISPATCH_BATCH = 64  # rollouts started between two yields to the event loop
@@ -139,13 +140,15 @@ class Dispatcher:
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
                  api_key: str | None, adaptive: bool = False,
                  replicas: ReplicaRouter | None = None,
-                 stall_warn_s: float | None = None) -> None:  # fmt: skip
+                 stall_warn_s: float | None = None,
+                 credentials: AgentCredentials | None = None) -> None:  # fmt: skip
         # One socket per request in flight: refused here, before any is sent, if they
         # cannot all be open at once (this process's budget: the flow's, or a worker's).
         ensure_fd_budget(max_in_flight)
         self.health = HealthRecorder(stall_warn_s)
         self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive,
-                                  replicas=replicas, health=self.health)  # fmt: skip
+                                  replicas=replicas, health=self.health,
+                                  credentials=credentials)  # fmt: skip
         gctune.hold()  # rarer full collections while rollouts are in flight
         self._gc_held = True
         self._chunk_slots = (
@@ -231,15 +234,14 @@ async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _await_rollouts(tasks: set[asyncio.Task[None]]) -> None:
-    """Wait for every rollout task. One cancelled by a stop is no error (it stays missing); the
-    first real error is raised."""
-    pending = set(tasks)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if not t.cancelled() and (error := t.exception()) is not None:
-                raise error
+async def _await_rollouts(tasks: set[asyncio.Task[None]], failed: list[BaseException]) -> None:
+    """Wait for every rollout task (each leaves ``tasks`` when it ends, and the first error
+    lands in ``failed``). One cancelled by a stop is no error (it stays missing); the first
+    real error is raised."""
+    while tasks and not failed:
+        await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
+    if failed:
+        raise failed[0]
 
 
 async def collect_chunk(
@@ -284,6 +286,14 @@ async def _collect_chunk(
         requests = 0
         tasks: set[asyncio.Task[None]] = set()
         stop.track(tasks)  # cancelled when a stop's grace period ends
+        failed: list[BaseException] = []  # the first error a rollout task raised
+
+        def settled(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            # Every task's error is retrieved here, as it ends (none is left "never
+            # retrieved"); the first one stops the dispatch and ends the chunk.
+            if not t.cancelled() and (error := t.exception()) is not None and not failed:
+                failed.append(error)
 
         async def one(
             key: RolloutKey, url: str, data: bytes, agent_ref: dict[str, str], slot: Slot
@@ -314,7 +324,7 @@ async def _collect_chunk(
                 # the chunk holds tasks only for rollouts on the wire or in a backoff, however
                 # many rows it has.
                 slot = await client.reserve()
-                if not stop.may_start():  # stopped, or too close to the deadline
+                if failed or not stop.may_start():  # an error, a stop, or the deadline near
                     slot.release()
                     break
                 t = asyncio.create_task(
@@ -322,7 +332,7 @@ async def _collect_chunk(
                 )
                 t.add_done_callback(slot.release)  # a task cancelled before it ran
                 tasks.add(t)
-                t.add_done_callback(tasks.discard)
+                t.add_done_callback(settled)
                 if started % DISPATCH_BATCH == 0:
                     # With free slots ``reserve`` never suspends, so at start thousands of
                     # tasks would be made before any of them ran: each then connects, and
@@ -338,7 +348,7 @@ async def _collect_chunk(
             writer.close()
             raise
     try:
-        await _await_rollouts(tasks)
+        await _await_rollouts(tasks, failed)
     except BaseException:
         # One rollout failed unexpectedly (a full disk, say): stop the rest before the
         # files close under them; what was written stays, the next try resumes from it.

@@ -32,6 +32,7 @@ def open_dispatcher(
         _dispatchers[key] = Dispatcher(
             RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
             adaptive, ReplicaRouter.from_settings(settings), settings.stall_warn_s,
+            settings.agent_credentials(),
         )  # fmt: skip
     return _dispatchers[key]
 
@@ -91,7 +92,8 @@ def worker_dispatcher(
                 return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight,
                                   worker.chunks_at_once, api_key, worker.adaptive,
                                   ReplicaRouter.from_settings(settings),
-                                  settings.stall_warn_s)  # fmt: skip
+                                  settings.stall_warn_s,
+                                  settings.agent_credentials())  # fmt: skip
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
             if run_id in _worker_stops:

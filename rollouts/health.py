@@ -44,8 +44,9 @@ STALL_P95_FACTOR = 10.0
 STALL_MIN_S = 5.0  # a default threshold below this would flag ordinary scheduling hiccups
 FRESH_S = 10.0  # an older file is a process gone (killed): not collecting now
 HEALTH_PREFIX = "health."
-# Failed attempts whose duration says nothing about the agent's answer time: no answer came.
-NO_ANSWER = frozenset({"timeout", "connection_error", "cancelled"})
+# Failed attempts whose duration says nothing about the agent's answer time: no answer came
+# (or none is known to have: an unexpected_error may be raised before anything is sent).
+NO_ANSWER = frozenset({"timeout", "connection_error", "cancelled", "unexpected_error"})
 # Latency histogram: buckets 2 % wide (a percentile read from it is within 1 % of the exact one).
 _BUCKET_RATIO = math.log(1.02)
 _MIN_LATENCY_S = 1e-5

@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from rollouts.stopping import parse_duration
+from rollouts.urls import has_credentials, redact
 
 if TYPE_CHECKING:
     from rollouts.mix import MixRequest
@@ -64,6 +65,22 @@ MaxDuration = Annotated[str | None, BeforeValidator(_parse_max_duration)]
 """A run's time budget: 2h, 90m, 45s, 1h30m, or seconds; None: no deadline."""
 
 
+def _no_credentials(v: Any) -> Any:
+    # A parameter is stored (Prefect's flow run, run.json): a password there would be kept
+    # in plain text. Credentials live in the settings, which nothing stores.
+    if isinstance(v, str) and has_credentials(v):
+        raise ValueError(
+            f"{redact(v)} carries credentials, and a parameter is stored in plain text (the "
+            'flow run, the run state). Put the URL in ROLLOUTS_AGENTS=\'{"NAME": "URL"}\' and '
+            "pass agent_name=NAME instead"
+        )
+    return v
+
+
+AgentUrl = Annotated[str | None, BeforeValidator(_no_credentials)]
+"""An agent base URL given as a parameter: never with credentials in it."""
+
+
 RolloutKey = tuple[int, int]
 """(_ng_task_index, _ng_rollout_index): the identity of one rollout."""
 
@@ -89,7 +106,7 @@ class CollectConfig(BaseModel):
         description="Optional (text). Agent to resolve through ROLLOUTS_AGENTS or the head "
         "server; empty: each row's agent_ref names its agent.",
     )  # fmt: skip
-    agent_url: str | None = Field(
+    agent_url: AgentUrl = Field(
         default=None, title="Agent URL",
         description="Optional (text). Agent base URL, used as is (no name resolution).",
     )  # fmt: skip
@@ -334,7 +351,7 @@ class DatasetConfig(BaseModel):
         description="Optional. Agent to resolve through ROLLOUTS_AGENTS or the head server; "
         "empty: each row's agent_ref names its agent.",
     )
-    agent_url: str | None = Field(
+    agent_url: AgentUrl = Field(
         default=None,
         title="Agent URL",
         description="Optional. Agent base URL, used as is (no name resolution).",

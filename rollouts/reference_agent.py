@@ -23,7 +23,10 @@ collector can be exercised end to end without GPUs:
   unknown key gives 422 naming it; ``input`` is required.
 * With an API key configured, ``/run`` and ``/aggregate_metrics`` require
   ``Authorization: Bearer <key>`` (``/health`` stays open for probes). The key is read from the
-  environment variable ``ROLLOUTS_AGENT_API_KEY`` by the CLI and is never logged.
+  environment variable ``ROLLOUTS_AGENT_API_KEY`` by the CLI and is never logged. With
+  ``ROLLOUTS_REFERENCE_AGENT_BASIC_AUTH=USER:PASSWORD`` they require that basic auth instead
+  (either, when both are set), as a proxy in front of an agent would. The request log records
+  which scheme each request used (``auth``: ``Bearer``, ``Basic USER``), never the secret.
 
 Order of checks for one ``/run`` request: crash-after, auth (401), body JSON (400),
 ``responses_create_params`` (422), ``fail_400_tasks`` (400), ``fail_class_tasks`` and
@@ -43,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import math
@@ -68,6 +73,9 @@ from rollouts.models import RESPONSES_CREATE_PARAMS_KEYS
 from rollouts.reference_agent_args import FAILURE_CLASS, add_serve_agent_arguments
 
 API_KEY_ENV = "ROLLOUTS_AGENT_API_KEY"
+# USER:PASSWORD: require basic auth, as a proxy in front of an agent would (the collector sends
+# it for an agent URL with credentials in it: http://USER:PASSWORD@host:port).
+BASIC_AUTH_ENV = "ROLLOUTS_REFERENCE_AGENT_BASIC_AUTH"
 MODEL_NAME = "reference-simulator"
 
 # OpenAI Responses API create params; anything else is rejected like NeMo Gym's pydantic model
@@ -141,6 +149,7 @@ class AgentSimConfig:
     seed: int = 0
     request_log: Path | None = None
     api_key: str | None = None
+    basic_auth: str | None = None  # USER:PASSWORD
     p_500: float = 0.0
     p_429: float = 0.0
     retry_after_s: float = 1.0
@@ -183,10 +192,11 @@ class AgentSimConfig:
             self.request_log = Path(self.request_log)
 
     def __repr__(self) -> str:
-        # Keep the key out of any log line or traceback that prints the config.
-        key = "***" if self.api_key else None
+        # Keep the key and password out of any log line or traceback that prints the config.
+        hidden = {"api_key": "***" if self.api_key else None,
+                  "basic_auth": "***" if self.basic_auth else None}  # fmt: skip
         fields = ", ".join(
-            f"{name}={key if name == 'api_key' else getattr(self, name)!r}"
+            f"{name}={hidden[name] if name in hidden else getattr(self, name)!r}"
             for name in self.__dataclass_fields__
         )
         return f"AgentSimConfig({fields})"
@@ -398,6 +408,19 @@ def _set_linger_zero(request: web.Request) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def _auth_scheme(request: web.Request) -> str | None:
+    """What the request's Authorization header is, without its secret (for the request log):
+    `Bearer`, `Basic USER`, another scheme's name, or None."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return scheme or None
+    try:
+        user = base64.b64decode(value, validate=True).decode().partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return "Basic (not base64)"
+    return f"Basic {user}"
+
+
 class _ReferenceAgent:
     """Per-app state (counters, RNGs, log file); its bound methods are the route handlers."""
 
@@ -408,7 +431,11 @@ class _ReferenceAgent:
         self._fault_rng = random.Random(f"faults:{config.seed}")
         self._latency_rng = random.Random(f"latency:{config.seed}")
         self._log: IO[bytes] | None = None
-        self._expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+        # Either credential opens the door when both are set.
+        self._expected_auth = [f"Bearer {config.api_key}".encode()] if config.api_key else []
+        if config.basic_auth:
+            token = base64.b64encode(config.basic_auth.encode()).decode()
+            self._expected_auth.append(f"Basic {token}".encode())
         c = config
         self._fault_bands = (
             (c.p_500, "500"), (c.p_429, "429"), (c.p_reset, "reset"), (c.p_hang, "hang"),
@@ -438,10 +465,10 @@ class _ReferenceAgent:
             self._log = None
 
     def _authorized(self, request: web.Request) -> bool:
-        if self._expected_auth is None:
+        if not self._expected_auth:
             return True
         given = request.headers.get("Authorization", "").encode()
-        return hmac.compare_digest(given, self._expected_auth)
+        return any(hmac.compare_digest(given, expected) for expected in self._expected_auth)
 
     def _draw_fault(self) -> str | None:
         if not self._any_fault:
@@ -462,8 +489,9 @@ class _ReferenceAgent:
         return self._latency_rng.lognormvariate(math.log(c.latency_s), c.latency_sigma)
 
     def _write_log(
-        self, body: Any, temperature: float | None, outcome: str, authorized: bool
-    ) -> None:
+        self, body: Any, temperature: float | None, outcome: str, authorized: bool,
+        auth: str | None = None,
+    ) -> None:  # fmt: skip
         if self._log is None:
             return
         row = body if isinstance(body, dict) else {}
@@ -474,13 +502,14 @@ class _ReferenceAgent:
             "temperature": temperature,
             "outcome": outcome,
             "authorized": authorized,
+            "auth": auth,
         }
         self._log.write(orjson.dumps(record) + b"\n")
 
     def _decide(self, body: Any, authorized: bool) -> tuple[str, float | None, web.Response | None]:
         """(outcome, temperature, early response) for one /run request, before acting on it."""
         if not authorized:
-            return "401", None, _error(401, "missing or invalid bearer token")
+            return "401", None, _error(401, "missing or invalid credentials")
         if not isinstance(body, dict):
             return "400", None, _error(400, "request body must be a JSON object")
         temperature, invalid = _validate_create_params(body.get("responses_create_params"))
@@ -523,17 +552,18 @@ class _ReferenceAgent:
         crash = self.config.crash_after is not None and self.requests_seen > self.config.crash_after
         raw = await request.read()
         authorized = self._authorized(request)
+        auth = _auth_scheme(request)
         try:
             body: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
         if crash:
-            self._write_log(body, None, "crash", authorized)
+            self._write_log(body, None, "crash", authorized, auth)
             os._exit(3)  # simulate a dead agent: no cleanup, no response
         if self._server is not None:
             self._follow_schedule()
         outcome, temperature, early = self._decide(body, authorized)
-        self._write_log(body, temperature, outcome, authorized)
+        self._write_log(body, temperature, outcome, authorized, auth)
         if early is not None:
             return early
         self._in_service += 1
@@ -576,7 +606,7 @@ class _ReferenceAgent:
 
     async def aggregate(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
-            return _error(401, "missing or invalid bearer token")
+            return _error(401, "missing or invalid credentials")
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -664,6 +694,7 @@ def config_from_args(args: argparse.Namespace) -> AgentSimConfig:
         seed=args.seed,
         request_log=args.request_log,
         api_key=os.environ.get(API_KEY_ENV) or None,
+        basic_auth=os.environ.get(BASIC_AUTH_ENV) or None,
         p_500=args.p_500,
         p_429=args.p_429,
         retry_after_s=args.retry_after_s,

@@ -44,7 +44,8 @@ def _capacity_schedule(text: str) -> tuple[tuple[float, int], ...]:
 
 
 def add_serve_agent_arguments(parser: argparse.ArgumentParser) -> None:
-    """The reference agent's CLI flags (the API key comes from $ROLLOUTS_AGENT_API_KEY only)."""
+    """The reference agent's CLI flags (the API key comes from $ROLLOUTS_AGENT_API_KEY only, a
+    required basic auth from $ROLLOUTS_REFERENCE_AGENT_BASIC_AUTH=USER:PASSWORD only)."""
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     add("--port", type=int, default=8765, help="port; 0 picks a free one (default: %(default)s)")

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rollouts.errors import ConfigError
+from rollouts.urls import AgentCredentials, redact
 
 # Set by the `rollouts` command to the URL of the temporary Prefect API it started for itself
 # (rollouts_cli/temporary_api.py): that URL serves this command and its subprocesses only.
@@ -29,7 +30,10 @@ class RolloutsSettings(BaseSettings):
         default_factory=dict,
         description='Agent name -> base URL, as JSON: {"my_agent": "http://127.0.0.1:8765"}; '
         'or -> several URLs, replicas of one agent: {"my_agent": ["http://a:8000", '
-        '"http://b:8000"]} (requests go to the replica with the fewest in flight).',
+        '"http://b:8000"]} (requests go to the replica with the fewest in flight). A URL may '
+        "carry credentials (http://user:password@host:port, a basic-auth proxy): sent as "
+        "basic auth unless agent_api_key is set, shown everywhere as http://user:***@host:port.",
+        repr=False,  # the URLs as given: their passwords
     )
     replica_eject_after: int = Field(
         default=3, ge=1,
@@ -127,9 +131,17 @@ class RolloutsSettings(BaseSettings):
         return value
 
     def replicas_of(self, name: str) -> list[str]:
-        """The base URLs of agent ``name`` (one, or its replicas in order), without a final /."""
-        urls = self.agents[name]
-        return [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        """The base URLs of agent ``name`` (one, or its replicas in order), without a final /,
+        redacted: the only form of an agent's URL the rest of the code ever holds."""
+        return [redact(u).rstrip("/") for u in _as_list(self.agents[name])]
+
+    def agent_credentials(self) -> AgentCredentials:
+        """The passwords of the agent URLs that carry one, for the HTTP client alone."""
+        return AgentCredentials(u for urls in self.agents.values() for u in _as_list(urls))
+
+
+def _as_list(urls: str | list[str]) -> list[str]:
+    return [urls] if isinstance(urls, str) else urls
 
 
 def _check_agent_urls(name: str, urls: Any) -> None:
@@ -137,12 +149,13 @@ def _check_agent_urls(name: str, urls: Any) -> None:
     if isinstance(urls, str):
         urls = [urls]
     elif not isinstance(urls, list) or not urls:
-        raise ConfigError(f"{where}: expected a URL or a non-empty list of URLs, got {urls!r}")
+        raise ConfigError(redact(
+            f"{where}: expected a URL or a non-empty list of URLs, got {urls!r}"))  # fmt: skip
     for url in urls:
         if not isinstance(url, str) or not _looks_like_url(url):
-            raise ConfigError(f"{where}: {url!r} is not an http(s)://host:port URL")
-    if len({u.rstrip("/") for u in urls}) < len(urls):
-        raise ConfigError(f"{where}: a URL is listed twice in {urls!r}")
+            raise ConfigError(redact(f"{where}: {url!r} is not an http(s)://host:port URL"))
+    if len({redact(u).rstrip("/") for u in urls}) < len(urls):
+        raise ConfigError(redact(f"{where}: a URL is listed twice in {urls!r}"))
 
 
 def _looks_like_url(text: str) -> bool:

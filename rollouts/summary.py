@@ -6,6 +6,7 @@ and paths, never rollout bodies.
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
@@ -16,6 +17,7 @@ from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
     from rollouts.collect import DispatchPlan
+    from rollouts.failures import FailureReport
     from rollouts.merge import MergeReport
     from rollouts.metrics import AgentSummary
 
@@ -99,9 +101,12 @@ def stopped_run(reason: str, status: RunStatus) -> RunStopped:
     )
 
 
-def incomplete_run(merge: MergeReport, plan: DispatchPlan, chunks_unfinished: int) -> IncompleteRun:
+def incomplete_run(
+    merge: MergeReport, plan: DispatchPlan, chunks_unfinished: int, chunk_error: str | None = None
+) -> IncompleteRun:
     """Why rollouts are still missing: how many, examples, and per failure class the agent's
-    URL and an example error, so a dead agent is named."""
+    URL and an example error, so a dead agent is named; ``chunk_error``: the exception that
+    ended the first unfinished chunk, if it was not ours."""
     examples = ", ".join(f"({t}, {r})" for t, r in merge.missing_examples[:5])
     classes = "; ".join(
         _failure_class_line(cls, n, merge.retryable_samples.get(cls), plan)
@@ -117,7 +122,8 @@ def incomplete_run(merge: MergeReport, plan: DispatchPlan, chunks_unfinished: in
     return IncompleteRun(
         f"{merge.missing} of {merge.expected} rollouts are neither written nor failed for "
         f"good (e.g. (task, rollout) {examples}); {why}; {chunks_unfinished} chunk(s) did not "
-        "finish. Rerun the same command to retry them: everything already written is kept."
+        f"finish{f' (the first ended with {chunk_error})' if chunk_error else ''}. Rerun the "
+        "same command to retry them: everything already written is kept."
     )
 
 
@@ -133,3 +139,21 @@ def _failure_class_line(
     url = plan.agent_url or plan.agent_urls.get(agent)
     who = f"agent {agent!r} at {url}" if url and url != agent else f"agent {agent}"
     return f"{failure_class}: {count} (e.g. {who}: {error})"
+
+
+def unexpected_errors_message(report: FailureReport, output: str) -> str | None:
+    """The one line for the rollouts that failed with ``unexpected_error`` (None: none did):
+    how many, the first error, and what to run once its cause is fixed."""
+    from rollouts.agent_client import UNEXPECTED_ERROR
+
+    failures = report.classes.get(UNEXPECTED_ERROR)
+    if failures is None:
+        return None
+    quoted = shlex.quote(output)
+    return (
+        f"{failures.count} rollout(s) failed with {UNEXPECTED_ERROR}, final and not retried: "
+        "an exception in the request path that no failure class covers, a bug or a "
+        f"misconfiguration. `rollouts failures {quoted}` lists them; once the cause is fixed, "
+        f"`rollouts retry {quoted} --failure-class {UNEXPECTED_ERROR}` sends them again. "
+        f"First error: {failures.first_error}"
+    )

@@ -16,6 +16,8 @@ import orjson
 import pytest
 
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy
+from rollouts.settings import RolloutsSettings
+from rollouts.urls import AgentCredentials
 
 URL = "http://agent.test/run"
 Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
@@ -82,6 +84,66 @@ def test_api_key_is_sent_as_bearer_token() -> None:
 
     asyncio.run(go())
     assert agent.requests[0].headers["authorization"] == "Bearer s3cret"
+
+
+def send_once(url: str, agent: Script, api_key: str | None = None,
+              credentials: AgentCredentials | None = None) -> Outcome:  # fmt: skip
+    async def go() -> Outcome:
+        client = AgentClient(FAST, 1, api_key, transport=httpx.MockTransport(agent),
+                             credentials=credentials)  # fmt: skip
+        try:
+            return await client.run(url, b"{}")
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def test_credentials_in_an_agent_url_are_sent_as_basic_auth_not_in_the_url() -> None:
+    settings = RolloutsSettings(agents={"a": "http://alice:p%40ss@agent.test:8000/"})
+    url = settings.replicas_of("a")[0] + "/run"
+    assert url == "http://alice:***@agent.test:8000/run"  # all the rest of the code sees
+    agent = Script()
+    out = send_once(url, agent, credentials=settings.agent_credentials())
+    assert out.kind == "ok"
+    (req,) = agent.requests
+    assert str(req.url) == "http://agent.test:8000/run"
+    assert req.headers["authorization"] == httpx.BasicAuth("alice", "p@ss")._auth_header
+    assert "p@ss" not in repr(settings) + repr(settings.agent_credentials())
+
+
+def test_the_api_key_wins_over_credentials_in_the_url() -> None:
+    settings = RolloutsSettings(agents={"a": "http://alice:pw@agent.test:8000"})
+    agent = Script()
+    send_once(settings.replicas_of("a")[0] + "/run", agent, "s3cret",
+              settings.agent_credentials())  # fmt: skip
+    assert str(agent.requests[0].url) == "http://agent.test:8000/run"
+    assert agent.requests[0].headers.get_list("authorization") == ["Bearer s3cret"]
+    send_once("http://alice:***@agent.test:8000/run", agent, "s3cret")  # no password here
+    assert agent.requests[1].headers.get_list("authorization") == ["Bearer s3cret"]
+
+
+def test_an_unexpected_exception_is_one_final_classified_failure() -> None:
+    """Whatever the transport raises that no class covers: one attempt, classified, final."""
+    agent = Script(RuntimeError("the transport broke"), RuntimeError("again"))
+    out = run(agent)
+    assert (out.kind, out.failure_class, out.terminal, out.attempts) == (
+        "failed", "unexpected_error", True, 1,
+    )  # fmt: skip
+    assert out.error == "RuntimeError: the transport broke"
+    assert len(agent.requests) == 1
+
+
+def test_a_password_this_process_lacks_is_a_classified_failure_naming_the_setting() -> None:
+    agent = Script()
+    out = send_once("http://alice:***@agent.test:8000/run", agent)
+    assert (out.failure_class, out.terminal, out.attempts) == ("unexpected_error", True, 1)
+    assert out.error == (
+        "MissingCredentials: no password for http://alice:***@agent.test:8000/run in this "
+        "process's ROLLOUTS_AGENTS: every process that collects (Dask workers too) needs the "
+        "same ROLLOUTS_AGENTS"
+    )
+    assert agent.requests == []
 
 
 def test_5xx_is_retried_until_an_answer() -> None:

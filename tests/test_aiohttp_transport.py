@@ -75,6 +75,27 @@ def test_body_headers_and_answer_round_trip() -> None:
     assert all(host and host.startswith("127.0.0.1:") for _, _, host in seen)
 
 
+def test_credentials_in_the_url_arrive_once_as_basic_auth() -> None:
+    """As httpx's own transport: the URL's user and password become one Authorization header
+    (aiohttp, given them in the URL as well, refused every request with a ValueError)."""
+    seen: list[tuple[str | None, str]] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("authorization"), str(request.url)))
+        return web.json_response({"reward": 1.0})
+
+    async def go() -> httpx.Response:
+        async with serving(echo) as url, httpx.AsyncClient(
+            transport=AiohttpSessionTransport(2)
+        ) as http:
+            return await http.post(url.replace("http://", "http://alice:pw@"), content=b"{}")
+
+    assert asyncio.run(go()).status_code == 200
+    ((auth, url),) = seen
+    assert auth == httpx.BasicAuth("alice", "pw")._auth_header
+    assert "alice" not in url
+
+
 def test_a_compressed_answer_is_decoded_and_status_and_headers_kept() -> None:
     async def gz(request: web.Request) -> web.Response:
         return web.Response(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import math
 import operator
 import os
@@ -271,6 +272,34 @@ def test_api_key_enforced_and_never_logged(tmp_path: Path) -> None:
     ]
 
 
+def test_basic_auth_enforced_and_only_the_user_logged(tmp_path: Path) -> None:
+    """As a basic-auth proxy in front of an agent: the right USER:PASSWORD opens /run."""
+    password = "pr0xy-s3cret"
+    log = tmp_path / "requests.jsonl"
+    config = AgentSimConfig(basic_auth=f"alice:{password}", request_log=log)
+    assert password not in repr(config)
+
+    def basic(credentials: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+    async def scenario(session: aiohttp.ClientSession) -> list[int]:
+        statuses = []
+        for headers in ({}, basic("alice:wrong"), {"Authorization": f"Bearer {password}"},
+                        basic(f"alice:{password}")):  # fmt: skip
+            status, _, _ = await _post(session, _row(), headers=headers)
+            statuses.append(status)
+        return statuses
+
+    assert _serve(config, scenario) == [401, 401, 401, 200]
+    assert password not in log.read_text()
+    assert [(e["outcome"], e["authorized"], e["auth"]) for e in _read_log(log)] == [
+        ("401", False, None),
+        ("401", False, "Basic alice"),
+        ("401", False, "Bearer"),
+        ("ok", True, "Basic alice"),
+    ]
+
+
 def test_request_log_has_one_line_per_request(tmp_path: Path) -> None:
     log = tmp_path / "sub" / "requests.jsonl"
     config = AgentSimConfig(request_log=log, fail_400_tasks=frozenset({5}))
@@ -296,6 +325,7 @@ def test_request_log_has_one_line_per_request(tmp_path: Path) -> None:
         "temperature": 0.25,
         "outcome": "ok",
         "authorized": True,
+        "auth": None,
     }
     assert entries[3]["temperature"] == 1.0  # the default the policy used
     assert abs(entries[0]["time"] - time.time()) < 60
