@@ -4,6 +4,7 @@ the tests that need the production setup, real agent servers on loopback."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from pg_prefect import PgPrefectServer, pg_prefect_server, postgres_missing
 from prefect.testing.utilities import prefect_test_harness
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a command run on a Prefect server prints first on stderr: its run's page in the UI.
+RUN_PAGE = re.compile(r"Prefect UI: http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}\n")
 
 
 def pytest_configure(config: pytest.Config) -> None:

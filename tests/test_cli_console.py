@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import AgentServer
+from conftest import RUN_PAGE, AgentServer
 
 from rollouts.reference_agent import write_tasks
 
@@ -35,9 +35,6 @@ def collect(
         env=env, cwd=cwd, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     return res, time.monotonic() - start
-
-
-RUN_PAGE = re.compile(r"Prefect UI: http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}\n")
 
 
 def assert_one_message(res: subprocess.CompletedProcess[str], exit_code: int) -> str:
