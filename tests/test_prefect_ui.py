@@ -37,7 +37,7 @@ from flows.artifacts import MIX_COLUMNS
 from flows.collect import collect_rollouts
 from flows.multi import collect_multi_dataset
 from flows.ui import artifact_key, is_generated_run_name
-from rollouts.models import MultiDatasetConfig
+from rollouts.models import MultiDatasetConfig, form_schema_of_properties
 from rollouts.reference_agent import generate_tasks
 
 SIZES = {"high_quality": 40, "exploration": 20, "hard": 10}
@@ -201,6 +201,15 @@ def deployed_entrypoints() -> list[str]:
 @pytest.mark.parametrize("entrypoint", deployed_entrypoints())
 def test_every_form_field_has_a_title_and_a_description(entrypoint: str) -> None:
     schema = load_flow_from_entrypoint(str(ROOT / entrypoint)).parameters.model_dump()
+    form_schema_of_properties(schema)  # as `make deploy` reshapes the deployed form
+    assert_a_form_that_reads_well(schema)
+
+
+def assert_a_form_that_reads_well(schema: dict[str, Any]) -> None:
+    """What the UI's form shows: a title in words and a description for every field (the form
+    adds "(Optional)" itself: descriptions do not repeat it), no `null` toggle (under which
+    the form prints `Property is type "None"`) but where "none" is a choice of its own, no
+    null default (the form would send it), and toggles labelled in words, not class names."""
     fields = [("", name, prop) for name, prop in schema["properties"].items()]
     fields += [
         (model, name, prop)
@@ -209,7 +218,37 @@ def test_every_form_field_has_a_title_and_a_description(entrypoint: str) -> None
     ]
     assert len(fields) >= 12
     for model, name, prop in fields:
-        assert prop.get("description"), f"{model}.{name} has no description"
-        assert prop.get("title") and prop["title"] != name, f"{model}.{name} has a raw title"
-        if any(t.get("type") == "null" for t in prop.get("anyOf", [])):
-            assert "Optional" in prop["description"], f"{model}.{name}: say it is optional"
+        where = f"{model}.{name}"
+        assert prop.get("description"), f"{where} has no description"
+        assert "Optional" not in prop["description"], where
+        ref = prop.get("$ref", "").rsplit("/", 1)[-1]
+        title = prop.get("title") or schema.get("definitions", {}).get(ref, {}).get("title")
+        assert title and title != name, f"{where} has a raw title"  # a $ref's: its model's
+        assert prop.get("default", "unset") is not None, f"{where}: a null default"
+        options = prop.get("anyOf", [])
+        titles = [o.get("title") for o in options]
+        assert all(titles) and not set(titles) & {"null", "MixConfig", "integer"}, where
+        if any(o.get("type") == "null" for o in options):
+            assert any("$ref" in o for o in options), f"{where}: a null option"
+    for model, definition in schema.get("definitions", {}).items():
+        assert definition["title"] != model and not definition["title"].endswith("Config")
+
+
+@pytest.mark.fast
+def test_the_models_forms_read_well() -> None:
+    """The multi-dataset form (nested models) as pydantic generates it, before any reshaping."""
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(MultiDatasetConfig).json_schema(ref_template="#/definitions/{model}")
+    schema["definitions"] = schema.pop("$defs")
+    assert_a_form_that_reads_well(schema)
+    mix = schema["properties"]["mix"]
+    assert [o.get("title") for o in mix["anyOf"]] == ["Mix", "No mix"]
+    limit = schema["definitions"]["DatasetConfig"]["properties"]["limit"]
+    assert limit == {"title": "Row limit", "type": "integer", "exclusiveMinimum": 0,
+                     "description": "Collect only the first N input rows; empty: all rows."}
+    # An optional field left out of the form is None, as before.
+    config = MultiDatasetConfig.model_validate(
+        {"datasets": [{"name": "a", "input": "a.jsonl", "output": "o.jsonl"}]}
+    )
+    assert config.mix is None and config.datasets[0].limit is None
