@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from rollouts import failures
 from rollouts.failures import FailureReport
 from rollouts_cli.report import _console
 
@@ -15,8 +14,7 @@ MAX_ERROR_CHARS = 300
 
 
 def retry_command(report: FailureReport, classes: list[str]) -> str:
-    flags = " ".join(f"--failure-class {shlex.quote(c)}" for c in classes)
-    return f"rollouts retry {shlex.quote(report.output)} {flags}"
+    return failures.retry_command(report.output, classes)
 
 
 def print_failures(report: FailureReport, console: Console | None = None) -> None:

@@ -245,8 +245,12 @@ def test_the_models_forms_read_well() -> None:
     mix = schema["properties"]["mix"]
     assert [o.get("title") for o in mix["anyOf"]] == ["Mix", "No mix"]
     limit = schema["definitions"]["DatasetConfig"]["properties"]["limit"]
-    assert limit == {"title": "Row limit", "type": "integer", "exclusiveMinimum": 0,
-                     "description": "Collect only the first N input rows; empty: all rows."}
+    assert limit == {
+        "title": "Row limit",
+        "type": "integer",
+        "exclusiveMinimum": 0,
+        "description": "Collect only the first N input rows; empty: all rows.",
+    }
     # An optional field left out of the form is None, as before.
     config = MultiDatasetConfig.model_validate(
         {"datasets": [{"name": "a", "input": "a.jsonl", "output": "o.jsonl"}]}
