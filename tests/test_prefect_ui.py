@@ -38,7 +38,7 @@ from test_multi_dataset import pattern_6_4
 
 from flows.artifacts import MIX_COLUMNS
 from flows.collect import collect_rollouts
-from flows.multi import collect_multi_dataset
+from flows.multi import collect_multi_dataset, dataset_run_name
 from flows.ui import artifact_key, is_generated_run_name
 from rollouts.failures import summarize_failures
 from rollouts.models import MultiDatasetConfig, form_schema_of_properties
@@ -115,11 +115,22 @@ def test_multi_dataset_run_as_the_ui_shows_it(
             break  # the assertions below say what is missing
         time.sleep(0.5)
 
-    # The parent run: a meaningful name, and the mix as a table (plus a summary).
+    # The parent run: a meaningful name, its own progress, the mix as a table, and a summary
+    # of every dataset as the CLI prints it.
     parent = seen["parent"]
-    assert parent["run"].name == "multi-train_mixed"
+    assert parent["run"].name == f"{tmp_path.name}/train_mixed"
     mix_out = config.mix.output  # type: ignore[union-attr]
     artifacts = {a.key: a for a in parent["artifacts"]}
+    (progress,) = [a for a in parent["artifacts"] if a.type == "progress"]
+    assert float(progress.data) == 100.0
+    lines = (progress.description or "").split("\n\n")
+    assert lines[0] == "90/90 written, 0 failed, 3/3 datasets"
+    assert lines[1:] == [
+        "high_quality: 40/40 written, 0 failed (complete)",
+        "exploration: 20/20 written, 0 failed (complete)",
+        "hard: 30/30 written, 0 failed (complete)",
+        f"mix: 30 rollouts into {mix_out}",
+    ]
     mix_rows = {r["source"]: r for r in data(artifacts[artifact_key(mix_out, "mix")])}
     assert set(mix_rows) == set(SIZES)
     assert all(set(MIX_COLUMNS) <= set(r) for r in mix_rows.values())
@@ -127,15 +138,25 @@ def test_multi_dataset_run_as_the_ui_shows_it(
     summary = artifacts[artifact_key(mix_out, "multi-summary")].data
     assert mix_out in summary and "_manifest.json" in summary
     assert all(d.output in summary for d in config.datasets)
+    result = state.result()
+    for d in config.datasets:
+        (agent_result,) = result.datasets[d.name].agents
+        passk = ", ".join(f"@{k} {v:.3f}" for k, v in agent_result.pass_at_k.items()) or "-"
+        row = (f"| {d.name} | {d.responses_create_params['temperature']:g} | {d.num_repeats} | "
+               f"{SIZES[d.name] * d.num_repeats} | {SIZES[d.name] * d.num_repeats} | 0 | 0 | "
+               f"{agent_result.mean_reward:.4f} | {passk} |")  # fmt: skip
+        assert row in summary.splitlines(), (row, summary)
+        assert d.num_repeats == 1 or f"@{d.num_repeats} " in passk
 
     # Nothing of the datasets' collections is attached to the parent's tasks.
     assert seen["on_parent_tasks"] == []
     assert not any("rollouts written" in log.message for log in parent["logs"])
 
     by_name = {s["run"].name: s for s in seen["subflows"].values()}
-    assert set(by_name) == {d.run_label() for d in config.datasets}
+    assert set(by_name) == {f"{tmp_path.name}/{Path(d.output).stem} ({d.run_label()})"
+                            for d in config.datasets}  # fmt: skip
     for d in config.datasets:
-        sub = by_name[d.run_label()]
+        sub = by_name[dataset_run_name(d)]
         run_id = sub["run"].id
         # Each subflow run holds its own progress, metrics, chunks and summary artifacts...
         kinds = {(a.type, a.key) for a in sub["artifacts"]}
@@ -143,6 +164,7 @@ def test_multi_dataset_run_as_the_ui_shows_it(
             ("progress", None),
             ("table", artifact_key(d.output, "metrics")),
             ("table", artifact_key(d.output, "chunks")),
+            ("table", artifact_key(d.output, "failures")),
             ("markdown", artifact_key(d.output, "summary")),
         }, d.name
         assert all(a.flow_run_id == run_id and a.task_run_id is None for a in sub["artifacts"])
