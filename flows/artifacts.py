@@ -185,23 +185,12 @@ async def publish_collection(
         key=artifact_key(summary.output, "failures"),
         description=f"Failures of {label} by class\n\n{failures_advice(failures)}",
     )
-    rows = [
-        {"agent": a.agent, "expected": a.expected, "written": a.succeeded, "failed": a.failed,
-         "mean_reward": rounded(a.mean_reward),
-         **{f"pass@{k}": rounded(v) for k, v in a.pass_at_k.items()}}
-        for a in summary.agents
-    ]  # fmt: skip
     await acreate_table_artifact(
-        table=rows, key=artifact_key(summary.output, "metrics"),
+        table=metric_rows(summary), key=artifact_key(summary.output, "metrics"),
         description=f"Rewards of {label} per agent\n\n`{absolute(summary.metrics)}`",
     )  # fmt: skip
-    chunks = [
-        {"chunk": c.index, "expected": c.expected, "done": c.done, "failed": c.failed,
-         "worker": c.worker}
-        for c in status.chunks
-    ]  # fmt: skip
     await acreate_table_artifact(
-        table=chunks, key=artifact_key(summary.output, "chunks"),
+        table=chunk_rows(status), key=artifact_key(summary.output, "chunks"),
         description=f"Chunks of {label} and the worker (host:pid) that collected each",
     )  # fmt: skip
     if status.replicas:
@@ -211,6 +200,23 @@ async def publish_collection(
             description=f"Replicas of {label}: requests per replica of each replicated agent, "
             "over all processes",
         )
+
+
+def metric_rows(summary: CollectSummary) -> list[dict[str, Any]]:
+    return [
+        {"agent": a.agent, "expected": a.expected, "written": a.succeeded, "failed": a.failed,
+         "mean_reward": rounded(a.mean_reward),
+         **{f"pass@{k}": rounded(v) for k, v in a.pass_at_k.items()}}
+        for a in summary.agents
+    ]  # fmt: skip
+
+
+def chunk_rows(status: RunStatus) -> list[dict[str, Any]]:
+    return [
+        {"chunk": c.index, "expected": c.expected, "done": c.done, "failed": c.failed,
+         "worker": c.worker}
+        for c in status.chunks
+    ]  # fmt: skip
 
 
 def failure_rows(report: FailureReport) -> list[dict[str, Any]]:
