@@ -207,8 +207,9 @@ def test_a_run_name_given_by_the_user_is_kept(tmp_path: Path, agent: AgentServer
         async with get_client() as client:
             return (await client.read_flow_run(created.id)).name
 
-    assert asyncio.run(run_named("ui-form-run")) == "ui-form-run"
-    assert asyncio.run(run_named(None)) == "collect-ui_form"  # the server made one up
+    label = f"{tmp_path.name}/ui_form"  # the output's folder and stem
+    assert asyncio.run(run_named("ui-form-run")) == f"{label} (ui-form-run)"
+    assert asyncio.run(run_named(None)) == label  # the server made one up
 
 
 def test_prefect_generated_names_are_told_from_given_ones() -> None:
