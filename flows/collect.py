@@ -19,10 +19,12 @@ from flows.dask_runner import collecting_processes
 from flows.dispatch import collect_chunks, first_chunk_error, raise_what_a_rerun_will_not_fix
 from flows.retry import finish_retry, reopen_for_retry
 from flows.stopping import stop_controls, stopped_state
-from flows.ui import form_field, own_run_context, run_name
+from flows.ui import collect_run_name, form_field, own_run_context, run_name
 from rollouts.agent_client import check_agents_reachable
 from rollouts.collect import DispatchPlan
 from rollouts.errors import ConfigError, RolloutsError, RunStopped, validation_message
+from rollouts.failures import summarize_failures
+from rollouts.health import read_run_latency
 from rollouts.models import CollectConfig, CountOrAuto, SplitResult
 from rollouts.replicas import agents_to_check
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
@@ -51,9 +53,13 @@ __all__ = ["CollectSummary", "collect_rollouts", "run_collection"]
 
 
 def _flow_run_name() -> str:
+    """`out/train`, `out/train: retry timeout` (the runs list shows the flow's name beside it)."""
     from prefect.runtime import flow_run
 
-    return run_name(f"collect-{Path(flow_run.parameters['output_jsonl_fpath']).stem}")
+    params = flow_run.parameters
+    return run_name(
+        collect_run_name(params["output_jsonl_fpath"], params.get("retry_failure_classes"))
+    )
 
 
 def _form(name: str) -> Any:
@@ -157,7 +163,7 @@ async def run_collection(
                 await warn_of_unexpected_errors(config.output_jsonl_fpath)
     summary = summarize(paths, split, states, merge, metrics)
     summary.stopped = "deadline" if stop.reason == "deadline" and merge.missing else None
-    await report(summary, progress, reader)
+    await report(summary, progress, reader, stop.plan.started_at)
     if merge.missing and summary.stopped is None:
         raise incomplete_run(merge, plan, sum(1 for s in states if not s.is_completed()),
                              await first_chunk_error(states))  # fmt: skip
@@ -246,13 +252,19 @@ async def split_into_chunks(config: CollectConfig, run_dir: Path) -> SplitResult
     return split
 
 
-async def report(summary: CollectSummary, progress: LiveProgress, reader: StatusReader) -> None:
-    """The run's final progress and artifacts in the UI, and its summary line in the logs."""
+async def report(
+    summary: CollectSummary, progress: LiveProgress, reader: StatusReader, started_at: float
+) -> None:
+    """This run's figures into the summary; the run's final progress and artifacts in the UI
+    (the failures triaged as `rollouts failures` does), and its summary line in the logs."""
     status = await asyncio.to_thread(reader.read)
-    await progress.show(summary.succeeded, summary.failed, summary.expected, status.replicas)
-    await publish_collection(summary, status)
+    latency = await asyncio.to_thread(read_run_latency, reader.run_dir, started_at)
+    summary.figures = progress.figures(summary, started_at, latency)
+    await progress.show_final(summary, status.replicas)
+    failures = await asyncio.to_thread(summarize_failures, summary.output)
+    await publish_collection(summary, status, failures)
     get_run_logger().info(
-        "%d/%d rollouts written, %d failed, %d missing; %d of %d chunks from cache; %s",
+        "%d/%d rollouts written, %d failed, %d missing; %d of %d chunks from cache; %s; %s",
         summary.succeeded, summary.expected, summary.failed, summary.missing,
-        summary.chunks_from_cache, summary.chunks, summary.output,
+        summary.chunks_from_cache, summary.chunks, summary.figures.line(), summary.output,
     )  # fmt: skip

@@ -14,12 +14,13 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
-from flows.artifacts import publish_mix
+from flows.artifacts import DatasetsProgress, publish_mix, publish_multi_summary
 from flows.collect import collect_rollouts
-from flows.ui import run_name, title
+from flows.ui import output_label, run_name, title
 from rollouts.errors import STOP_EXIT_CODES, IncompleteRun, RolloutsError
 from rollouts.models import DatasetConfig, MultiDatasetConfig
 from rollouts.run_state import started_from
+from rollouts.settings import RolloutsSettings
 from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary, MultiSummary
 from tasks.mix import mix_task
 
@@ -48,7 +49,7 @@ def combined_exit_code(codes: list[int]) -> int:
 async def collect_dataset_task(dataset: DatasetConfig) -> CollectSummary:
     """Run one dataset's collect-rollouts subflow. A task, so that datasets run concurrently."""
     with started_from("multi-dataset run"):  # its conflicts name what works here: no `fresh`
-        state = await collect_rollouts.with_options(flow_run_name=dataset.run_label())(
+        state = await collect_rollouts.with_options(flow_run_name=dataset_run_name(dataset))(
             **dataset.collect_parameters(), return_state=True
         )
     if state.name == STOPPED_AT_DEADLINE:  # no mix of a partial set
@@ -60,8 +61,14 @@ async def collect_dataset_task(dataset: DatasetConfig) -> CollectSummary:
     return await state.aresult()
 
 
+def dataset_run_name(dataset: DatasetConfig) -> str:
+    """A dataset's subflow run: `out/train_hard (hard-T0.4-x3)`."""
+    return f"{output_label(dataset.output)} ({dataset.run_label()})"
+
+
 def _multi_run_name() -> str:
-    """``multi-<mix output stem>``, or ``multi-<dataset names>`` without a mix."""
+    """The mix output's folder and stem (`out/train_mixed`), or without a mix the first
+    dataset's folder and the dataset names (`out/hard+easy`)."""
     from prefect.runtime import flow_run
 
     try:
@@ -69,8 +76,9 @@ def _multi_run_name() -> str:
     except (KeyError, ValidationError):
         return run_name("multi-dataset")  # the flow itself reports the bad config
     if config.mix is not None:
-        return run_name(f"multi-{Path(config.mix.output).stem}")
-    return run_name("multi-" + "+".join(d.name for d in config.datasets))
+        return run_name(output_label(config.mix.output))
+    folder = Path(config.datasets[0].output).resolve().parent.name
+    return run_name(f"{folder}/" + "+".join(d.name for d in config.datasets))
 
 
 @flow(
@@ -88,9 +96,13 @@ async def collect_multi_dataset(
             optionally how to mix their rollouts into one training set.
     """
     try:
-        result = MultiSummary(datasets=await collect_datasets(config))
+        work_dir = RolloutsSettings().work_dir
+        async with DatasetsProgress(config, work_dir) as progress:
+            result = MultiSummary(datasets=await collect_datasets(config))
         if config.mix is not None:
             await mix_datasets(config, result)
+            await progress.show(f"mix: {result.mix_rows} rollouts into {result.mix_output}")
+        await publish_multi_summary(result, config)
         return result
     except RolloutsError as e:
         get_run_logger().error("%s", e)

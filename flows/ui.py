@@ -24,7 +24,11 @@ def title(text: str) -> Any:
 
 def form_field(model: type[BaseModel], name: str) -> Any:
     """``Annotated[T, form_field(Model, "name")]``: a flow parameter's title and description in
-    the deployment form, taken from the model field that declares it (one declaration)."""
+    the deployment form, taken from the model field that declares it (one declaration).
+
+    Prefect merges its own dict into ``json_schema_extra`` (a callable would be dropped), so an
+    optional parameter keeps its null option and default here; `make deploy` reshapes the
+    deployed form (rollouts_cli/prefect_setup.py, ``rollouts.models.form_schema``)."""
     info = model.model_fields[name]
     return Field(json_schema_extra={"title": info.title or name, "description": info.description})
 
@@ -67,23 +71,46 @@ def is_generated_run_name(name: str | None) -> bool:
 
 
 def run_name(wanted: str) -> str:
-    """``wanted``, unless the run already has a name given by the user (UI form, CLI)."""
+    """``wanted``, with a name the run was given (a UI form, `--flow-run-name`) kept beside it:
+    `out/train (nightly)`. Only a name the Prefect server made up is dropped. A form fills in a
+    made-up name of its own (`mu5-asano-n`), which cannot be told from a typed one: kept, it
+    also tells one form-started run from another. A run renamed before (a resumed run) keeps
+    its name."""
     from prefect.runtime import flow_run
 
     current = flow_run.name
-    return wanted if is_generated_run_name(current) else str(current)
+    if is_generated_run_name(current):
+        return wanted
+    current = str(current)
+    if current == wanted or current.startswith(f"{wanted} ("):
+        return current
+    return f"{wanted} ({current})"
+
+
+def output_label(output: str | Path) -> str:
+    """An output as the runs list names it: its folder and file stem, `deployed/train_hard`:
+    two outputs of the same file name in different folders differ, and nothing is doubled."""
+    path = Path(output).resolve()
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+def collect_run_name(output: str | Path, retry_failure_classes: list[str] | None = None) -> str:
+    """`out/train`; a retry by failure class: `out/train: retry timeout, http_500`."""
+    label = output_label(output)
+    if retry_failure_classes:
+        return f"{label}: retry {', '.join(retry_failure_classes)}"
+    return label
 
 
 def artifact_key(output: str | Path, kind: str) -> str:
-    """``<stem>-<hash of the resolved path>-<kind>``: readable, and distinct per output file.
-
-    Two outputs with the same file name in different folders must not share one history.
-    Prefect keys allow lowercase letters, digits and dashes only.
+    """``<stem>-<kind>-<hash of the resolved path>``: the UI titles an artifact with its key,
+    so it reads as words first; the hash keeps two outputs of the same file name in different
+    folders from sharing one history. Prefect keys allow lowercase letters, digits and dashes.
     """
     path = Path(output).resolve()
     stem = re.sub(r"[^a-z0-9-]+", "-", path.stem.lower()).strip("-") or "rollouts"
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:6]
-    return f"{stem}-{digest}-{kind}"
+    return f"{stem}-{kind}-{digest}"
 
 
 @contextlib.contextmanager

@@ -257,7 +257,8 @@ async def collect_chunk(
     a plain rerun's business). While any chunk collects, the process publishes its live
     health into the run directory.
     """
-    async with dispatcher.health.publishing(Path(spec.tasks_path).parent.parent):
+    run_started_at = stop_plan.started_at if stop_plan is not None else None  # the flow run
+    async with dispatcher.health.publishing(Path(spec.tasks_path).parent.parent, run_started_at):
         return await _collect_chunk(spec, plan, dispatcher, stop_plan, retry)
 
 

@@ -6,6 +6,7 @@ its last failure); memory grows with the classes and agents, not with the rows.
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,14 @@ class FailureReport:
     def by_count(self) -> list[ClassFailures]:
         return sorted(self.classes.values(), key=lambda c: (-c.count, c.failure_class))
 
+    def final_classes(self) -> list[str]:
+        """Classes with final failures, most first: a plain rerun leaves these."""
+        return [c.failure_class for c in self.by_count() if c.terminal]
+
+    def gave_up_classes(self) -> list[str]:
+        """Classes with rollouts that gave up, most first: a plain rerun sends them again."""
+        return [c.failure_class for c in self.by_count() if c.gave_up]
+
     def agents(self) -> list[str]:
         totals: Counter[str] = Counter()
         for c in self.classes.values():
@@ -62,6 +71,12 @@ class FailureReport:
             "output": self.output, "failures": self.failures_path, "total": self.total,
             "classes": {c.failure_class: c.to_json() for c in self.by_count()},
         }  # fmt: skip
+
+
+def retry_command(output: str | Path, classes: list[str]) -> str:
+    """The `rollouts retry` that sends the rollouts of ``classes`` again."""
+    flags = " ".join(f"--failure-class {shlex.quote(c)}" for c in classes)
+    return f"rollouts retry {shlex.quote(str(output))} {flags}"
 
 
 def summarize_failures(output: str | Path, examples: int = 5) -> FailureReport:

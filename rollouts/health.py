@@ -14,7 +14,10 @@ rewrites ``health.<host>_<pid>.json`` in the run directory every ``PUBLISH_EVERY
 
 The file's size is bounded (histogram buckets, ``OLDEST_SHOWN``, ``STALLED_SHOWN``) however long
 the run. ``read_health`` merges the files of the processes collecting now, for ``rollouts
-status``, the CLI's ``--watch`` and the Prefect UI; a process removes its file when it closes.
+status``, the CLI's ``--watch`` and the Prefect UI. A file also holds the latency histogram of
+every answer of the flow run (``run_started_at``, the run's ``StopPlan``): when its last chunk
+ends, a process marks its file closed (no longer live), and the flow reads the run's figures
+from the closed files (``read_run_latency``) and removes them.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ class _Target:
     as they were a minute earlier (``marks``)."""
 
     __slots__ = ("agent", "answered", "failed", "failures", "in_flight", "latencies", "marks",
-                 "n_latencies", "sent", "url")  # fmt: skip
+                 "n_latencies", "run_answered", "run_failed", "run_hist", "sent",
+                 "url")  # fmt: skip
 
     def __init__(self, agent: str, url: str, now: float) -> None:
         self.agent, self.url = agent, url
@@ -97,21 +101,24 @@ class _Target:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # the latest, oldest first
         # (time, answered, failed, n_latencies) at each snapshot, oldest first
         self.marks: deque[tuple[float, int, int, int]] = deque([(now, 0, 0, 0)])
+        self.run_hist: dict[int, int] = {}  # every answer of the flow run: bucket -> count
+        self.run_answered = self.run_failed = 0
 
-    def last_minute(self, now: float) -> tuple[int, int, dict[int, int]]:
-        """(answers, failed attempts, latency histogram) since the last mark at least
-        ``WINDOW_S`` old (so over the last minute and up to one snapshot period more)."""
+    def last_minute(self, now: float) -> tuple[int, int, dict[int, int], float]:
+        """(answers, failed attempts, latency histogram, seconds they span) since the last mark
+        at least ``WINDOW_S`` old (so over the last minute and up to one snapshot period more;
+        less while the target is younger than a minute)."""
         marks = self.marks
         marks.append((now, self.answered, self.failed, self.n_latencies))
         while len(marks) > 1 and marks[1][0] <= now - WINDOW_S:
             marks.popleft()
-        _, answered, failed, n_latencies = marks[0]
+        since, answered, failed, n_latencies = marks[0]
         hist: dict[int, int] = {}
         recent = min(self.n_latencies - n_latencies, len(self.latencies))
         for seconds in itertools.islice(reversed(self.latencies), recent):
             b = latency_bucket(seconds)
             hist[b] = hist.get(b, 0) + 1
-        return self.answered - answered, self.failed - failed, hist
+        return self.answered - answered, self.failed - failed, hist, now - since
 
 
 class HealthRecorder:
@@ -128,6 +135,7 @@ class HealthRecorder:
         self._path = Path()
         self._chunks = 0  # chunks collecting now, in this process
         self._writer: asyncio.Task[None] | None = None
+        self._run_started_at: float | None = None  # the flow run the run_* figures are of
 
     def begin(self, tag: RolloutTag, url: str, attempt: int) -> int:
         """An attempt of rollout ``tag`` is sent to ``url``; returns its ticket for ``end``."""
@@ -148,28 +156,36 @@ class HealthRecorder:
         t.in_flight -= 1
         if failure_class is None:
             t.answered += 1
+            t.run_answered += 1
         else:
             t.failures[failure_class] = t.failures.get(failure_class, 0) + 1
             if failure_class != "cancelled":
                 t.failed += 1
+                t.run_failed += 1
             if failure_class in NO_ANSWER:
                 return  # no answer came: its duration is no answer time
-        t.latencies.append(self._clock() - started)
+        seconds = self._clock() - started
+        t.latencies.append(seconds)
         t.n_latencies += 1
+        b = latency_bucket(seconds)
+        t.run_hist[b] = t.run_hist.get(b, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         """This process's health document (what ``health.<worker>.json`` holds)."""
         now = self._clock()
         targets, thresholds = [], {}
         for t in self._targets.values():
-            answers, failed, hist = t.last_minute(now)
+            answers, failed, hist, window_s = t.last_minute(now)
             p95 = percentile(hist, 0.95)
             thresholds[id(t)] = self._stall_threshold(p95)
             targets.append({
                 "agent": t.agent, "url": t.url, "in_flight": t.in_flight, "sent": t.sent,
                 "answered": t.answered, "answers_last_min": answers,
-                "failed_last_min": failed, "failures": dict(t.failures),
+                "failed_last_min": failed, "window_s": round(window_s, 3),
+                "failures": dict(t.failures),
                 "latency_hist": {str(b): n for b, n in sorted(hist.items())},
+                "run_answered": t.run_answered, "run_failed": t.run_failed,
+                "run_latency_hist": {str(b): n for b, n in sorted(t.run_hist.items())},
             })  # fmt: skip
         oldest, stalled, n_stalled = [], [], 0
         least = min((t for t in thresholds.values() if t is not None), default=math.inf)
@@ -186,7 +202,8 @@ class HealthRecorder:
                 break  # every later attempt is younger still: neither oldest nor stalled
         return {"worker": worker_id(), "updated_at": time.time(), "window_s": WINDOW_S,
                 "targets": targets, "oldest": oldest, "stalled": stalled,
-                "stalled_total": n_stalled}  # fmt: skip
+                "stalled_total": n_stalled, "run_started_at": self._run_started_at,
+                "closed": False}  # fmt: skip
 
     def _stall_threshold(self, p95: float | None) -> float | None:
         if self.stall_after_s is not None:
@@ -205,11 +222,19 @@ class HealthRecorder:
     # Publishing: one background task on the dispatcher's event loop, while chunks collect.
 
     @contextlib.asynccontextmanager
-    async def publishing(self, run_dir: Path) -> AsyncIterator[None]:
+    async def publishing(
+        self, run_dir: Path, run_started_at: float | None = None
+    ) -> AsyncIterator[None]:
         """Publish this process's health file in ``run_dir`` while any chunk is inside this
-        block (every chunk enters it); the last one out stops and removes it, so a process that
-        collects nothing now (a long-lived Dask worker) shows nothing in flight."""
+        block (every chunk enters it); the last one out stops it and marks the file closed, so
+        a process that collects nothing now (a long-lived Dask worker) shows nothing in flight,
+        while the flow run's figures stay for its summary. ``run_started_at`` names the flow
+        run: another one starts the run_* figures afresh."""
         if self._chunks == 0:
+            if run_started_at != self._run_started_at:
+                self._run_started_at = run_started_at
+                for t in self._targets.values():
+                    t.run_hist, t.run_answered, t.run_failed = {}, 0, 0
             self._path = Path(run_dir) / f"{HEALTH_PREFIX}{worker_id().replace(':', '_')}.json"
             self._writer = asyncio.create_task(self._publish_forever(self._path))
         self._chunks += 1
@@ -221,8 +246,8 @@ class HealthRecorder:
                 self._writer.cancel()
                 await asyncio.gather(self._writer, return_exceptions=True)
                 self._writer = None
-                with contextlib.suppress(OSError):
-                    self._path.unlink()
+                final = orjson.dumps(self.snapshot() | {"closed": True})
+                await asyncio.to_thread(replace_file_quietly, self._path, final)
 
     async def _publish_forever(self, path: Path) -> None:
         while True:
@@ -245,6 +270,8 @@ class TargetHealth:
     answered: int = 0
     answers_last_min: int = 0
     failed_last_min: int = 0
+    answers_per_s: float = 0.0  # over the last minute (less for a younger run)
+    failed_per_s: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)  # failed attempts by class
     p50_s: float | None = None
     p95_s: float | None = None
@@ -281,8 +308,9 @@ class RunHealth:
         return sum(a.in_flight for a in self.agents)
 
     def headline(self) -> str:
-        """The figures in a line: `64 in flight, 1456 answers/min, p50 199 ms, p95 457 ms,
-        p99 604 ms, 2 stalled` (the latencies over every agent's answers)."""
+        """The figures in a line: `64 in flight, p50 199 ms, p95 457 ms, p99 604 ms, 2 stalled`
+        (the latencies of the last minute's answers). No rate: where it is shown, the run's
+        own rate of rollouts is beside it, in one unit."""
         if len(self.agents) == 1:
             a = self.agents[0]
             p50, p95, p99 = a.p50_s, a.p95_s, a.p99_s
@@ -291,8 +319,7 @@ class RunHealth:
             worst = max((a.p95_s for a in self.agents if a.p95_s is not None), default=None)
             latency = f"worst agent p95 {seconds_text(worst)}"
         stalled = f", {self.stalled_total} stalled" if self.stalled_total else ""
-        return (f"{self.in_flight} in flight, {self.answers_last_min} answers/min, "
-                f"{latency}{stalled}")  # fmt: skip
+        return f"{self.in_flight} in flight, {latency}{stalled}"
 
     @property
     def answers_last_min(self) -> int:
@@ -312,7 +339,7 @@ def read_health(run_dir: Path, now: float | None = None) -> RunHealth | None:
             doc = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError):
             continue  # removed or replaced while read: the next read has it
-        if now - float(doc.get("updated_at", 0)) <= FRESH_S:
+        if not doc.get("closed") and now - float(doc.get("updated_at", 0)) <= FRESH_S:
             docs.append(doc)
     if not docs:
         return None
@@ -352,10 +379,69 @@ def merge_health(docs: list[dict[str, Any]], now: float) -> RunHealth:
 def _add(th: TargetHealth, hist: dict[int, int], t: dict[str, Any]) -> None:
     for name in ("in_flight", "sent", "answered", "answers_last_min", "failed_last_min"):
         setattr(th, name, getattr(th, name) + int(t[name]))
+    # A rate per process over its own window, then summed: at the start of a run the window
+    # is shorter than a minute, and the last minute's count alone would read low.
+    if "answers_per_s" in t:  # a merged entry (an agent's URLs): its rates are made
+        answers, failed = float(t["answers_per_s"]), float(t["failed_per_s"])
+    else:
+        window = max(float(t.get("window_s", WINDOW_S)), PUBLISH_EVERY_S)
+        answers, failed = int(t["answers_last_min"]) / window, int(t["failed_last_min"]) / window
+    th.answers_per_s = round(th.answers_per_s + answers, 3)
+    th.failed_per_s = round(th.failed_per_s + failed, 3)
     for cls, n in t["failures"].items():
         th.failures[cls] = th.failures.get(cls, 0) + n
     for b, n in t["latency_hist"].items():
         hist[int(b)] = hist.get(int(b), 0) + n
+
+
+@dataclass
+class RunLatency:
+    """A flow run's answers over all its processes: how many, and how long they took."""
+
+    answered: int
+    failed_attempts: int
+    p50_s: float | None
+    p95_s: float | None
+    p99_s: float | None
+
+
+def read_run_latency(run_dir: Path, run_started_at: float) -> RunLatency | None:
+    """The figures of the flow run started at ``run_started_at`` from every process's file
+    (closed or not); None if no process sent anything in it. Closed files are removed."""
+    hist: dict[int, int] = {}
+    answered = failed = 0
+    found = False
+    for path in sorted(Path(run_dir).glob(f"{HEALTH_PREFIX}*.json")):
+        try:
+            doc = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if doc.get("run_started_at") == run_started_at:
+            found = True
+            for t in doc["targets"]:
+                answered += int(t["run_answered"])
+                failed += int(t["run_failed"])
+                for b, n in t["run_latency_hist"].items():
+                    hist[int(b)] = hist.get(int(b), 0) + n
+        if doc.get("closed"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+    if not found:
+        return None
+    p50, p95, p99 = (_rounded(percentile(hist, q)) for q in (0.5, 0.95, 0.99))
+    return RunLatency(answered, failed, p50, p95, p99)
+
+
+def rate_number(per_s: float | None) -> str:
+    """A rate per second, to its useful digits: 0, 0.42, 21.9, 1,457."""
+    if not per_s:
+        return "0"
+    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.1f}" if per_s >= 1 else f"{per_s:.2f}"
+
+
+def rate_text(per_s: float | None) -> str:
+    """A rate in one unit, per second: 21.9/s; `-` when unknown."""
+    return "-" if per_s is None else f"{rate_number(per_s)}/s"
 
 
 def _attempts(groups: Iterable[list[dict[str, Any]]]) -> list[InFlightAttempt]:

@@ -81,6 +81,38 @@ AgentUrl = Annotated[str | None, BeforeValidator(_no_credentials)]
 """An agent base URL given as a parameter: never with credentials in it."""
 
 
+def form_schema(schema: dict[str, Any]) -> None:
+    """A field's JSON schema as Prefect's parameter form shows it well (``json_schema_extra``).
+
+    The form offers each option of an ``anyOf`` as a toggle labelled with its title (else its
+    type: "integer", "null", a class name) and prints `Property is type "None"` under a null
+    option. So an optional value is its own type here: left empty, the form sends nothing and
+    the default (None) applies; the form itself marks the field "(Optional)". Choices that
+    stay (a number or "auto", a model or none) get titles that read as words.
+    """
+    options = schema.get("anyOf")
+    if options:
+        kept = [o for o in options if o.get("type") != "null"]
+        if len(kept) == 1 and "$ref" not in kept[0]:
+            del schema["anyOf"]
+            schema.update(kept[0])
+        else:
+            for o in options:
+                o.setdefault("title", _OPTION_TITLES.get(str(o.get("const", o.get("type"))),
+                                                         str(o.get("const", "Value"))))  # fmt: skip
+    if "default" in schema and schema["default"] is None:
+        del schema["default"]
+
+
+_OPTION_TITLES = {"integer": "Number", "number": "Number", "string": "Text", "null": "None"}
+
+
+def form_schema_of_properties(schema: dict[str, Any]) -> None:
+    """``form_schema`` for every field of a model (its ``json_schema_extra``)."""
+    for prop in schema.get("properties", {}).values():
+        form_schema(prop)
+
+
 RolloutKey = tuple[int, int]
 """(_ng_task_index, _ng_rollout_index): the identity of one rollout."""
 
@@ -88,7 +120,9 @@ RolloutKey = tuple[int, int]
 class CollectConfig(BaseModel):
     """One collection: a dataset, an agent, sampling settings. Names follow NeMo Gym's `+key`s."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", title="Collection", json_schema_extra=form_schema_of_properties
+    )
 
     # The one declaration of a collection's parameters: the flow's signature and form, the
     # CLI's `+key`s and flags and the multi-dataset config are derived from or checked
@@ -103,16 +137,16 @@ class CollectConfig(BaseModel):
     )
     agent_name: str | None = Field(
         default=None, title="Agent name",
-        description="Optional (text). Agent to resolve through ROLLOUTS_AGENTS or the head "
+        description="Agent to resolve through ROLLOUTS_AGENTS or the head "
         "server; empty: each row's agent_ref names its agent.",
     )  # fmt: skip
     agent_url: AgentUrl = Field(
         default=None, title="Agent URL",
-        description="Optional (text). Agent base URL, used as is (no name resolution).",
+        description="Agent base URL, used as is (no name resolution).",
     )  # fmt: skip
     limit: int | None = Field(
         default=None, title="Row limit",
-        description="Optional (integer). Collect only the first N input rows; empty: all rows.",
+        description="Collect only the first N input rows; empty: all rows.",
     )  # fmt: skip
     num_repeats: int = Field(default=1, title="Rollouts per task", description="Rollouts per task.")
     num_samples_in_parallel: CountOrAuto = Field(
@@ -127,7 +161,7 @@ class CollectConfig(BaseModel):
     )  # fmt: skip
     responses_create_params: dict[str, Any] = Field(
         default_factory=dict, title="Sampling overrides (Responses API)",
-        description="Optional (object). Shallow overrides of each request's Responses API "
+        description="Shallow overrides of each request's Responses API "
         'create parameters, e.g. {"temperature": 0.2}.',
     )  # fmt: skip
     num_repeats_add_seed: bool = Field(
@@ -150,7 +184,7 @@ class CollectConfig(BaseModel):
     )  # fmt: skip
     max_duration: MaxDuration = Field(
         default=None, title="Max duration",
-        description="Optional (text). End the run on time: 2h, 90m, 45s or seconds from its "
+        description="End the run on time: 2h, 90m, 45s or seconds from its "
         "start. No rollout starts too close to the deadline, those in flight at it are "
         "cancelled, what finished is merged; the run ends StoppedAtDeadline and a rerun "
         "continues.",
@@ -161,7 +195,7 @@ class CollectConfig(BaseModel):
     )  # fmt: skip
     retry_failure_classes: list[str] = Field(
         default_factory=list, title="Retry failure classes",
-        description="Optional (list of text). Retry by failure class: send again only the "
+        description="Retry by failure class: send again only the "
         "rollouts of the failures file whose last failure has one of these classes (e.g. "
         "timeout, http_500), whether final or given up, and merge; what succeeds moves to the "
         "rollouts file. Give the run's own parameters (`rollouts retry` reads them).",
@@ -334,7 +368,9 @@ class ChunkResult(BaseModel):
 class DatasetConfig(BaseModel):
     """One dataset of a multi-dataset run, with its own sampling settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", title="Dataset", json_schema_extra=form_schema_of_properties
+    )
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9_.-]+$",
@@ -348,13 +384,13 @@ class DatasetConfig(BaseModel):
     agent_name: str | None = Field(
         default=None,
         title="Agent name",
-        description="Optional. Agent to resolve through ROLLOUTS_AGENTS or the head server; "
+        description="Agent to resolve through ROLLOUTS_AGENTS or the head server; "
         "empty: each row's agent_ref names its agent.",
     )
     agent_url: AgentUrl = Field(
         default=None,
         title="Agent URL",
-        description="Optional. Agent base URL, used as is (no name resolution).",
+        description="Agent base URL, used as is (no name resolution).",
     )
     responses_create_params: dict[str, Any] = Field(
         default_factory=dict,
@@ -378,7 +414,7 @@ class DatasetConfig(BaseModel):
         default=None,
         gt=0,
         title="Row limit",
-        description="Optional. Collect only the first N input rows; empty: all rows.",
+        description="Collect only the first N input rows; empty: all rows.",
     )
     chunk_size: int = Field(
         default=10_000,
@@ -400,7 +436,7 @@ class DatasetConfig(BaseModel):
     )  # fmt: skip
     max_duration: MaxDuration = Field(
         default=None, title="Max duration",
-        description="Optional. End this dataset's collection on time (2h, 90m, 45s or seconds); "
+        description="End this dataset's collection on time (2h, 90m, 45s or seconds); "
         "a rerun continues.",
     )  # fmt: skip
 
@@ -424,7 +460,9 @@ class DatasetConfig(BaseModel):
 class MixConfig(BaseModel):
     """How the datasets' rollouts are mixed into one training set."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", title="Mix", json_schema_extra=form_schema_of_properties
+    )
 
     output: str = Field(
         title="Mix output (JSONL)",
@@ -441,7 +479,7 @@ class MixConfig(BaseModel):
     keep_groups: bool | None = Field(
         default=None,
         title="Keep repeat groups",
-        description="Optional. Select all rollouts of a task together; "
+        description="Select all rollouts of a task together; "
         "default: true when any dataset has num_repeats > 1.",
     )
     shortfall: Literal["error", "redistribute", "allow_short"] = Field(
@@ -460,10 +498,18 @@ class MixConfig(BaseModel):
         return v
 
 
+def _mix_or_none(schema: dict[str, Any]) -> None:
+    """The form's toggle between a mix and none, in words (not `MixConfig` and `null`)."""
+    for option in schema.get("anyOf", []):
+        option["title"] = "No mix" if option.get("type") == "null" else "Mix"
+
+
 class MultiDatasetConfig(BaseModel):
     """Several datasets collected concurrently, then mixed by target proportions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", title="Datasets and mix", json_schema_extra=form_schema_of_properties
+    )
 
     datasets: list[DatasetConfig] = Field(
         min_length=1,
@@ -473,7 +519,8 @@ class MultiDatasetConfig(BaseModel):
     mix: MixConfig | None = Field(
         default=None,
         title="Mix",
-        description="Optional. How to mix the datasets' rollouts; empty: no mix.",
+        json_schema_extra=_mix_or_none,
+        description="How to mix the datasets' rollouts into one training set, or no mix.",
     )
 
     def mix_request(self) -> MixRequest:

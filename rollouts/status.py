@@ -38,7 +38,8 @@ class RunStatus:
     done: int  # rollouts written
     failed: int  # rollouts failed for good
     chunks: list[ChunkStatus] = field(default_factory=list)
-    rate_per_s: float | None = None
+    rate_per_s: float | None = None  # rollouts finished per second, over rate_window_s
+    rate_window_s: float | None = None  # the last 30 s at most (as long as this reader read)
     eta_s: float | None = None
     state: str = "unknown"  # not started | running | complete | incomplete
     replicas: list[ReplicaStatus] = field(default_factory=list)  # replicated agents only
@@ -153,6 +154,7 @@ class StatusReader:
         t0, n0 = self._samples[0]
         if now - t0 > 0.5 and finished > n0:
             status.rate_per_s = (finished - n0) / (now - t0)
+            status.rate_window_s = now - t0
             status.eta_s = max(0.0, status.expected - finished) / status.rate_per_s
         return status
 

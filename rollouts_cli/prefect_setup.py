@@ -1,7 +1,8 @@
-"""Prefect objects our deployments rely on, beyond prefect.yaml: the automatic-resume automation.
+"""Prefect objects our deployments rely on, beyond prefect.yaml: the automatic-resume automation,
+and the deployments' parameter forms in the shape the UI shows well.
 
-`python -m rollouts_cli.prefect_setup` (run by `make deploy`) creates or updates it on the server
-that PREFECT_API_URL names.
+`python -m rollouts_cli.prefect_setup` (run by `make deploy`) creates or updates them on the
+server that PREFECT_API_URL names.
 
 A flow run whose process dies (worker or flow-run process killed, OOM) ends Crashed. The
 automation puts it back to Scheduled: the same run, same parameters, picked up again by a
@@ -13,12 +14,15 @@ crashes every time stops instead of looping.
 from __future__ import annotations
 
 import asyncio
+import copy
 from datetime import timedelta
 
 from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
+
+from rollouts.models import form_schema_of_properties
 
 AUTOMATION_NAME = "rollouts-resume-crashed-runs"
 CRASH_REPORT_WINDOW_S = 30
@@ -83,9 +87,37 @@ async def ensure_resume_automation() -> None:
     await wanted.acreate()
 
 
+async def reshape_deployment_forms() -> list[str]:
+    """Each of our deployments' parameter schema with every optional parameter as its own type,
+    without a null option or a null default (``rollouts.models.form_schema``: the UI would show
+    a "null" toggle and `Property is type "None"`; left empty, the form now sends nothing and
+    the flow's default applies). Prefect builds the schema from the flow's signature, where a
+    parameter's JSON schema can only be extended, so it is reshaped here, after `prefect
+    deploy`. Returns the names of the deployments updated."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    updated = []
+    async with get_client() as client:
+        deployments = await client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=FLOW_NAMES))
+        )
+        for d in deployments:
+            schema = copy.deepcopy(d.parameter_openapi_schema or {})
+            form_schema_of_properties(schema)
+            if schema != d.parameter_openapi_schema:
+                await client.update_deployment(
+                    d.id, DeploymentUpdate(parameter_openapi_schema=schema)
+                )
+                updated.append(d.name)
+    return updated
+
+
 def main() -> None:
     asyncio.run(ensure_resume_automation())
     print(f"automation {AUTOMATION_NAME!r} is in place")
+    updated = asyncio.run(reshape_deployment_forms())
+    print(f"parameter forms reshaped: {len(updated)} deployment(s)")
 
 
 if __name__ == "__main__":

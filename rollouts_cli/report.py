@@ -9,7 +9,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from rollouts.health import clock_text, describe_attempt, seconds_text
+from rollouts.health import clock_text, describe_attempt, rate_number, seconds_text
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
@@ -88,12 +88,19 @@ def status_view(status: RunStatus) -> RenderableType:
     if status.replicas:
         parts.append(replica_table(status.replicas, status.state.startswith("running")))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
-    rate = f"{status.rate_per_s:.1f}/s" if status.rate_per_s else "-"
     parts.append(Text(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
-        f"rate {rate}; ETA {clock_text(status.eta_s)}"
+        f"{rollouts_rate(status)}; ETA {clock_text(status.eta_s)}"
     ))  # fmt: skip
     return Group(*parts)
+
+
+def rollouts_rate(status: RunStatus) -> str:
+    """`174.7 rollouts/s (last 30 s)`: per second, as the live table's answers, and over
+    which window (the two windows differ: each says its own)."""
+    if not status.rate_per_s or not status.rate_window_s:
+        return "rollouts/s -"
+    return f"{rate_number(status.rate_per_s)} rollouts/s (last {status.rate_window_s:.0f} s)"
 
 
 MAX_CHUNK_ROWS = 12
@@ -122,15 +129,17 @@ def chunk_table(status: RunStatus) -> Table:
 def health_view(health: RunHealth) -> list[RenderableType]:
     """The live health table (per agent, then per replica), then what is stalled or oldest."""
     table = Table(title=f"live: {health.processes} process{'es' if health.processes > 1 else ''}, "
-                  f"updated {health.updated_s_ago:.0f} s ago")  # fmt: skip
+                  f"updated {health.updated_s_ago:.0f} s ago; rates and latencies over the "
+                  "last minute")  # fmt: skip
     table.add_column("agent", no_wrap=True)
-    for col in ("in flight", "answers/min", "failed/min", "p50", "p95", "p99"):
+    for col in ("in flight", "answers/s", "failed/s", "p50", "p95", "p99"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("failed attempts", overflow="fold", min_width=12)
     for t in [*health.agents, *health.replicas]:
         failures = ", ".join(f"{k} {n}" for k, n in sorted(t.failures.items())) or "-"
         table.add_row(t.agent if t.url is None else f"  {t.agent} {t.url}", str(t.in_flight),
-                      str(t.answers_last_min), str(t.failed_last_min), seconds_text(t.p50_s),
+                      rate_number(t.answers_per_s), rate_number(t.failed_per_s),
+                      seconds_text(t.p50_s),
                       seconds_text(t.p95_s), seconds_text(t.p99_s), failures)  # fmt: skip
     parts: list[RenderableType] = [table]
     if health.stalled_total:

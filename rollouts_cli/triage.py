@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import shlex
-
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from rollouts.failures import FailureReport
+from rollouts.failures import FailureReport, retry_command
 from rollouts_cli.report import _console
 
 MAX_ERROR_CHARS = 300
-
-
-def retry_command(report: FailureReport, classes: list[str]) -> str:
-    flags = " ".join(f"--failure-class {shlex.quote(c)}" for c in classes)
-    return f"rollouts retry {shlex.quote(report.output)} {flags}"
 
 
 def print_failures(report: FailureReport, console: Console | None = None) -> None:
@@ -43,20 +36,15 @@ def print_failures(report: FailureReport, console: Console | None = None) -> Non
         # Text, not markup: an error's own brackets must print as they are.
         console.print(Text.assemble((c.failure_class, "bold"), ": ", error or "(no error text)"),
                       soft_wrap=True)  # fmt: skip
-    gave_up = [c.failure_class for c in report.by_count() if c.gave_up]
+    gave_up = report.gave_up_classes()
     console.print(
         "gave up (a plain rerun of the collection sends them again): "
         + (", ".join(gave_up) or "none")
     )
-    final = final_classes(report)
+    final = report.final_classes()  # one retry covers them all
     console.print("final (a rerun leaves them; retry them once their cause is fixed): "
                   + (", ".join(final) or "none"), highlight=False, soft_wrap=True)  # fmt: skip
     if not final:
         console.print("to send the ones that gave up again, without the rest of the collection:")
-    console.print(f"  {retry_command(report, final or gave_up)}", highlight=False,
+    console.print(f"  {retry_command(report.output, final or gave_up)}", highlight=False,
                   soft_wrap=True)  # fmt: skip
-
-
-def final_classes(report: FailureReport) -> list[str]:
-    """Every class with final failures, most first: one retry covers them all."""
-    return [c.failure_class for c in report.by_count() if c.terminal]

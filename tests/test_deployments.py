@@ -22,6 +22,7 @@ import pytest
 import yaml
 from conftest import ROOT, AgentServer, read_jsonl, write_jsonl
 from pg_prefect import PgPrefectServer
+from test_prefect_ui import assert_a_form_that_reads_well
 
 from rollouts.reference_agent import generate_tasks, write_tasks
 from rollouts.run_state import run_dir_for
@@ -146,7 +147,7 @@ def test_deployment_run_with_param_and_params(stack: PrefectStack) -> None:
     )  # fmt: skip
     fr = stack.wait_final(flow_run_id)
     assert fr.state.is_completed(), fr.state
-    assert fr.name == "ui-form-run"  # a name given by the user is kept
+    assert fr.name == "deployed/sample (ui-form-run)"  # a name given in the form is kept
     rows = read_jsonl(out)
     assert keys(rows) == [(t, r) for t in range(30) for r in range(2)]
     assert {r["responses_create_params"]["temperature"] for r in rows} == {0.7}
@@ -255,7 +256,7 @@ def test_continuous_deployment_collects_exactly_the_new_rows(stack: PrefectStack
     sent_before = len(stack.agent.requests())
     first = run_once()
     assert first.state.is_completed()
-    assert first.name == "collect-stream"  # not the server's random name
+    assert first.name == "deployed/stream"  # not the server's random name
     write_jsonl(inp, tasks)  # 40 rows land between two scheduled runs
     assert run_once().state.is_completed()
 
@@ -299,6 +300,7 @@ def test_deployed_forms_describe_every_field_and_the_automation_says_what_it_doe
         undescribed = [name for name, p in fields if not p.get("description")]
         raw_titles = [name for name, p in fields if p.get("title") == name.split(".")[-1]]
         assert not undescribed and not raw_titles, (d.name, undescribed, raw_titles)
+        assert_a_form_that_reads_well(schema)  # as `make deploy` reshaped it
     (automation,) = automations
     for words in ("collect-rollouts", "collect-multi-dataset", "Crashed", "Scheduled"):
         assert words in automation.description

@@ -8,6 +8,7 @@ import math
 import os
 import pty
 import random
+import re
 import select
 import shlex
 import signal
@@ -22,6 +23,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
+from flows.artifacts import CARD_LINE_CHARS
 from rollouts.health import (
     OLDEST_SHOWN,
     PUBLISH_EVERY_S,
@@ -217,7 +219,7 @@ def assert_progress_artifact_has_the_headline(out: Path) -> None:
     async def descriptions() -> list[str]:
         async with get_client() as client:
             runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=f"collect-{out.stem}"))
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=f"/{out.stem}"))
             )
             artifacts = await client.read_artifacts(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
@@ -231,7 +233,14 @@ def assert_progress_artifact_has_the_headline(out: Path) -> None:
             break
         time.sleep(0.5)
     assert found, "no progress artifact with the live figures"
-    assert "answers/min" in found[0] and "p50 " in found[0] and "p99 " in found[0]
+    first, *rest = found[0].split("\n\n")
+    # The first line fits a grid card of the UI; then one rate (rollouts/s, its window said)
+    # and the live health of the last minute.
+    assert re.fullmatch(r"\d+/3000 written, \d+ failed(, ETA \d+m\d\ds)?", first), first
+    assert len(first) <= CARD_LINE_CHARS
+    assert re.match(r"[\d.]+ rollouts/s \(last \d+ s\); \d+ in flight, p50 .+, p95 .+, "
+                    r"p99 .+ \(last minute\)", rest[0]), rest  # fmt: skip
+    assert "/min" not in found[0]
 
 
 def test_a_hung_request_is_listed_as_stalled_within_the_warning_time_and_logged_once(
@@ -379,7 +388,8 @@ def test_watch_redraws_in_place_and_ends_cleanly_on_ctrl_c(
         assert proc.wait(120) == 0
     assert code == 0 and "Traceback" not in stderr and stderr == ""
     text = screen.decode(errors="replace")
-    assert "in flight" in text and "p50" in text and "answers/min" in text
+    assert "in flight" in text and "p50" in text and "answers/s" in text and "/min" not in text
+    assert "over the last minute" in text and "rollouts/s (last " in text
     # redrawn in place: the cursor moves up over the last frame instead of scrolling a new one
     assert text.count("\x1b[2K") > 10 and "\x1b[1A" in text
     assert text.count("watched.jsonl: running") >= 3  # redrawn, frame after frame

@@ -23,7 +23,7 @@ from conftest import AgentServer, read_jsonl
 from pg_prefect import PgPrefectServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.multi import MultiSummary, collect_multi_dataset
+from flows.multi import MultiSummary, collect_multi_dataset, dataset_run_name
 from rollouts.models import MultiDatasetConfig
 from rollouts.reference_agent import write_tasks
 from rollouts.run_state import run_dir_for
@@ -81,8 +81,7 @@ def test_each_dataset_reaches_the_agent_with_its_own_temperature_and_repeats(
         " ON sub.parent_task_run_id = t.id WHERE t.flow_run_id = $1::uuid ORDER BY sub.name",
         state.state_details.flow_run_id,
     )
-    assert subflows == [(d.run_label(), "COMPLETED") for d in
-                        sorted(config.datasets, key=lambda d: d.run_label())]  # fmt: skip
+    assert subflows == sorted((dataset_run_name(d), "COMPLETED") for d in config.datasets)
     summary = state.result()
     assert isinstance(summary, MultiSummary)
     by_temperature: dict[float, Counter[int]] = {}

@@ -172,8 +172,9 @@ def test_run_has_progress_metrics_table_and_summary_artifacts(
     assert float(progress.data) == 100.0
     tables = {a.key: a for a in by_type["table"]}
     key = artifact_key(out, "metrics")
-    # readable (the file's stem) and distinct per output path (same stem in another folder)
-    assert key.startswith("my-rollouts-") and key.endswith("-metrics")
+    # readable (the file's stem, then what it is) and distinct per output path (same stem in
+    # another folder): the UI titles the card with it
+    assert key.startswith("my-rollouts-metrics-")
     assert key != artifact_key(tmp_path / "elsewhere" / out.name, "metrics")
     table = tables[key]
     rows = orjson.loads(table.data) if isinstance(table.data, str) else table.data

@@ -32,7 +32,7 @@ def files_under(root: Path) -> list[Path]:
 async def prefect_records(output_stem: str) -> tuple[list[Any], list[str]]:
     """Our flow runs and everything Prefect stored about them, as JSON texts."""
     async with get_client() as client:
-        runs = [r for r in await client.read_flow_runs() if r.name == f"collect-{output_stem}"]
+        runs = [r for r in await client.read_flow_runs() if r.name.endswith(f"/{output_stem}")]
         ids = [r.id for r in runs]
         texts = [r.model_dump_json() for r in runs]
         texts += [
