@@ -91,7 +91,7 @@ class _Target:
     as they were a minute earlier (``marks``)."""
 
     __slots__ = ("agent", "answered", "failed", "failures", "in_flight", "latencies", "marks",
-                 "n_latencies", "run_answered", "run_failed", "run_hist", "sent",
+                 "n_latencies", "run_base", "run_folded", "run_hist", "sent",
                  "url")  # fmt: skip
 
     def __init__(self, agent: str, url: str, now: float) -> None:
@@ -101,8 +101,25 @@ class _Target:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # the latest, oldest first
         # (time, answered, failed, n_latencies) at each snapshot, oldest first
         self.marks: deque[tuple[float, int, int, int]] = deque([(now, 0, 0, 0)])
-        self.run_hist: dict[int, int] = {}  # every answer of the flow run: bucket -> count
-        self.run_answered = self.run_failed = 0
+        # The flow run's figures, kept off the request path: its answers and failed attempts
+        # are the counters less ``run_base`` (their values as it started); its latencies are
+        # folded into ``run_hist`` (bucket -> count) at each snapshot, up to ``run_folded``.
+        self.run_base = (0, 0)
+        self.run_hist: dict[int, int] = {}
+        self.run_folded = 0
+
+    def start_run(self) -> None:
+        self.run_base, self.run_hist, self.run_folded = (self.answered, self.failed), {}, (
+            self.n_latencies)  # fmt: skip
+
+    def fold_run_latencies(self) -> None:
+        """Add the answers since the last fold to ``run_hist`` (beyond ``LATENCY_SAMPLES``
+        between two snapshots, about 2,000 answers/s on one URL, the latest of them)."""
+        new = min(self.n_latencies - self.run_folded, len(self.latencies))
+        for seconds in itertools.islice(reversed(self.latencies), new):
+            b = latency_bucket(seconds)
+            self.run_hist[b] = self.run_hist.get(b, 0) + 1
+        self.run_folded = self.n_latencies
 
     def last_minute(self, now: float) -> tuple[int, int, dict[int, int], float]:
         """(answers, failed attempts, latency histogram, seconds they span) since the last mark
@@ -156,19 +173,14 @@ class HealthRecorder:
         t.in_flight -= 1
         if failure_class is None:
             t.answered += 1
-            t.run_answered += 1
         else:
             t.failures[failure_class] = t.failures.get(failure_class, 0) + 1
             if failure_class != "cancelled":
                 t.failed += 1
-                t.run_failed += 1
             if failure_class in NO_ANSWER:
                 return  # no answer came: its duration is no answer time
-        seconds = self._clock() - started
-        t.latencies.append(seconds)
+        t.latencies.append(self._clock() - started)
         t.n_latencies += 1
-        b = latency_bucket(seconds)
-        t.run_hist[b] = t.run_hist.get(b, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         """This process's health document (what ``health.<worker>.json`` holds)."""
@@ -176,6 +188,7 @@ class HealthRecorder:
         targets, thresholds = [], {}
         for t in self._targets.values():
             answers, failed, hist, window_s = t.last_minute(now)
+            t.fold_run_latencies()
             p95 = percentile(hist, 0.95)
             thresholds[id(t)] = self._stall_threshold(p95)
             targets.append({
@@ -184,7 +197,8 @@ class HealthRecorder:
                 "failed_last_min": failed, "window_s": round(window_s, 3),
                 "failures": dict(t.failures),
                 "latency_hist": {str(b): n for b, n in sorted(hist.items())},
-                "run_answered": t.run_answered, "run_failed": t.run_failed,
+                "run_answered": t.answered - t.run_base[0],
+                "run_failed": t.failed - t.run_base[1],
                 "run_latency_hist": {str(b): n for b, n in sorted(t.run_hist.items())},
             })  # fmt: skip
         oldest, stalled, n_stalled = [], [], 0
@@ -234,7 +248,7 @@ class HealthRecorder:
             if run_started_at != self._run_started_at:
                 self._run_started_at = run_started_at
                 for t in self._targets.values():
-                    t.run_hist, t.run_answered, t.run_failed = {}, 0, 0
+                    t.start_run()
             self._path = Path(run_dir) / f"{HEALTH_PREFIX}{worker_id().replace(':', '_')}.json"
             self._writer = asyncio.create_task(self._publish_forever(self._path))
         self._chunks += 1
