@@ -25,7 +25,7 @@ SERVER_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 AGENT_PORT ?= 8765
 REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:$(AGENT_PORT)"}
 
-.PHONY: install demo test test-fast lint clean server deploy worker agent
+.PHONY: install demo test test-fast typecheck lint clean server deploy worker agent
 
 $(BIN)/rollouts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,13 @@ install: $(BIN)/rollouts
 demo: install
 	bash scripts/demo.sh
 
-## The test suite (real agent processes and a real Prefect server on 127.0.0.1).
-test: install
+## The type checker (strict, pyproject.toml [tool.mypy]), then the test suite (real agent
+## processes and a real Prefect server on 127.0.0.1).
+test: typecheck
 	$(BIN)/python -m pytest -q
+
+typecheck: install
+	$(BIN)/mypy
 
 ## The stages alone: no Prefect, no agent processes (seconds, not minutes).
 test-fast: install

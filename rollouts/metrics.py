@@ -268,8 +268,8 @@ def _write_group_entries(
                         # Any remaining NaN/inf is written as null by orjson.
                         per_stat[stat].append((idx, vals.tolist()))
             for stat in STATS:
-                for idx, vals in per_stat[stat]:
-                    keyed.append((f"{stat}/{fields[idx]}", idx, vals))
+                for idx, values in per_stat[stat]:
+                    keyed.append((f"{stat}/{fields[idx]}", idx, values))
 
         for j, task in enumerate(task_ids):
             entry: dict[str, Any] = {
@@ -277,10 +277,10 @@ def _write_group_entries(
                 "num_rollouts": sizes[j],
                 "expected_num_rollouts": num_repeats,
             }
-            for key, idx, vals in keyed:
+            for key, idx, values in keyed:
                 # A field none of this task's rollouts has is left out, not written as null.
                 if counts[idx][j]:
-                    entry[key] = vals[j]
+                    entry[key] = values[j]
             # Straight to the buffered file: orjson's result buffers are several KB each, so
             # collecting them per chunk would cost far more than the JSON itself.
             out.write(b"\n" if g0 == 0 and j == 0 else b",\n")

@@ -83,15 +83,15 @@ class SourceIndex:
 
     name: str
     path: Path
-    offsets: array  # 'q'
-    lengths: array  # 'l'
-    groups: array  # 'q': _ng_task_index of each row
+    offsets: array[int]  # 'q'
+    lengths: array[int]  # 'l'
+    groups: array[int]  # 'q': _ng_task_index of each row
     sha256: str
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def group_spans(self) -> tuple[array, array, array]:
+    def group_spans(self) -> tuple[array[int], array[int], array[int]]:
         """(row order, group starts, group sizes) over that order: rows of one task are
         contiguous in it. Our merged outputs are sorted by task, so the order is usually the
         identity; otherwise rows are sorted by task (ints only, never bodies)."""
@@ -349,7 +349,7 @@ def _outward(start: int, top: int) -> Iterator[int]:
                 yield k
 
 
-def _pick_groups(by_size: dict[int, array], rows: int, rng: random.Random) -> list[int]:
+def _pick_groups(by_size: dict[int, array[int]], rows: int, rng: random.Random) -> list[int]:
     """Group numbers adding up to exactly ``rows`` (reachable): of each size about the same
     share (so that, say, tasks with a failed rollout are neither favoured nor avoided), the
     groups of each size drawn at random."""
@@ -421,7 +421,7 @@ def mix_sources(request: MixRequest) -> MixResult:
         rng = _rng(request.seed, "select", name)
         _, starts, group_sizes = spans[name]
         if keep_groups:
-            by_size: dict[int, array] = {}
+            by_size: dict[int, array[int]] = {}
             for g, size in enumerate(group_sizes):
                 by_size.setdefault(size, array("q")).append(g)
             for g in sorted(_pick_groups(by_size, plan.rows[name], rng)):
