@@ -336,6 +336,26 @@ class ChunkSpec(BaseModel):
         return by_agent
 
 
+class RecordedChunk(BaseModel):
+    """A chunk as ``run.json`` lists it: its ``ChunkSpec`` without the paths and the run id,
+    which follow from where the run state is."""
+
+    index: int
+    n_tasks: int
+    content_sha256: str
+    task_min: int
+    task_max: int
+    contiguous: bool
+    rows_per_agent: dict[str, int] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: ChunkSpec) -> RecordedChunk:
+        return cls(**spec.model_dump(exclude={"tasks_path", "run_id"}))
+
+    def spec(self, tasks_path: str, run_id: str) -> ChunkSpec:
+        return ChunkSpec(**self.model_dump(), tasks_path=tasks_path, run_id=run_id)
+
+
 class SplitResult(BaseModel):
     run_dir: str
     run_id: str

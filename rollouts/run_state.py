@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from rollouts.chunks import ChunkFiles
 from rollouts.errors import RunConflict, RunLocked
 from rollouts.fileio import ensure_writable_dir, write_json_atomic
-from rollouts.models import ChunkSpec, CollectConfig
+from rollouts.models import ChunkSpec, CollectConfig, RecordedChunk
 
 RUN_FILE = "run.json"
 
@@ -45,7 +45,7 @@ class RunState(BaseModel):
     first_input: str | None = None
     output: str | None = None
     # Each chunk as split recorded it, without paths (None: a run dir split before this list).
-    chunks: list[dict[str, Any]] | None = None
+    chunks: list[RecordedChunk] | None = None
     # The last collection's parameters (CollectConfig.stored_params), which `rollouts retry`
     # reruns with (None: a run dir from before they were stored).
     params: dict[str, Any] | None = None
@@ -253,7 +253,7 @@ def record_chunks(run_dir: Path, specs: list[ChunkSpec]) -> None:
     never paths), so that status reads no tasks file. Atomic; only when they changed, and
     only in a run dir that has a run.json (prepare_run_dir writes it before the split)."""
     state = read_run_state(run_dir)
-    chunks = [s.model_dump(exclude={"tasks_path", "run_id"}) for s in specs]
+    chunks = [RecordedChunk.of(s) for s in specs]
     if state is not None and state.chunks != chunks:
         state.chunks = chunks
         state.write(run_dir)
@@ -264,8 +264,5 @@ def recorded_chunks(run_dir: Path, state: RunState) -> list[ChunkSpec] | None:
     None in a run dir split before run.json listed its chunks."""
     if state.chunks is None:
         return None
-    return [
-        ChunkSpec(**c, tasks_path=str(ChunkFiles.of_run(run_dir, c["index"]).tasks),
-                  run_id=state.run_id)
-        for c in state.chunks
-    ]  # fmt: skip
+    return [c.spec(str(ChunkFiles.of_run(run_dir, c.index).tasks), state.run_id)
+            for c in state.chunks]  # fmt: skip
