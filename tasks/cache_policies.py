@@ -8,10 +8,11 @@ share one storage across tasks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from prefect import Task, task
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
@@ -38,3 +39,23 @@ class KeyFromInputs(CachePolicy):
 
 def content_policy(identity: Callable[[dict[str, Any]], Any]) -> CachePolicy:
     return TASK_SOURCE + KeyFromInputs(identity=identity)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+AsyncStage = Callable[P, Coroutine[Any, Any, R]]
+
+
+def cached_stage(
+    name: str, identity: Callable[[dict[str, Any]], Any], retries: int = 1
+) -> Callable[[AsyncStage[P, R]], Task[P, Coroutine[Any, Any, R]]]:
+    """A whole-run stage (split, merge, metrics, mix) as a task: named for the UI, its result
+    persisted and keyed by ``identity``, so a rerun gets it back instead of redoing it."""
+
+    def decorate(fn: AsyncStage[P, R]) -> Task[P, Coroutine[Any, Any, R]]:
+        return task(
+            name=name, task_run_name=name, cache_policy=content_policy(identity),
+            persist_result=True, retries=retries,
+        )(fn)  # fmt: skip
+
+    return decorate

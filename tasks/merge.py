@@ -7,13 +7,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from rollouts.chunks import ChunkFiles
 from rollouts.collect import DispatchPlan
 from rollouts.merge import MergeReport, merge_chunks
 from rollouts.models import ChunkSpec
-from tasks.cache_policies import content_policy
+from tasks.cache_policies import cached_stage
 from tasks.split import file_identity
 
 
@@ -31,13 +29,7 @@ def _merge_identity(inputs: dict[str, Any]) -> Any:
     }
 
 
-@task(
-    name="merge",
-    task_run_name="merge",
-    cache_policy=content_policy(_merge_identity),
-    persist_result=True,
-    retries=1,
-)
+@cached_stage("merge", _merge_identity)
 async def merge_task(
     chunks: list[ChunkSpec], plan: DispatchPlan, output_path: str, failures_path: str
 ) -> MergeReport:

@@ -6,9 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-
-from tasks.cache_policies import content_policy
+from tasks.cache_policies import cached_stage
 from tasks.split import file_identity
 
 if TYPE_CHECKING:
@@ -25,13 +23,7 @@ def _metrics_identity(inputs: dict[str, Any]) -> Any:
     }
 
 
-@task(
-    name="metrics",
-    task_run_name="metrics",
-    cache_policy=content_policy(_metrics_identity),
-    persist_result=True,
-    retries=1,
-)
+@cached_stage("metrics", _metrics_identity)
 async def metrics_task(
     rollouts_path: str,
     failures_path: str,

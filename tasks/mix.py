@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from prefect import task
-
 from rollouts.mix import MixRequest, MixResult, mix_sources
-from tasks.cache_policies import content_policy
+from tasks.cache_policies import cached_stage
 from tasks.split import file_identity
 
 
@@ -23,12 +21,6 @@ def _mix_identity(inputs: dict[str, Any]) -> Any:
     }
 
 
-@task(
-    name="mix",
-    task_run_name="mix",
-    cache_policy=content_policy(_mix_identity),
-    persist_result=True,
-    retries=1,
-)
+@cached_stage("mix", _mix_identity)
 async def mix_task(request: MixRequest) -> MixResult:
     return await asyncio.to_thread(mix_sources, request)

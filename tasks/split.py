@@ -7,11 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from rollouts.models import SplitResult
 from rollouts.split import split_input
-from tasks.cache_policies import content_policy
+from tasks.cache_policies import cached_stage
 
 
 def file_identity(path: str | Path) -> tuple[str, int, int, int] | None:
@@ -39,13 +37,8 @@ def _split_identity(inputs: dict[str, Any]) -> Any:
     }
 
 
-@task(
-    name="split",
-    task_run_name="split",
-    cache_policy=content_policy(_split_identity),
-    persist_result=True,
-    retries=0,  # bad input does not get better by retrying
-)
+# No retries: bad input does not get better by retrying.
+@cached_stage("split", _split_identity, retries=0)
 async def split_task(
     input_path: str,
     run_dir: str,
