@@ -39,7 +39,7 @@ Crash semantics: with ``crash_after=N`` the first N ``/run`` requests are handle
 process exits with code 3 upon receiving request N+1 (which gets no response; it is logged with
 outcome ``"crash"`` first).
 
-Run it: ``python -m rollouts.reference_agent --port 8765 --latency-ms 50``.
+Run it: ``python -m reference_agent --port 8765 --latency-ms 50`` (or ``rollouts serve-agent``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ import re
 import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -67,10 +66,10 @@ from typing import IO, Any
 import orjson
 from aiohttp import web
 
-from rollouts.agent_capacity import ProcessorSharing
+from reference_agent.args import FAILURE_CLASS, add_serve_agent_arguments
+from reference_agent.capacity import ProcessorSharing
 from rollouts.fdlimit import raise_open_file_limit
 from rollouts.models import RESPONSES_CREATE_PARAMS_KEYS
-from rollouts.reference_agent_args import FAILURE_CLASS, add_serve_agent_arguments
 
 API_KEY_ENV = "ROLLOUTS_AGENT_API_KEY"
 # USER:PASSWORD: require basic auth, as a proxy in front of an agent would (the collector sends
@@ -160,7 +159,7 @@ class AgentSimConfig:
     fail_class_tasks: frozenset[int] = frozenset()
     no_persist_tasks: frozenset[int] = frozenset()
     crash_after: int | None = None
-    capacity: int | None = None  # processor sharing above K in service (agent_capacity.py)
+    capacity: int | None = None  # processor sharing above K in service (capacity.py)
     reject_above: int | None = None  # 429 while this many are in service
     capacity_schedule: tuple[tuple[float, int], ...] = ()  # (seconds after first /run, K)
 
@@ -719,14 +718,11 @@ def serve_agent_from_args(args: argparse.Namespace) -> None:
     serve_agent(args.host, args.port, config)
 
 
-def _main(argv: Iterable[str] | None = None) -> None:
+def main(argv: Iterable[str] | None = None) -> None:
+    """``python -m reference_agent``: parse the flags, serve until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m rollouts.reference_agent",
+        prog="python -m reference_agent",
         description="Reference NeMo Gym agent SIMULATOR (arithmetic tasks; no model involved).",
     )
     add_serve_agent_arguments(parser)
     serve_agent_from_args(parser.parse_args(None if argv is None else list(argv)))
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
