@@ -87,7 +87,7 @@ def test_prefect_keeps_the_task_run_context_in_its_contextvar() -> None:
         "`__var__`; flows/ui.py own_run_context sets it to None to hide the calling task's run"
     )
     calling_task = object()  # stands for the TaskRunContext of the task calling a subflow
-    token = var.set(calling_task)  # type: ignore[arg-type]
+    token = var.set(calling_task)
     try:
         assert TaskRunContext.get() is calling_task, (
             f"Prefect {prefect.__version__}: TaskRunContext.get() no longer reads `__var__` "
@@ -113,7 +113,8 @@ def test_coolname_word_lists_tell_prefect_made_up_run_names() -> None:
         "the Prefect server makes up"
     )
     two_words = load_config(data).get("an", {})
-    assert two_words.get("type") == "cartesian" and len(two_words.get("lists", ())) == 2, (
+    lists = two_words.get("lists")
+    assert two_words.get("type") == "cartesian" and isinstance(lists, list) and len(lists) == 2, (
         f"coolname: its config's 'an' (adjective, subject: generate(2)) is now {two_words!r}; "
         "flows/ui.py _generated_name_words reads its two lists"
     )
