@@ -53,7 +53,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m fast
 
 lint: install
-	$(BIN)/ruff check rollouts rollouts_cli flows tasks tests
+	$(BIN)/ruff check rollouts rollouts_cli flows tasks reference_agent tests
 
 clean:
 	rm -rf out .rollouts

@@ -325,9 +325,9 @@ def reference_agent(
     log_path: Path | None = None,
     extra: list[str] | None = None,
 ) -> Iterator[Agent]:
-    """``python -m rollouts.reference_agent --port 0`` on 127.0.0.1 (``extra``: more of its
+    """``python -m reference_agent --port 0`` on 127.0.0.1 (``extra``: more of its
     flags); stopped on exit."""
-    cmd = [PY, "-m", "rollouts.reference_agent", "--host", "127.0.0.1", "--port", "0",
+    cmd = [PY, "-m", "reference_agent", "--host", "127.0.0.1", "--port", "0",
            "--latency-ms", str(latency_ms), "--latency-sigma", str(sigma), "--seed", str(seed),
            *(extra or [])]  # fmt: skip
     if request_log is not None:

@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     base = ["--capacity", str(args.capacity), "--reject-above", str(args.reject_above),
             "--retry-after-s", "0.1"]  # fmt: skip

@@ -240,7 +240,7 @@ def main() -> None:
     if args.multi:
         variants.append((args.multi, shlex.split(args.extra) + shlex.split(args.multi)))
 
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     gate = gate_from_args(args)
     results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"json": str(args.json)},

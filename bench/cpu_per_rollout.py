@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     rows: list[list[Any]] = []
     results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"json": str(args.json)},

@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--wait-written", type=int, default=300)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     with tempfile.TemporaryDirectory(prefix="bench-deadline-") as d:
         tmp = Path(d)

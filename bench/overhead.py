@@ -269,7 +269,7 @@ def main() -> None:
     args = ap.parse_args()
     gate = gate_from_args(args)
 
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     runs: list[dict[str, Any]] = []
     profile: dict[str, Any] | None = None

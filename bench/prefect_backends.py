@@ -216,7 +216,7 @@ def main() -> None:
         return
     gate = gate_from_args(args)
 
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     n_chunks = math.ceil(args.n / args.small_chunk)
     rows: list[dict[str, Any]] = []

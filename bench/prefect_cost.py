@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     gate = gate_from_args(args)
 
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     n_chunks = math.ceil(args.n / args.small_chunk)
     runs: list[dict[str, Any]] = []

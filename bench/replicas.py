@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import add_gate_args, gate_from_args, loadavg, machine, print_table, reference_agent
 from _common import write_json as write_result
 
+from reference_agent.server import generate_tasks
 from rollouts.agent_client import AgentClient, RetryPolicy
-from rollouts.reference_agent import generate_tasks
 from rollouts.replicas import ReplicaRouter
 
 POLICY = RetryPolicy(request_timeout_s=60.0)  # the defaults otherwise: 5 attempts, 0.5 s backoff

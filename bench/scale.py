@@ -66,7 +66,7 @@ PAD = "Show your work briefly, then give the final answer as a single integer. "
 
 def write_task_input(path: Path, n: int) -> None:
     """N task rows of ~300 bytes: the reference agent's arithmetic tasks plus instructions."""
-    from rollouts.reference_agent import generate_tasks
+    from reference_agent.server import generate_tasks
 
     with open(path, "wb") as f:
         for row in generate_tasks(n):
@@ -260,7 +260,7 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(d, ignore_errors=True)
         if args.collect_n:
-            from rollouts.reference_agent import write_tasks
+            from reference_agent.server import write_tasks
 
             tasks = tmp / "collect-tasks.jsonl"
             write_tasks(tasks, args.collect_n)

@@ -60,7 +60,7 @@ from _common import (
     write_json,
 )
 
-from rollouts.reference_agent import write_tasks
+from reference_agent.server import write_tasks
 from rollouts.run_state import run_dir_for
 from rollouts.status import StatusReader
 

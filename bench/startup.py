@@ -606,7 +606,7 @@ def main() -> None:
 
     from _common import bench_dir, gate_from_args, machine, print_table, write_json
 
-    from rollouts.reference_agent import write_tasks
+    from reference_agent.server import write_tasks
 
     if args.burn:
         args.load_threshold = float("inf")

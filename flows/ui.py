@@ -43,6 +43,8 @@ def _generated_name_words() -> tuple[frozenset[str], frozenset[str]]:
     import coolname
     from coolname.loader import load_config
 
+    # coolname offers no list of its words: its bundled data and config layout ("an": the
+    # adjective and subject lists of a 2-word name) are read (tests/test_library_internals.py).
     config = load_config(Path(coolname.__file__).parent / "data")
 
     def words(key: str) -> frozenset[str]:
@@ -125,6 +127,8 @@ def own_run_context() -> Iterator[None]:
     """
     from prefect.context import TaskRunContext
 
+    # Prefect has no public way to leave a context: its ContextVar is set directly
+    # (tests/test_library_internals.py fails if Prefect moves it).
     token = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]
     try:
         yield

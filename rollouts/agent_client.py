@@ -26,6 +26,7 @@ import yaml
 from rollouts.aiohttp_transport import AiohttpSessionTransport
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
 from rollouts.errors import AgentResolutionError, AgentUnreachable
+from rollouts.nemo_gym import NG_FAILURE_CLASS, NG_FAILURE_TERMINAL, NG_NO_PERSIST
 from rollouts.settings import RolloutsSettings
 from rollouts.urls import AgentCredentials, redact
 
@@ -207,7 +208,9 @@ class AgentClient:
             limits=_limits(max_in_flight),
         )
         # Agents set no cookies we want, and httpx parses every answer's through urllib's
-        # cookie machinery (about 0.02 ms CPU per request). httpx 0.28 offers no switch.
+        # cookie machinery (about 0.02 ms CPU per request). httpx 0.28 offers no switch: its
+        # `cookies` setter copies into a plain Cookies, so the private store is replaced
+        # (tests/test_library_internals.py fails if httpx moves it).
         self._http._cookies = _NoCookies()
         # What httpx's build_request would merge into every request, merged once.
         self._extensions = {"timeout": self._http.timeout.as_dict()}
@@ -302,11 +305,11 @@ class AgentClient:
             return _Attempt("invalid_response", "answer is not a JSON object", True)
         # NeMo Gym's routing: `_ng_no_persist` (with or without a class) is stored nowhere; a
         # non-null `_ng_failure_class` is a failure; a null one is an ordinary answer.
-        if answer.get("_ng_failure_class") is not None or answer.get("_ng_no_persist") is True:
+        if answer.get(NG_FAILURE_CLASS) is not None or answer.get(NG_NO_PERSIST) is True:
             return _Attempt(
-                str(answer.get("_ng_failure_class") or "no_persist"),
+                str(answer.get(NG_FAILURE_CLASS) or "no_persist"),
                 _short(str(answer.get("error", "agent reported a failure"))),
-                retryable=answer.get("_ng_failure_terminal") is not True,
+                retryable=answer.get(NG_FAILURE_TERMINAL) is not True,
                 answer=answer,
             )
         return answer
@@ -366,7 +369,7 @@ class AgentClient:
             if isinstance(result, dict):
                 return Outcome("ok", answer=result, attempts=attempt)
             last = result
-            if result.answer is not None and result.answer.get("_ng_no_persist") is True:
+            if result.answer is not None and result.answer.get(NG_NO_PERSIST) is True:
                 return Outcome(
                     "no_persist", answer=result.answer, failure_class=result.failure_class,
                     error=result.error, attempts=attempt,

@@ -33,6 +33,15 @@ from rollouts.fileio import (
 )
 from rollouts.health import HealthRecorder
 from rollouts.models import ChunkResult, ChunkSpec, CollectConfig, RolloutKey
+from rollouts.nemo_gym import (
+    AGENT_REF,
+    NG_FAILURE_CLASS,
+    NG_FAILURE_TERMINAL,
+    NG_ROLLOUT_INDEX,
+    NG_TASK_INDEX,
+    RESPONSES_CREATE_PARAMS,
+    key_of,
+)
 from rollouts.replicas import ReplicaRouter
 from rollouts.retry import retry_attempts
 from rollouts.run_state import worker_id
@@ -42,6 +51,9 @@ from rollouts.urls import AgentCredentials
 
 FSYNC_EVERY_S = 5.0
 DISPATCH_BATCH = 64  # rollouts started between two yields to the event loop
+# The fields the collector places in every output and failure row itself, after the answer's
+# (a tuple built once: the hot path would otherwise build it for every key of every answer).
+_PLACED_FIELDS = (NG_TASK_INDEX, NG_ROLLOUT_INDEX, AGENT_REF)
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ class DispatchPlan:
     add_seed: bool = False
 
     def agent_ref(self, row: dict[str, Any]) -> dict[str, str]:
-        return {"name": self.agent_of_ref(row["agent_ref"]["name"] if "agent_ref" in row else None)}
+        return {"name": self.agent_of_ref(row[AGENT_REF]["name"] if AGENT_REF in row else None)}
 
     def agent_of_ref(self, row_agent: str | None) -> str:
         """The agent answering a row whose agent_ref names ``row_agent`` (None: it has none)."""
@@ -97,21 +109,17 @@ class DispatchPlan:
 
     def body(self, row: dict[str, Any], rollout_index: int) -> dict[str, Any]:
         body = dict(row)
-        rcp = row["responses_create_params"] | self.overrides
+        rcp = row[RESPONSES_CREATE_PARAMS] | self.overrides
         if self.add_seed:
             metadata = dict(rcp.get("metadata") or {})
             extra = orjson.loads(metadata.get("extra_body") or "{}")
             extra["seed"] = rollout_index
             metadata["extra_body"] = orjson.dumps(extra).decode()
             rcp["metadata"] = metadata
-        body["responses_create_params"] = rcp
-        body["agent_ref"] = self.agent_ref(row)
-        body["_ng_rollout_index"] = rollout_index
+        body[RESPONSES_CREATE_PARAMS] = rcp
+        body[AGENT_REF] = self.agent_ref(row)
+        body[NG_ROLLOUT_INDEX] = rollout_index
         return body
-
-
-def key_of(row: dict[str, Any]) -> RolloutKey:
-    return (row["_ng_task_index"], row["_ng_rollout_index"])
 
 
 def scan_done(rollouts_path: Path, failures_path: Path) -> tuple[set[RolloutKey], set[RolloutKey]]:
@@ -124,7 +132,7 @@ def scan_done(rollouts_path: Path, failures_path: Path) -> tuple[set[RolloutKey]
         succeeded = {key_of(r) for r in iter_jsonl(rollouts_path)}
     if failures_path.exists():
         terminal = {
-            key_of(r) for r in iter_jsonl(failures_path) if r.get("_ng_failure_terminal") is True
+            key_of(r) for r in iter_jsonl(failures_path) if r.get(NG_FAILURE_TERMINAL) is True
         }
     return succeeded, terminal - succeeded
 
@@ -204,10 +212,9 @@ class _ResultWriter:
 
 
 def _output_row(answer: dict[str, Any], key: RolloutKey, agent_ref: dict[str, str]) -> dict:
-    row = {k: v for k, v in answer.items()
-           if k not in ("_ng_task_index", "_ng_rollout_index", "agent_ref")}  # fmt: skip
-    row["_ng_task_index"], row["_ng_rollout_index"] = key
-    row["agent_ref"] = agent_ref
+    row = {k: v for k, v in answer.items() if k not in _PLACED_FIELDS}
+    row[NG_TASK_INDEX], row[NG_ROLLOUT_INDEX] = key
+    row[AGENT_REF] = agent_ref
     return row
 
 
@@ -216,14 +223,14 @@ def _failure_row(
 ) -> dict:
     """``earlier``: attempts spent on this rollout before (a retry by failure class)."""
     row: dict[str, Any] = dict(outcome.answer or {})
-    for k in ("_ng_task_index", "_ng_rollout_index", "agent_ref"):
+    for k in _PLACED_FIELDS:
         row.pop(k, None)
-    row["_ng_failure_class"] = outcome.failure_class
-    row["_ng_failure_terminal"] = outcome.terminal
+    row[NG_FAILURE_CLASS] = outcome.failure_class
+    row[NG_FAILURE_TERMINAL] = outcome.terminal
     row["error"] = outcome.error
     row["attempts"] = earlier + outcome.attempts
-    row["_ng_task_index"], row["_ng_rollout_index"] = key
-    row["agent_ref"] = agent_ref
+    row[NG_TASK_INDEX], row[NG_ROLLOUT_INDEX] = key
+    row[AGENT_REF] = agent_ref
     return row
 
 
@@ -319,7 +326,7 @@ async def _collect_chunk(
                                set(earlier) if retry else None)  # fmt: skip
             for started, (row, r) in enumerate(pending, start=1):
                 body = plan.body(row, r)
-                agent_ref = body["agent_ref"]
+                agent_ref = body[AGENT_REF]
                 url = plan.url_for(agent_ref)
                 # A rollout's task is made only once the wire has room for its first attempt:
                 # the chunk holds tasks only for rollouts on the wire or in a backoff, however
@@ -329,7 +336,7 @@ async def _collect_chunk(
                     slot.release()
                     break
                 t = asyncio.create_task(
-                    one((row["_ng_task_index"], r), url, orjson.dumps(body), agent_ref, slot)
+                    one((row[NG_TASK_INDEX], r), url, orjson.dumps(body), agent_ref, slot)
                 )
                 t.add_done_callback(slot.release)  # a task cancelled before it ran
                 tasks.add(t)
@@ -391,6 +398,6 @@ def _pending(
     ``only``: send none but these keys (a retry by failure class)."""
     for row in iter_jsonl(ChunkFiles.of(spec).tasks):
         for r in range(repeats):
-            key = (row["_ng_task_index"], r)
+            key = (row[NG_TASK_INDEX], r)
             if key not in done and (only is None or key in only):
                 yield row, r

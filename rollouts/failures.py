@@ -17,6 +17,7 @@ import orjson
 from rollouts.errors import RolloutsError
 from rollouts.fileio import iter_lines
 from rollouts.models import RolloutKey
+from rollouts.nemo_gym import AGENT_REF, NG_FAILURE_CLASS, NG_FAILURE_TERMINAL, key_of
 from rollouts.run_state import OutputPaths
 
 
@@ -93,22 +94,23 @@ def summarize_failures(output: str | Path, examples: int = 5) -> FailureReport:
     for number, line in iter_lines(path):
         try:
             row = orjson.loads(line)
-            key = (int(row["_ng_task_index"]), int(row["_ng_rollout_index"]))
+            task, rollout = key_of(row)
+            key = (int(task), int(rollout))  # a file given by hand may hold anything
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise FailuresUnreadable(
                 f"{path}:{number}: not a failure row of a collection ({e}); "
                 "is this the failures file of a `rollouts collect` output?"
             ) from None
-        name = str(row.get("_ng_failure_class"))
+        name = str(row.get(NG_FAILURE_CLASS))
         c = report.classes.get(name)
         if c is None:
             c = report.classes[name] = ClassFailures(name, first_error=str(row.get("error", "")))
         c.count += 1
-        if row.get("_ng_failure_terminal") is True:  # as merge and metrics count them
+        if row.get(NG_FAILURE_TERMINAL) is True:  # as merge and metrics count them
             c.terminal += 1
         else:
             c.gave_up += 1
-        c.agents[str((row.get("agent_ref") or {}).get("name", "-"))] += 1
+        c.agents[str((row.get(AGENT_REF) or {}).get("name", "-"))] += 1
         if len(c.keys) < examples:
             c.keys.append(key)
         report.total += 1

@@ -20,6 +20,7 @@ import orjson
 from rollouts.chunks import ChunkFiles, task_indices
 from rollouts.fileio import atomic_writers
 from rollouts.models import ChunkSpec, RolloutKey
+from rollouts.nemo_gym import AGENT_REF, NG_FAILURE_CLASS, NG_FAILURE_TERMINAL, key_of
 
 Entry = tuple[RolloutKey, int, int]  # (key, byte offset, length incl. newline)
 MAX_MISSING_EXAMPLES = 10
@@ -52,7 +53,7 @@ def _index_file(
             length = len(line)
             if line.endswith(b"\n") and line.strip():
                 row = orjson.loads(line)
-                key = (row["_ng_task_index"], row["_ng_rollout_index"])
+                key = key_of(row)
                 if valid(key) and (keep_last or key not in index):
                     index[key] = (offset, length, row if keep_last else None)
             offset += length
@@ -84,9 +85,9 @@ def _chunk_index(
         failure_rows=[
             {
                 "key": k,
-                "terminal": r.get("_ng_failure_terminal") is True,
-                "class": str(r.get("_ng_failure_class")),
-                "agent": str((r.get("agent_ref") or {}).get("name", "")),
+                "terminal": r.get(NG_FAILURE_TERMINAL) is True,
+                "class": str(r.get(NG_FAILURE_CLASS)),
+                "agent": str((r.get(AGENT_REF) or {}).get("name", "")),
                 "error": str(r.get("error", "")),
             }
             for k, (_, _, r) in fails.items()

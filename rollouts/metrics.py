@@ -21,13 +21,20 @@ import orjson
 import pandas as pd
 
 from rollouts.fileio import atomic_writer, iter_lines
+from rollouts.nemo_gym import (
+    AGENT_REF,
+    NG_FAILURE_TERMINAL,
+    NG_ROLLOUT_INDEX,
+    NG_TASK_INDEX,
+    RESPONSE,
+    REWARD,
+)
 
 #: The statistics NeMo Gym reports for every numeric field, in output order.
 STATS: tuple[str, ...] = ("mean", "max", "min", "median", "std")
 
 # Row keys that identify a rollout rather than measure it.
-_INDEX_KEYS = frozenset({"_ng_task_index", "_ng_rollout_index"})
-_REWARD = "reward"
+_INDEX_KEYS = frozenset({NG_TASK_INDEX, NG_ROLLOUT_INDEX})
 # Tasks per groupby pass: bounds the per-chunk frames and value lists (~6 numbers per task
 # and field), a few MB per chunk.
 _GROUP_CHUNK = 16_384
@@ -82,7 +89,7 @@ class _Columns:
 
     def _numeric_fields(self, row: dict[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}
-        response = row.get("response")
+        response = row.get(RESPONSE)
         usage = response.get("usage") if isinstance(response, dict) else None
         if isinstance(usage, dict):
             # NeMo Gym lifts the token counts to the top level; nested details dicts are skipped.
@@ -103,7 +110,7 @@ class _Columns:
 
 
 def _agent_name(row: dict[str, Any], path: Path, line: int) -> str:
-    ref = row.get("agent_ref")
+    ref = row.get(AGENT_REF)
     name = ref.get("name") if isinstance(ref, dict) else None
     if isinstance(name, str):
         return name
@@ -119,7 +126,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _read_rollouts(path: Path) -> _Columns:
     columns = _Columns()
     for line, row in _iter_rows(path):
-        task = row.get("_ng_task_index")
+        task = row.get(NG_TASK_INDEX)
         if type(task) is not int:
             raise ValueError(f"{path}:{line}: row has no integer _ng_task_index")
         columns.add(_agent_name(row, path, line), task, row)
@@ -131,7 +138,7 @@ def _count_failures(path: Path | None) -> dict[str, int]:
     if path is None or not path.exists():
         return counts
     for line, row in _iter_rows(path):
-        if row.get("_ng_failure_terminal") is False:
+        if row.get(NG_FAILURE_TERMINAL) is False:
             continue  # retried on the next run: missing, not failed
         name = _agent_name(row, path, line)
         counts[name] = counts.get(name, 0) + 1
@@ -273,7 +280,7 @@ def _write_group_entries(
 
         for j, task in enumerate(task_ids):
             entry: dict[str, Any] = {
-                "_ng_task_index": task,
+                NG_TASK_INDEX: task,
                 "num_rollouts": sizes[j],
                 "expected_num_rollouts": num_repeats,
             }
@@ -340,8 +347,8 @@ def write_aggregate_metrics(
                     stats = _field_stats(view.column(values), field not in columns.float_fields)
                     if stats is not None:
                         per_field[field] = stats
-                if _REWARD in per_field and num_repeats > 1:
-                    rewards = view.column(columns.values[_REWARD])
+                if REWARD in per_field and num_repeats > 1:
+                    rewards = view.column(columns.values[REWARD])
                     pass_at_k = _agent_pass_at_k(view, rewards, num_repeats)
             for stat in STATS:
                 for field, stats in per_field.items():
@@ -351,7 +358,7 @@ def write_aggregate_metrics(
             key_metrics = {k: v for k, v in agent_metrics.items() if k.startswith("mean/")}
 
             head = {
-                "agent_ref": {"name": name},
+                AGENT_REF: {"name": name},
                 "agent_metrics": agent_metrics,
                 "key_metrics": key_metrics,
             }
@@ -362,7 +369,7 @@ def write_aggregate_metrics(
                 _write_group_entries(out, columns, view, list(per_field), num_repeats)
             out.write(b"]}")
 
-            mean_reward = per_field.get(_REWARD, {}).get("mean")
+            mean_reward = per_field.get(REWARD, {}).get("mean")
             summaries.append(
                 AgentSummary(
                     agent=name,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rollouts.errors import ConfigError, InputError
 from rollouts.fileio import atomic_writers
+from rollouts.nemo_gym import NG_TASK_INDEX
 
 ShortfallPolicy = Literal["error", "redistribute", "allow_short"]
 
@@ -128,7 +129,7 @@ def index_source(name: str, path: Path) -> SourceIndex:
                     raise InputError(path, [(number, f"malformed JSON: {e}")]) from None
                 if not isinstance(row, dict):
                     raise InputError(path, [(number, "expected a JSON object")])
-                task = row.get("_ng_task_index", number - 1)
+                task = row.get(NG_TASK_INDEX, number - 1)
                 if not isinstance(task, int):
                     raise InputError(path, [(number, "field '_ng_task_index' must be an integer")])
                 offsets.append(pos)

@@ -20,6 +20,7 @@ import orjson
 from rollouts.chunks import ChunkFiles, task_indices
 from rollouts.fileio import atomic_writer, iter_jsonl, iter_lines, repair_torn_tail
 from rollouts.models import ChunkSpec, RolloutKey
+from rollouts.nemo_gym import NG_FAILURE_CLASS, key_of
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,6 @@ class ReopenReport:
         return f"retrying {self.total} rollouts that failed with {counts}"
 
 
-def _key(row: dict[str, Any]) -> RolloutKey:
-    return (row["_ng_task_index"], row["_ng_rollout_index"])
-
-
 def read_retry(files: ChunkFiles) -> dict[RolloutKey, RetryEntry]:
     """The keys a retry reopened in this chunk (empty: none, or no retry going on)."""
     try:
@@ -67,7 +64,7 @@ def retry_attempts(files: ChunkFiles) -> dict[RolloutKey, int]:
     attempts = {k: e.attempts for k, e in entries.items()}
     if entries and files.failures.exists():
         for row in iter_jsonl(files.failures):
-            if (key := _key(row)) in attempts:
+            if (key := key_of(row)) in attempts:
                 attempts[key] = int(row.get("attempts") or 0)
     return attempts
 
@@ -80,11 +77,11 @@ def _last_failures(
         repair_torn_tail(path)
     succeeded = set()
     if files.rollouts.exists():
-        succeeded = {k for r in iter_jsonl(files.rollouts) if valid(k := _key(r))}
+        succeeded = {k for r in iter_jsonl(files.rollouts) if valid(k := key_of(r))}
     last: dict[RolloutKey, dict[str, Any]] = {}
     if files.failures.exists():
         for row in iter_jsonl(files.failures):
-            if valid(key := _key(row)) and key not in succeeded:
+            if valid(key := key_of(row)) and key not in succeeded:
                 last[key] = row
     return succeeded, last
 
@@ -99,7 +96,7 @@ def _reopen_chunk(
     # file and neither written nor failed since. Whatever their class, they are owed a try.
     keys = {k: e for k, e in read_retry(files).items() if k not in succeeded and k not in last}
     for k, row in last.items():
-        cls = str(row.get("_ng_failure_class"))
+        cls = str(row.get(NG_FAILURE_CLASS))
         if cls in classes:
             keys[k] = RetryEntry(cls, int(row.get("attempts") or 0))
     if not keys:
@@ -120,7 +117,7 @@ def _drop_rows(path: Path, keys: set[RolloutKey]) -> None:
     """Rewrite ``path`` without the rows of ``keys`` (streaming, atomic)."""
     with atomic_writer(path) as out:
         for _, line in iter_lines(path):
-            if _key(orjson.loads(line)) not in keys:
+            if key_of(orjson.loads(line)) not in keys:
                 out.write(line + b"\n")
 
 

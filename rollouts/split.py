@@ -23,6 +23,7 @@ from rollouts.chunks import ChunkFiles, write_task_indices
 from rollouts.errors import InputError, RunConflict
 from rollouts.fileio import dumps_line, fsync_dir
 from rollouts.models import ChunkSpec, SplitResult
+from rollouts.nemo_gym import AGENT_REF, NG_TASK_INDEX, RESPONSES_CREATE_PARAMS
 from rollouts.run_state import how_to_start_over, record_chunks
 
 MAX_REPORTED_PROBLEMS = 20
@@ -32,15 +33,15 @@ def _check_row(obj: Any, require_agent_ref: bool) -> str | None:
     """The problem with one parsed row, or None."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
-    rcp = obj.get("responses_create_params")
+    rcp = obj.get(RESPONSES_CREATE_PARAMS)
     if rcp is None:
         return "missing field 'responses_create_params' (an object of Responses API params)"
     if not isinstance(rcp, dict):
         return f"field 'responses_create_params' must be an object, got {type(rcp).__name__}"
-    idx = obj.get("_ng_task_index")
+    idx = obj.get(NG_TASK_INDEX)
     if idx is not None and (not isinstance(idx, int) or isinstance(idx, bool) or idx < 0):
         return f"field '_ng_task_index' must be a non-negative integer, got {idx!r}"
-    ref = obj.get("agent_ref")
+    ref = obj.get(AGENT_REF)
     if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("name"), str)):
         return "field 'agent_ref' must be an object with a string 'name'"
     if require_agent_ref and ref is None:
@@ -157,7 +158,7 @@ def _parsed_rows(
 def _first_line_with_index(input_path: Path, task_index: int, limit: int | None) -> int | None:
     """Only on the error path: find where a duplicated task index first appeared."""
     for position, (number, row, _) in enumerate(_parsed_rows(input_path, limit, False)):
-        if row is not None and row.get("_ng_task_index", position) == task_index:
+        if row is not None and row.get(NG_TASK_INDEX, position) == task_index:
             return number
     return None
 
@@ -187,7 +188,7 @@ def _valid_rows(
     for number, row, parse_problem in _parsed_rows(input_path, limit, require_agent_ref):
         problem = parse_problem
         if row is not None:
-            task_index = row.get("_ng_task_index", position)
+            task_index = row.get(NG_TASK_INDEX, position)
             if task_index in seen:
                 first = (  # a rescan, so only for the problems we report
                     _first_line_with_index(input_path, task_index, limit)
@@ -236,9 +237,9 @@ def split_input(
     writer: _ChunkWriter | None = None
     try:
         for number, row, task_index in _valid_rows(input_path, limit, require_agent_ref):
-            if "_ng_task_index" not in row:
-                row["_ng_task_index"] = task_index
-            agent = row["agent_ref"]["name"] if "agent_ref" in row else None
+            if NG_TASK_INDEX not in row:
+                row[NG_TASK_INDEX] = task_index
+            agent = row[AGENT_REF]["name"] if AGENT_REF in row else None
             if agent is not None:
                 agent_names.add(agent)
             if writer is None:

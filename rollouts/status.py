@@ -17,6 +17,7 @@ import orjson
 from rollouts.chunks import ChunkFiles, tasks_files
 from rollouts.health import RunHealth, read_health
 from rollouts.models import ChunkSpec
+from rollouts.nemo_gym import NG_FAILURE_TERMINAL
 from rollouts.replicas import ReplicaStatus, read_replica_stats
 from rollouts.run_state import lock_taken_by, read_run_state, recorded_chunks, run_dir_for
 
@@ -74,7 +75,7 @@ class _LineCounter:
         if self.terminal_only:
             self.count += sum(
                 1 for line in data[:end].splitlines()
-                if line.strip() and orjson.loads(line).get("_ng_failure_terminal") is True
+                if line.strip() and orjson.loads(line).get(NG_FAILURE_TERMINAL) is True
             )  # fmt: skip
         else:
             self.count += data.count(b"\n", 0, end)

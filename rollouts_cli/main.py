@@ -490,14 +490,14 @@ def print_retry_plan(output: str, classes: list[str]) -> None:
 
 
 def cmd_serve_agent(args: argparse.Namespace) -> int:
-    from rollouts.reference_agent import serve_agent_from_args
+    from reference_agent.server import serve_agent_from_args
 
     serve_agent_from_args(args)
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rollouts.reference_agent_args import add_serve_agent_arguments
+    from reference_agent.args import add_serve_agent_arguments
 
     parser = argparse.ArgumentParser(
         prog="rollouts", description="Resumable rollout collection for NeMo Gym agents."

@@ -104,7 +104,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentServer]]:
     def start(*flags: str, env: dict[str, str] | None = None) -> AgentServer:
         log = tmp_path / f"agent-requests-{len(servers)}.jsonl"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rollouts.reference_agent", "--port", "0",
+            [sys.executable, "-m", "reference_agent", "--port", "0",
              "--request-log", str(log), *flags],
             stdout=subprocess.PIPE,
             env={**os.environ, **(env or {})},

@@ -19,9 +19,9 @@ import httpx
 import pytest
 from conftest import AgentServer, read_jsonl
 
-from rollouts.agent_capacity import ProcessorSharing
+from reference_agent.capacity import ProcessorSharing
+from reference_agent.server import generate_tasks, write_tasks
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
-from rollouts.reference_agent import generate_tasks, write_tasks
 
 
 @dataclass

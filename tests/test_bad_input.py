@@ -19,8 +19,8 @@ from conftest import AgentServer, write_jsonl
 from prefect.states import State
 
 from flows.collect import collect_rollouts
+from reference_agent.server import generate_tasks
 from rollouts.errors import InputError
-from rollouts.reference_agent import generate_tasks
 from rollouts.run_state import OutputPaths, run_dir_for
 from rollouts_cli.main import main as cli_main
 
@@ -65,7 +65,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentServer]:
     """One reference agent for the whole module: no case may send it anything at all."""
     log = tmp_path_factory.mktemp("agent") / "requests.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rollouts.reference_agent", "--port", "0", "--request-log",
+        [sys.executable, "-m", "reference_agent", "--port", "0", "--request-log",
          str(log)], stdout=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None

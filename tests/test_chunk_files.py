@@ -10,9 +10,9 @@ import pytest
 from conftest import AgentServer, read_jsonl, write_jsonl
 
 from flows.collect import CollectSummary, collect_rollouts
+from reference_agent.server import generate_tasks
 from rollouts.chunks import ChunkFiles
 from rollouts.merge import merge_chunks
-from rollouts.reference_agent import generate_tasks
 from rollouts.run_state import OutputPaths, read_run_state, recorded_chunks, run_dir_for
 from rollouts.split import split_input
 from rollouts.status import read_status

@@ -18,7 +18,7 @@ from typing import Any
 
 from conftest import RUN_PAGE, AgentServer
 
-from rollouts.reference_agent import write_tasks
+from reference_agent.server import write_tasks
 
 
 def user_env(prefect_api: str, home: Path, **extra: str) -> dict[str, str]:

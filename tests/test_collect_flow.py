@@ -15,9 +15,9 @@ from prefect.states import State
 from prefect.utilities.callables import parameter_schema
 
 from flows.collect import CollectSummary, collect_rollouts
+from reference_agent.server import generate_tasks, write_tasks
 from rollouts.errors import AgentUnreachable, InputError, RunConflict, RunLocked
 from rollouts.models import CollectConfig
-from rollouts.reference_agent import generate_tasks, write_tasks
 from rollouts.run_state import StartedFrom, prepare_run_dir, run_dir_for, run_lock, started_from
 from rollouts.split import split_input
 from rollouts_cli.main import main as cli_main

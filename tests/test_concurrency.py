@@ -22,10 +22,10 @@ import pytest
 from conftest import ROOT, AgentServer
 from test_cli_console import assert_one_message, user_env
 
+from reference_agent.server import generate_tasks, write_tasks
 from rollouts.agent_client import AgentClient, RetryPolicy
 from rollouts.collect import Dispatcher
 from rollouts.gctune import IN_FLIGHT_THRESHOLDS
-from rollouts.reference_agent import generate_tasks, write_tasks
 
 
 def _with_open_files(soft: int, hard: int, argv: list[str]) -> list[str]:
@@ -43,7 +43,7 @@ def _open_files_limit(pid: int) -> tuple[int, int]:
 
 def test_agent_serves_more_connections_than_its_inherited_soft_limit(tmp_path: Path) -> None:
     """Started with `ulimit -n 256` (hard 4096), the agent still holds 600 requests at once."""
-    argv = [sys.executable, "-m", "rollouts.reference_agent", "--port", "0", "--latency-ms", "1000"]
+    argv = [sys.executable, "-m", "reference_agent", "--port", "0", "--latency-ms", "1000"]
     proc = subprocess.Popen(
         _with_open_files(256, 4096, argv), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

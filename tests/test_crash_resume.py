@@ -12,7 +12,7 @@ from typing import Any
 
 from conftest import read_jsonl
 
-from rollouts.reference_agent import write_tasks
+from reference_agent.server import write_tasks
 from rollouts.run_state import run_dir_for
 
 

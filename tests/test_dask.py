@@ -17,7 +17,7 @@ import orjson
 import pytest
 from conftest import read_jsonl
 
-from rollouts.reference_agent import write_tasks
+from reference_agent.server import write_tasks
 from rollouts.run_state import run_dir_for
 
 DASK = str(Path(sys.executable).parent / "dask")

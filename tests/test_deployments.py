@@ -24,7 +24,7 @@ from conftest import ROOT, AgentServer, read_jsonl, write_jsonl
 from pg_prefect import PgPrefectServer
 from test_prefect_ui import assert_a_form_that_reads_well
 
-from rollouts.reference_agent import generate_tasks, write_tasks
+from reference_agent.server import generate_tasks, write_tasks
 from rollouts.run_state import run_dir_for
 
 BIN = Path(sys.executable).parent
@@ -100,7 +100,7 @@ def stack(
     procs: list[subprocess.Popen[bytes]] = []
     agent_log = tmp / "agent-requests.jsonl"
     agent_proc = subprocess.Popen(
-        [sys.executable, "-m", "rollouts.reference_agent", "--port", "0", "--latency-ms", "10",
+        [sys.executable, "-m", "reference_agent", "--port", "0", "--latency-ms", "10",
          "--request-log", str(agent_log)], stdout=subprocess.PIPE,
     )  # fmt: skip
     procs.append(agent_proc)

@@ -14,10 +14,10 @@ from conftest import AgentServer, read_jsonl, write_jsonl
 from prefect.states import State
 
 from flows.collect import collect_rollouts
+from reference_agent.server import generate_tasks
 from rollouts.chunks import ChunkFiles
 from rollouts.fileio import UnwritablePathError, atomic_writer, write_json_atomic
 from rollouts.merge import merge_chunks
-from rollouts.reference_agent import generate_tasks
 from rollouts.run_state import OutputPaths, read_run_state, run_dir_for
 from rollouts.split import split_input
 from rollouts_cli.main import main as cli_main

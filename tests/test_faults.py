@@ -28,9 +28,9 @@ from conftest import AgentServer
 from prefect.states import State
 
 from flows.collect import CollectSummary, collect_rollouts
+from reference_agent.server import FAILURE_CLASS, write_tasks
 from rollouts.agent_client import AgentClient, RetryPolicy
 from rollouts.errors import IncompleteRun
-from rollouts.reference_agent import FAILURE_CLASS, write_tasks
 from rollouts.run_state import OutputPaths, run_dir_for
 
 Key = tuple[int, int]
@@ -468,7 +468,7 @@ def test_kill_9_at_random_moments_then_rerun_is_exact_every_time(
 
 
 def test_serve_agent_takes_every_fault_flag() -> None:
-    from rollouts.reference_agent import AgentSimConfig, config_from_args
+    from reference_agent.server import AgentSimConfig, config_from_args
     from rollouts_cli.main import build_parser
 
     args = build_parser().parse_args(

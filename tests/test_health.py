@@ -24,6 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
 from flows.artifacts import CARD_LINE_CHARS
+from reference_agent.server import write_tasks
 from rollouts.health import (
     OLDEST_SHOWN,
     PUBLISH_EVERY_S,
@@ -33,7 +34,6 @@ from rollouts.health import (
     percentile,
     read_health,
 )
-from rollouts.reference_agent import write_tasks
 from rollouts.run_state import run_dir_for
 
 

@@ -1,10 +1,13 @@
 """The import contract: layers point down only.
 
     rollouts_cli (the command, Prefect setup) -> flows -> tasks -> rollouts (stages, models)
+    rollouts_cli (`serve-agent`) -> reference_agent (the simulator) -> rollouts
 
-`rollouts` knows nothing of Prefect, Dask, tasks, flows or the command; `tasks` nothing of flows
-or the command; `flows` nothing of the command. Every import counts, function-level and
-TYPE_CHECKING ones included, so a cycle cannot hide behind a late import.
+`rollouts` knows nothing of Prefect, Dask, tasks, flows, the command or the simulator; `tasks`
+nothing of flows or the command; `flows` nothing of the command. The simulator stands beside
+the collector: it may use `rollouts` (the protocol's names) but nothing of Prefect, Dask, tasks,
+flows or the command, and nothing below the command uses it. Every import counts,
+function-level and TYPE_CHECKING ones included, so a cycle cannot hide behind a late import.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ pytestmark = pytest.mark.fast
 
 FORBIDDEN = {
     "rollouts": {"prefect", "prefect_dask", "dask", "distributed", "tasks", "flows",
-                 "rollouts_cli"},
-    "tasks": {"flows", "rollouts_cli"},
-    "flows": {"rollouts_cli"},
+                 "rollouts_cli", "reference_agent"},
+    "tasks": {"flows", "rollouts_cli", "reference_agent"},
+    "flows": {"rollouts_cli", "reference_agent"},
+    "reference_agent": {"prefect", "prefect_dask", "dask", "distributed", "tasks", "flows",
+                        "rollouts_cli"},
 }  # fmt: skip
 
 

@@ -24,8 +24,8 @@ from pg_prefect import PgPrefectServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.multi import MultiSummary, collect_multi_dataset, dataset_run_name
+from reference_agent.server import write_tasks
 from rollouts.models import MultiDatasetConfig
-from rollouts.reference_agent import write_tasks
 from rollouts.run_state import run_dir_for
 
 TEMPERATURES = {"high_quality": 0.2, "exploration": 0.6, "hard": 0.4}

@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.collect import collect_rollouts
 from flows.ui import artifact_key
-from rollouts.reference_agent import generate_tasks, write_tasks
+from reference_agent.server import generate_tasks, write_tasks
 from rollouts.run_state import run_dir_for
 
 

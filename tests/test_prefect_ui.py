@@ -40,9 +40,9 @@ from flows.artifacts import MIX_COLUMNS
 from flows.collect import collect_rollouts
 from flows.multi import collect_multi_dataset, dataset_run_name
 from flows.ui import artifact_key, is_generated_run_name
+from reference_agent.server import generate_tasks
 from rollouts.failures import summarize_failures
 from rollouts.models import MultiDatasetConfig, form_schema_of_properties
-from rollouts.reference_agent import generate_tasks
 
 SIZES = {"high_quality": 40, "exploration": 20, "hard": 10}
 RANDOM_SUFFIX = re.compile(r"-[0-9a-f]{3}$")  # Prefect's default task run name: `mix-282`

@@ -22,7 +22,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from rollouts.reference_agent import (
+from reference_agent.server import (
     API_KEY_ENV,
     AgentSimConfig,
     _ReferenceAgent,
@@ -498,7 +498,7 @@ def test_cli_flags_build_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _start_agent(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rollouts.reference_agent", "--port", "0", *flags],
+        [sys.executable, "-m", "reference_agent", "--port", "0", *flags],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         stdout=subprocess.PIPE,

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.ui import artifact_key
-from rollouts.reference_agent import write_tasks
+from reference_agent.server import write_tasks
 from rollouts.run_state import run_dir_for
 
 TASKS = 1000

@@ -18,10 +18,10 @@ import orjson
 import pytest
 from conftest import read_jsonl, write_jsonl
 
+from reference_agent.server import FAILURE_CLASS, write_tasks
 from rollouts.chunks import ChunkFiles
 from rollouts.failures import FailuresUnreadable, summarize_failures
 from rollouts.models import ChunkSpec
-from rollouts.reference_agent import FAILURE_CLASS, write_tasks
 from rollouts.retry import read_retry, reopen_failures
 from rollouts.run_state import OutputPaths, RunState, run_dir_for
 from rollouts_cli.main import UsageError, build_parser, collect_params, main, retry_params

@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
-from rollouts.reference_agent import generate_tasks, write_tasks
+from reference_agent.server import generate_tasks, write_tasks
 from rollouts.run_state import OutputPaths, run_dir_for
 
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from conftest import AgentServer, read_jsonl
 
-from rollouts.reference_agent import write_tasks
+from reference_agent.server import write_tasks
 from rollouts.run_state import run_dir_for
 from rollouts.stopping import STOP_RECORD
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import AgentServer, read_jsonl
 
-from rollouts.reference_agent import write_tasks
+from reference_agent.server import write_tasks
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:

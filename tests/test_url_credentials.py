@@ -39,9 +39,9 @@ from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 from pydantic import ValidationError
 from test_cli_console import assert_one_message, free_port, user_env
 
+from reference_agent.server import BASIC_AUTH_ENV, write_tasks
 from rollouts.errors import ConfigError
 from rollouts.models import CollectConfig, MultiDatasetConfig
-from rollouts.reference_agent import BASIC_AUTH_ENV, write_tasks
 from rollouts.run_state import run_dir_for
 from rollouts.settings import RolloutsSettings
 from rollouts.urls import redact

@@ -39,7 +39,7 @@ Crash semantics: with ``crash_after=N`` the first N ``/run`` requests are handle
 process exits with code 3 upon receiving request N+1 (which gets no response; it is logged with
 outcome ``"crash"`` first).
 
-Run it: ``python -m rollouts.reference_agent --port 8765 --latency-ms 50``.
+Run it: ``python -m reference_agent --port 8765 --latency-ms 50`` (or ``rollouts serve-agent``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ import re
 import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -67,10 +66,20 @@ from typing import IO, Any
 import orjson
 from aiohttp import web
 
-from rollouts.agent_capacity import ProcessorSharing
+from reference_agent.args import FAILURE_CLASS, add_serve_agent_arguments
+from reference_agent.capacity import ProcessorSharing
 from rollouts.fdlimit import raise_open_file_limit
 from rollouts.models import RESPONSES_CREATE_PARAMS_KEYS
-from rollouts.reference_agent_args import FAILURE_CLASS, add_serve_agent_arguments
+from rollouts.nemo_gym import (
+    NG_FAILURE_CLASS,
+    NG_FAILURE_TERMINAL,
+    NG_NO_PERSIST,
+    NG_ROLLOUT_INDEX,
+    NG_TASK_INDEX,
+    RESPONSE,
+    RESPONSES_CREATE_PARAMS,
+    REWARD,
+)
 
 API_KEY_ENV = "ROLLOUTS_AGENT_API_KEY"
 # USER:PASSWORD: require basic auth, as a proxy in front of an agent would (the collector sends
@@ -112,7 +121,7 @@ def make_task(index: int, rng: random.Random) -> dict:
     question = f"{a} {op} {b}"
     prompt = f"What is {question}? Answer with the number only."
     return {
-        "responses_create_params": {
+        RESPONSES_CREATE_PARAMS: {
             "input": [{"role": "user", "content": prompt, "type": "message"}]
         },
         "question": question,
@@ -160,7 +169,7 @@ class AgentSimConfig:
     fail_class_tasks: frozenset[int] = frozenset()
     no_persist_tasks: frozenset[int] = frozenset()
     crash_after: int | None = None
-    capacity: int | None = None  # processor sharing above K in service (agent_capacity.py)
+    capacity: int | None = None  # processor sharing above K in service (capacity.py)
     reject_above: int | None = None  # 429 while this many are in service
     capacity_schedule: tuple[tuple[float, int], ...] = ()  # (seconds after first /run, K)
 
@@ -312,16 +321,14 @@ def _response_object(digest: bytes, text: str, params: dict) -> dict:
 
 def run_rollout(row: dict, temperature: float, seed: int) -> dict:
     """The full /run answer for a validated row: the row echoed, plus response/reward/answer."""
-    params = row["responses_create_params"]
-    digest = _rollout_digest(
-        seed, row.get("_ng_task_index"), row.get("_ng_rollout_index"), temperature
-    )
+    params = row[RESPONSES_CREATE_PARAMS]
+    digest = _rollout_digest(seed, row.get(NG_TASK_INDEX), row.get(NG_ROLLOUT_INDEX), temperature)
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     text = simulate_answer(last_user_text(params.get("input")), temperature, rng)
     extracted = extract_answer(text)
     out = dict(row)  # echo every task field (and whatever indices came in) untouched
-    out["response"] = _response_object(digest, text, params)
-    out["reward"] = verify(extracted, row.get("expected_answer"))
+    out[RESPONSE] = _response_object(digest, text, params)
+    out[REWARD] = verify(extracted, row.get("expected_answer"))
     out["extracted_answer"] = extracted
     return out
 
@@ -345,10 +352,10 @@ def aggregate_metrics(rows: list[dict]) -> dict[str, Any]:
     is defined for every task). A rollout counts as correct when its reward is above 0.5. Rows
     without ``_ng_task_index`` are each their own task. Undefined values (no rows) are null.
     """
-    rewards = [float(row.get("reward") or 0.0) for row in rows]
+    rewards = [float(row.get(REWARD) or 0.0) for row in rows]
     groups: dict[Any, list[float]] = {}
     for position, (row, reward) in enumerate(zip(rows, rewards, strict=True)):
-        task = row.get("_ng_task_index")
+        task = row.get(NG_TASK_INDEX)
         key = ("row", position) if task is None else ("task", task)
         groups.setdefault(key, []).append(reward)
     if not rows:
@@ -385,7 +392,7 @@ def _validate_create_params(params: Any) -> tuple[float | None, web.Response | N
     unknown = sorted(params.keys() - ALLOWED_CREATE_PARAMS)
     if unknown:
         detail = [
-            {"type": "extra_forbidden", "loc": ["body", "responses_create_params", key],
+            {"type": "extra_forbidden", "loc": ["body", RESPONSES_CREATE_PARAMS, key],
              "msg": "Extra inputs are not permitted"}
             for key in unknown
         ]  # fmt: skip
@@ -497,8 +504,8 @@ class _ReferenceAgent:
         row = body if isinstance(body, dict) else {}
         record = {
             "time": time.time(),
-            "_ng_task_index": row.get("_ng_task_index"),
-            "_ng_rollout_index": row.get("_ng_rollout_index"),
+            NG_TASK_INDEX: row.get(NG_TASK_INDEX),
+            NG_ROLLOUT_INDEX: row.get(NG_ROLLOUT_INDEX),
             "temperature": temperature,
             "outcome": outcome,
             "authorized": authorized,
@@ -512,10 +519,10 @@ class _ReferenceAgent:
             return "401", None, _error(401, "missing or invalid credentials")
         if not isinstance(body, dict):
             return "400", None, _error(400, "request body must be a JSON object")
-        temperature, invalid = _validate_create_params(body.get("responses_create_params"))
+        temperature, invalid = _validate_create_params(body.get(RESPONSES_CREATE_PARAMS))
         if invalid is not None:
             return "422", None, invalid
-        task_index = body.get("_ng_task_index")
+        task_index = body.get(NG_TASK_INDEX)
         if isinstance(task_index, int) and task_index in self.config.fail_400_tasks:
             return "400", temperature, _error(400, "simulated bad request for this task")
         if isinstance(task_index, int) and task_index in self.config.fail_class_tasks:
@@ -598,10 +605,10 @@ class _ReferenceAgent:
         answer = run_rollout(body, temperature, self.config.seed)
         if outcome == "fail_class":
             # Shaped like a real agent's failure payload: a reward of 0 that must never count.
-            answer |= {"reward": 0.0, "_ng_failure_class": FAILURE_CLASS,
-                       "_ng_failure_terminal": True, "error": "simulated agent failure"}  # fmt: skip
+            answer |= {REWARD: 0.0, NG_FAILURE_CLASS: FAILURE_CLASS,
+                       NG_FAILURE_TERMINAL: True, "error": "simulated agent failure"}  # fmt: skip
         elif outcome == "no_persist":
-            answer["_ng_no_persist"] = True
+            answer[NG_NO_PERSIST] = True
         return _json_response(answer)
 
     async def aggregate(self, request: web.Request) -> web.Response:
@@ -719,14 +726,11 @@ def serve_agent_from_args(args: argparse.Namespace) -> None:
     serve_agent(args.host, args.port, config)
 
 
-def _main(argv: Iterable[str] | None = None) -> None:
+def main(argv: Iterable[str] | None = None) -> None:
+    """``python -m reference_agent``: parse the flags, serve until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m rollouts.reference_agent",
+        prog="python -m reference_agent",
         description="Reference NeMo Gym agent SIMULATOR (arithmetic tasks; no model involved).",
     )
     add_serve_agent_arguments(parser)
     serve_agent_from_args(parser.parse_args(None if argv is None else list(argv)))
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
