@@ -108,6 +108,10 @@ def _add_collect_parser(sub: Any) -> None:
         type=count_or_auto,
         help="the older spelling of --processes",
     )
+    flagged = {a.dest for a in p._actions}
+    for name in CollectConfig.model_fields:  # a parameter not placed above: its flag, last
+        if name in PLUS_KEYS and name not in flagged:
+            add_parameter_flag(p, name)
     p.add_argument("plus", nargs="*", metavar="+key=value", help="NeMo Gym-style arguments")
     p.set_defaults(func=cmd_collect)
 
