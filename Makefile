@@ -25,7 +25,7 @@ SERVER_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 AGENT_PORT ?= 8765
 REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:$(AGENT_PORT)"}
 
-.PHONY: install demo test test-fast typecheck lint clean server deploy worker agent
+.PHONY: install demo test test-fast typecheck lint docs clean server deploy worker agent
 
 $(BIN)/rollouts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check rollouts rollouts_cli flows tasks reference_agent tests
+
+## docs/parameters.md's tables, regenerated from the parameters' declaration (rollouts/models.py).
+docs: install
+	$(BIN)/python -m rollouts_cli.parameters_table --write
 
 clean:
 	rm -rf out .rollouts

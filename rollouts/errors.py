@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,9 +90,13 @@ class SharedStorageError(RolloutsError):
     """A Dask worker cannot see the run's work directory or result storage."""
 
 
-def validation_message(error: ValidationError, top: str = "parameters") -> str:
+def validation_message(
+    error: ValidationError,
+    top: str = "parameters",
+    path: Callable[[tuple[int | str, ...]], str] | None = None,
+) -> str:
     """pydantic's errors as one line: `num_repeats: Value error, ...; limit: ...` (the field
-    path, or ``top`` for the model as a whole)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or top}: {e['msg']}" for e in error.errors()
-    )
+    path, or ``top`` for the model as a whole). ``path`` writes a field's path otherwise than
+    its parts joined by dots."""
+    path = path or (lambda loc: ".".join(str(p) for p in loc))
+    return "; ".join(f"{path(e['loc']) or top}: {e['msg']}" for e in error.errors())

@@ -11,10 +11,18 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rollouts.stopping import parse_duration
 from rollouts.urls import has_credentials, redact
@@ -117,24 +125,22 @@ RolloutKey = tuple[int, int]
 """(_ng_task_index, _ng_rollout_index): the identity of one rollout."""
 
 
-class CollectConfig(BaseModel):
-    """One collection: a dataset, an agent, sampling settings. Names follow NeMo Gym's `+key`s."""
+class CollectionParameters(BaseModel):
+    """What one collection is asked to do, but where its files are: the one declaration of
+    these parameters (field, default, title, description, checks). `CollectConfig` (the
+    collect-rollouts flow, the CLI's flags and `+key`s) and `DatasetConfig` (a dataset of a
+    multi-dataset run) both extend it, each naming its own input and output fields.
 
-    model_config = ConfigDict(
-        extra="forbid", title="Collection", json_schema_extra=form_schema_of_properties
-    )
+    The flow's signature mirrors `CollectConfig` (tests/test_parameters.py holds them together);
+    the CLI's flags and docs/parameters.md are generated from the fields.
+    """
 
-    # The one declaration of a collection's parameters: the flow's signature and form, the
-    # CLI's `+key`s and flags and the multi-dataset config are derived from or checked
-    # against these fields (tests/test_parameters.py).
-    input_jsonl_fpath: str = Field(
-        title="Input tasks (JSONL)", description="Input tasks, one JSON object per line."
-    )
-    output_jsonl_fpath: str = Field(
-        title="Output rollouts (JSONL)",
-        description="Rollouts JSONL to write (sorted, written atomically); the failures and "
-        "metrics files are written next to it.",
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=form_schema_of_properties)
+
+    # The fields naming the input and output files, in the model that declares them: the check
+    # that they differ is shared, their names are not (a dataset's are `input` and `output`).
+    files: ClassVar[tuple[str, str]]
+
     agent_name: str | None = Field(
         default=None, title="Agent name",
         description="Agent to resolve through ROLLOUTS_AGENTS or the head "
@@ -144,11 +150,16 @@ class CollectConfig(BaseModel):
         default=None, title="Agent URL",
         description="Agent base URL, used as is (no name resolution).",
     )  # fmt: skip
+    # The form checks the bounds too (json_schema_extra); the validators below say it in words.
     limit: int | None = Field(
         default=None, title="Row limit",
         description="Collect only the first N input rows; empty: all rows.",
+        json_schema_extra={"exclusiveMinimum": 0},
     )  # fmt: skip
-    num_repeats: int = Field(default=1, title="Rollouts per task", description="Rollouts per task.")
+    num_repeats: int = Field(
+        default=1, title="Rollouts per task", description="Rollouts per task.",
+        json_schema_extra={"minimum": 1},
+    )  # fmt: skip
     num_samples_in_parallel: CountOrAuto = Field(
         default=64, title="Requests in flight",
         description='Requests in flight at once, for the whole run; "auto": as many as the '
@@ -158,6 +169,7 @@ class CollectConfig(BaseModel):
     max_in_flight: int = Field(
         default=1024, title="Most requests in flight (auto)",
         description='The ceiling of num_samples_in_parallel="auto", for the whole run.',
+        json_schema_extra={"minimum": 1},
     )  # fmt: skip
     responses_create_params: dict[str, Any] = Field(
         default_factory=dict, title="Sampling overrides (Responses API)",
@@ -172,10 +184,12 @@ class CollectConfig(BaseModel):
     chunk_size: int = Field(
         default=10_000, title="Tasks per chunk",
         description="Tasks per chunk; a chunk is one cached, resumable task run.",
+        json_schema_extra={"minimum": 1},
     )  # fmt: skip
     max_parallel_chunks: int = Field(
-        default=4, title="Chunks at once", description="Chunks dispatching requests at once."
-    )
+        default=4, title="Chunks at once", description="Chunks dispatching requests at once.",
+        json_schema_extra={"minimum": 1},
+    )  # fmt: skip
     processes: CountOrAuto = Field(
         default=1, title="Processes",
         description='Local processes collecting chunks (a local Dask cluster; the [dask] '
@@ -189,6 +203,64 @@ class CollectConfig(BaseModel):
         "cancelled, what finished is merged; the run ends StoppedAtDeadline and a rerun "
         "continues.",
     )  # fmt: skip
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"limit must be a positive number of rows, got {v}")
+        return v
+
+    @field_validator("num_repeats", "max_in_flight", "chunk_size", "max_parallel_chunks")
+    @classmethod
+    def _at_least_one(cls, v: int, info: ValidationInfo) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be at least 1, got {v}")
+        return v
+
+    @field_validator("responses_create_params")
+    @classmethod
+    def _known_override_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - RESPONSES_CREATE_PARAMS_KEYS)
+        if unknown:
+            raise ValueError(
+                f"responses_create_params.{unknown[0]} is not a Responses API create parameter "
+                f"(agents would answer 422); known: {', '.join(sorted(RESPONSES_CREATE_PARAMS_KEYS))}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _paths_differ(self) -> Self:
+        input_field, output_field = self.files
+        paths = [Path(getattr(self, name)).resolve() for name in self.files]
+        if paths[0] == paths[1]:
+            raise ValueError(f"{output_field} must differ from {input_field}")
+        return self
+
+
+class _CollectFiles(BaseModel):
+    """`CollectConfig`'s files, in a base of their own so that they come first (pydantic
+    orders fields base class first): in the flow's form, run.json and docs/parameters.md."""
+
+    input_jsonl_fpath: str = Field(
+        title="Input tasks (JSONL)", description="Input tasks, one JSON object per line."
+    )
+    output_jsonl_fpath: str = Field(
+        title="Output rollouts (JSONL)",
+        description="Rollouts JSONL to write (sorted, written atomically); the failures and "
+        "metrics files are written next to it.",
+    )
+
+
+class CollectConfig(CollectionParameters, _CollectFiles):
+    """One collection: a dataset, an agent, sampling settings. Names follow NeMo Gym's `+key`s."""
+
+    # (The docstring is the form's description of the model.) The collect-rollouts flow's
+    # parameters: its files, `CollectionParameters`, and the one-offs of a single run, never
+    # a dataset's standing config.
+    model_config = ConfigDict(title="Collection")
+    files: ClassVar[tuple[str, str]] = ("input_jsonl_fpath", "output_jsonl_fpath")
+
     fresh: bool = Field(
         default=False, title="Start fresh",
         description="Discard the previous run state of this output and start over.",
@@ -216,20 +288,6 @@ class CollectConfig(BaseModel):
             params[k] = str(Path(params[k]).resolve())
         return params
 
-    @field_validator("limit")
-    @classmethod
-    def _limit_positive(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError(f"limit must be a positive number of rows, got {v}")
-        return v
-
-    @field_validator("num_repeats", "max_in_flight", "chunk_size", "max_parallel_chunks")
-    @classmethod
-    def _at_least_one(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ValueError(f"{info.field_name} must be at least 1, got {v}")
-        return v
-
     def process_count(self) -> int:
         """Processes to collect in: "auto" is this machine's cores; never more processes than
         requests in flight (each needs at least one)."""
@@ -245,23 +303,6 @@ class CollectConfig(BaseModel):
     def in_flight_ceiling(self) -> int:
         """The run's requests in flight: the fixed number, or the most "auto" may reach."""
         return self.max_in_flight if self.adaptive else int(self.num_samples_in_parallel)
-
-    @field_validator("responses_create_params")
-    @classmethod
-    def _known_override_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(v) - RESPONSES_CREATE_PARAMS_KEYS)
-        if unknown:
-            raise ValueError(
-                f"responses_create_params.{unknown[0]} is not a Responses API create parameter "
-                f"(agents would answer 422); known: {', '.join(sorted(RESPONSES_CREATE_PARAMS_KEYS))}"
-            )
-        return v
-
-    @model_validator(mode="after")
-    def _paths_differ(self) -> CollectConfig:
-        if Path(self.input_jsonl_fpath).resolve() == Path(self.output_jsonl_fpath).resolve():
-            raise ValueError("output_jsonl_fpath must differ from input_jsonl_fpath")
-        return self
 
     def max_duration_s(self) -> float | None:
         return parse_duration(self.max_duration) if self.max_duration is not None else None
@@ -385,12 +426,8 @@ class ChunkResult(BaseModel):
         return self.missing == 0
 
 
-class DatasetConfig(BaseModel):
-    """One dataset of a multi-dataset run, with its own sampling settings."""
-
-    model_config = ConfigDict(
-        extra="forbid", title="Dataset", json_schema_extra=form_schema_of_properties
-    )
+class _DatasetFiles(BaseModel):
+    """A dataset's name and files, first in its form (see `_CollectFiles`)."""
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9_.-]+$",
@@ -401,70 +438,20 @@ class DatasetConfig(BaseModel):
     output: str = Field(
         title="Output rollouts (JSONL)", description="This dataset's rollouts JSONL."
     )
-    agent_name: str | None = Field(
-        default=None,
-        title="Agent name",
-        description="Agent to resolve through ROLLOUTS_AGENTS or the head server; "
-        "empty: each row's agent_ref names its agent.",
-    )
-    agent_url: AgentUrl = Field(
-        default=None,
-        title="Agent URL",
-        description="Agent base URL, used as is (no name resolution).",
-    )
-    responses_create_params: dict[str, Any] = Field(
-        default_factory=dict,
-        title="Sampling overrides (Responses API)",
-        description="Shallow overrides of each request's create parameters, e.g. "
-        '{"temperature": 0.2}.',
-    )
-    num_repeats: int = Field(
-        default=1, ge=1, title="Rollouts per task", description="Rollouts per task."
-    )
-    num_samples_in_parallel: CountOrAuto = Field(
-        default=64,
-        title="Requests in flight",
-        description='Requests in flight at once for this dataset; "auto": found at run time.',
-    )
-    max_in_flight: int = Field(
-        default=1024, ge=1, title="Most requests in flight (auto)",
-        description='The ceiling of num_samples_in_parallel="auto".',
-    )  # fmt: skip
-    limit: int | None = Field(
-        default=None,
-        gt=0,
-        title="Row limit",
-        description="Collect only the first N input rows; empty: all rows.",
-    )
-    chunk_size: int = Field(
-        default=10_000,
-        ge=1,
-        title="Tasks per chunk",
-        description="Tasks per chunk; a chunk is one cached, resumable task run.",
-    )
-    max_parallel_chunks: int = Field(
-        default=4, ge=1, title="Chunks at once", description="Chunks dispatching requests at once."
-    )
-    num_repeats_add_seed: bool = Field(
-        default=False, title="Seed each repeat",
-        description='Put {"seed": rollout_index} into metadata.extra_body of each request, so '
-        "repeats differ reproducibly.",
-    )  # fmt: skip
-    processes: CountOrAuto = Field(
-        default=1, title="Processes",
-        description='Local processes collecting this dataset\'s chunks; "auto": one per core.',
-    )  # fmt: skip
-    max_duration: MaxDuration = Field(
-        default=None, title="Max duration",
-        description="End this dataset's collection on time (2h, 90m, 45s or seconds); "
-        "a rerun continues.",
-    )  # fmt: skip
+
+
+class DatasetConfig(CollectionParameters, _DatasetFiles):
+    """One dataset of a multi-dataset run, with its own sampling settings."""
+
+    # Every parameter of a collection (`CollectionParameters`) but the one-offs `fresh` and
+    # `retry_failure_classes`.
+    model_config = ConfigDict(title="Dataset")
+    files: ClassVar[tuple[str, str]] = ("input", "output")
 
     def collect_parameters(self) -> dict[str, Any]:
-        """The collect-rollouts flow's parameters for this dataset: every field of
-        `CollectConfig` but the one-offs `fresh` and `retry_failure_classes`
-        (tests/test_parameters.py holds them together)."""
-        renamed = {"input": "input_jsonl_fpath", "output": "output_jsonl_fpath"}
+        """The collect-rollouts flow's parameters for this dataset: its `CollectionParameters`
+        and its files under the flow's names."""
+        renamed = dict(zip(self.files, CollectConfig.files, strict=True))
         return {
             renamed.get(name, name): value
             for name, value in self.model_dump().items()

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -21,10 +21,13 @@ import yaml
 from rollouts.errors import validation_message
 from rollouts.models import CollectConfig, count_or_auto
 from rollouts_cli import run_link
+from rollouts_cli.parameter_flags import TEXT_KEYS, add_parameter_flag
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
 
 RCP_PREFIX = "responses_create_params."
+# Flags for the most used overrides: `--temperature 0.2` = +responses_create_params.temperature=0.2
+RCP_FLAGS: dict[str, type] = {"temperature": float, "top_p": float, "max_output_tokens": int}
 # `+key` of ng_collect_rollouts -> flow parameter: the fields of the one declaration.
 PLUS_KEYS = frozenset(CollectConfig.model_fields) - {"responses_create_params"}
 
@@ -45,8 +48,7 @@ def parse_plus_args(tokens: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if key in ("input_jsonl_fpath", "output_jsonl_fpath", "agent_name", "agent_url",
-                   "max_duration"):  # fmt: skip
+        if key in TEXT_KEYS:
             value = raw  # paths and names stay strings even when they look like numbers
         if key.startswith(RCP_PREFIX):
             params.setdefault("responses_create_params", {})[key[len(RCP_PREFIX) :]] = value
@@ -82,67 +84,34 @@ def _add_collect_parser(sub: Any) -> None:
         description="Collect rollouts. Every flag has a NeMo Gym form: --input = "
         "+input_jsonl_fpath=, --temperature 0.2 = +responses_create_params.temperature=0.2, ...",
     )
-    p.add_argument("--agent-name", dest="agent_name", help="+agent_name: agent to resolve")
-    p.add_argument("--agent-url", dest="agent_url", help="+agent_url: agent base URL")
-    p.add_argument("--input", dest="input_jsonl_fpath", help="+input_jsonl_fpath: tasks JSONL")
-    p.add_argument("--output", dest="output_jsonl_fpath", help="+output_jsonl_fpath")
-    p.add_argument("--limit", type=int, help="+limit: only the first N rows")
-    p.add_argument("--num-repeats", dest="num_repeats", type=int, help="+num_repeats (1)")
-    p.add_argument(
-        "--num-samples-in-parallel", dest="num_samples_in_parallel", type=count_or_auto,
-        help='+num_samples_in_parallel: requests in flight, whole run (64); "auto": found '
-        "at run time, up to --max-in-flight",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-in-flight", dest="max_in_flight", type=int,
-        help="+max_in_flight: the ceiling of --num-samples-in-parallel auto (1024)",
-    )  # fmt: skip
-    p.add_argument("--chunk-size", dest="chunk_size", type=int, help="+chunk_size (10000)")
-    p.add_argument(
-        "--max-parallel-chunks", dest="max_parallel_chunks", type=int,
-        help="+max_parallel_chunks: chunks dispatching at once (4)",
-    )  # fmt: skip
-    p.add_argument("--temperature", type=float, help="+responses_create_params.temperature")
-    p.add_argument("--top-p", dest="top_p", type=float, help="+responses_create_params.top_p")
-    p.add_argument(
-        "--max-output-tokens", dest="max_output_tokens", type=int,
-        help="+responses_create_params.max_output_tokens",
-    )  # fmt: skip
+    # The parameters' flags come from their fields (rollouts_cli/parameter_flags.py); this
+    # says only their order in --help, among the flags that are not parameters.
+    for name in ("agent_name", "agent_url", "input_jsonl_fpath", "output_jsonl_fpath", "limit",
+                 "num_repeats", "num_samples_in_parallel", "max_in_flight", "chunk_size",
+                 "max_parallel_chunks"):  # fmt: skip
+        add_parameter_flag(p, name)
+    for key, value_type in RCP_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=value_type, help=f"+{RCP_PREFIX}{key}")
     p.add_argument(
         "--responses-create-param", dest="rcp", action="append", type=_parse_kv, default=[],
         metavar="KEY=VALUE", help="any other +responses_create_params.KEY=VALUE (repeatable)",
     )  # fmt: skip
-    p.add_argument(
-        "--num-repeats-add-seed", dest="num_repeats_add_seed", action="store_true", default=None,
-        help="+num_repeats_add_seed: metadata.extra_body.seed = rollout index",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-duration", dest="max_duration",
-        help="+max_duration: end the run on time (2h, 90m, 45s or seconds); exit status 3, "
-        "and rerunning the same command continues",
-    )  # fmt: skip
-    p.add_argument(
-        "--fresh", action="store_true", default=None,
-        help="+fresh: discard this output's state and files, start over",
-    )  # fmt: skip
-    p.add_argument(
-        "--retry-failure-class", dest="retry_failure_classes", action="append",
-        metavar="CLASS", help="+retry_failure_classes: send again only the failures of this "
-        "class (repeatable); `rollouts retry` does it with the run's own parameters",
-    )  # fmt: skip
+    for name in ("num_repeats_add_seed", "max_duration", "fresh", "retry_failure_classes"):
+        add_parameter_flag(p, name)
     p.add_argument(
         "--dask-address", help="run chunks on this Dask scheduler (tcp://host:8786); needs [dask]"
     )
-    p.add_argument(
-        "--processes", dest="processes", type=count_or_auto,
-        help='+processes: collect in N local processes, or "auto" (one per core); needs [dask]',
-    )  # fmt: skip
+    add_parameter_flag(p, "processes")
     p.add_argument(
         "--dask-local-workers",
         dest="processes",
         type=count_or_auto,
         help="the older spelling of --processes",
     )
+    flagged = {a.dest for a in p._actions}
+    for name in CollectConfig.model_fields:  # a parameter not placed above: its flag, last
+        if name in PLUS_KEYS and name not in flagged:
+            add_parameter_flag(p, name)
     p.add_argument("plus", nargs="*", metavar="+key=value", help="NeMo Gym-style arguments")
     p.set_defaults(func=cmd_collect)
 
@@ -153,8 +122,7 @@ def collect_params(args: argparse.Namespace) -> dict[str, Any]:
     flags: dict[str, Any] = {
         k: getattr(args, k) for k in PLUS_KEYS if getattr(args, k, None) is not None
     }
-    rcp_flags = {k: getattr(args, k) for k in ("temperature", "top_p", "max_output_tokens")
-                 if getattr(args, k) is not None}  # fmt: skip
+    rcp_flags = {k: getattr(args, k) for k in RCP_FLAGS if getattr(args, k) is not None}
     rcp_flags.update(dict(args.rcp))
     for k, v in flags.items():
         if k in params and params[k] != v:
@@ -327,7 +295,25 @@ def load_multi_config(path: str) -> Any:
     try:
         return MultiDatasetConfig.model_validate(raw)
     except ValidationError as e:
-        raise UsageError(f"config {path}: {validation_message(e, top='(top level)')}") from None
+        message = validation_message(e, top="(top level)", path=_named_datasets(raw))
+        raise UsageError(f"config {path}: {message}") from None
+
+
+def _named_datasets(raw: Any) -> Callable[[tuple[int | str, ...]], str]:
+    """A field's path in a multi-dataset config with each dataset named as the config names
+    it: `datasets.1 (hard).responses_create_params`."""
+    datasets = raw.get("datasets") if isinstance(raw, dict) else None
+
+    def path(loc: tuple[int | str, ...]) -> str:
+        parts = [str(p) for p in loc]
+        if len(loc) > 1 and loc[0] == "datasets" and isinstance(loc[1], int):
+            i = loc[1]
+            entry = datasets[i] if isinstance(datasets, list) and i < len(datasets) else None
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                parts[1] += f" ({entry['name']})"
+        return ".".join(parts)
+
+    return path
 
 
 def cmd_multi(args: argparse.Namespace) -> int:

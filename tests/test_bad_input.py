@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import AgentServer, write_jsonl
 from prefect.states import State
 
@@ -233,3 +234,33 @@ def test_cli_subprocess_prints_the_problem_and_exits_2(
     assert lines[at].startswith(f"rollouts collect: invalid input {inp} (1 problem)")
     assert f"{inp}:2: field 'responses_create_params' must be an object, got int" in lines[at + 1]
     assert_nothing_written(out, agent)
+
+
+@pytest.mark.parametrize(
+    ("hard", "words"),
+    [({"responses_create_params": {"temprature": 0.2}},
+      "datasets.1 (hard).responses_create_params: Value error, responses_create_params.temprature"
+      " is not a Responses API create parameter"),
+     ({"output": "hard.jsonl"}, "datasets.1 (hard): Value error, output must differ from input")],
+)  # fmt: skip
+def test_a_multi_dataset_run_with_one_bad_dataset_is_refused_before_any_dataset_starts(
+    hard: dict[str, Any], words: str, tmp_path: Path, agent: AgentServer,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for name in ("easy", "hard"):
+        write_jsonl(tmp_path / f"{name}.jsonl", list(generate_tasks(5)))
+    datasets = [{"name": n, "input": f"{n}.jsonl", "output": f"out_{n}.jsonl",
+                 "agent_url": agent.url} for n in ("easy", "hard")]  # fmt: skip
+    datasets[1].update(hard)
+    config = tmp_path / "mix.yaml"
+    config.write_text(yaml.safe_dump({"datasets": datasets}))
+
+    code = cli_main(["multi", "--config", str(config)])
+
+    assert code == 2
+    assert f"rollouts multi: config {config}: {words}" in capsys.readouterr().err
+    for d in datasets:
+        if d["output"] != d["input"]:
+            assert_nothing_written(tmp_path / d["output"], agent)
+    assert agent.requests() == []
