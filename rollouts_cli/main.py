@@ -18,11 +18,9 @@ from typing import Any
 
 import yaml
 
-from rollouts.errors import validation_message
+from rollouts.errors import ExitCode, validation_message
 from rollouts.models import CollectConfig, count_or_auto
 from rollouts_cli import run_link
-
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
 
 RCP_PREFIX = "responses_create_params."
 # `+key` of ng_collect_rollouts -> flow parameter: the fields of the one declaration.
@@ -258,8 +256,8 @@ def run_collect_flow(command: str, params: dict[str, Any]) -> int:
     print_summary(summary)
     if state.name == STOPPED_AT_DEADLINE:
         print(f"rollouts {command}: {state.message}", file=sys.stderr)
-        return EXIT_DEADLINE
-    return EXIT_OK
+        return ExitCode.DEADLINE
+    return ExitCode.OK
 
 
 def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
@@ -286,7 +284,7 @@ def _exit_for_failed(command: str, state: Any) -> int:
     print(f"rollouts {command}: {state.message or error}", file=sys.stderr)
     if isinstance(error, RolloutsError):
         return error.exit_code
-    return EXIT_INCOMPLETE
+    return ExitCode.INCOMPLETE
 
 
 def check_prefect_api() -> None:
@@ -344,7 +342,7 @@ def cmd_multi(args: argparse.Namespace) -> int:
     if not state.is_completed():
         return _exit_for_failed("multi", state)
     print_multi_summary(state.result())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _parse_source(text: str) -> tuple[str, str, float]:
@@ -379,7 +377,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
         result = mix_sources(request)
     except RolloutsError as e:
         print(f"rollouts mix: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     for name, s in result.per_source.items():
         print(f"{name}: {s.selected} selected (target {s.target}, {s.available} available, "
               f"shortfall {s.shortfall}, {s.deviation_from_quota:+d} vs quota"
@@ -387,7 +385,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
     print(f"{result.rows} rows -> {result.output}\nmanifest: {result.manifest}")
     if result.note:
         print(f"mix: {result.note}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -406,7 +404,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(status.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print_status(status)
-    return EXIT_OK if status.state != "not started" else EXIT_USAGE
+    return ExitCode.OK if status.state != "not started" else ExitCode.USAGE
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
@@ -425,7 +423,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print_failures(report)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def retry_params(output: str, classes: list[str]) -> dict[str, Any]:
@@ -466,7 +464,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     _check_parameters(params)
     print_retry_plan(args.output, args.failure_classes)
     code = run_collect_flow("retry", params)
-    if code == EXIT_INCOMPLETE:
+    if code == ExitCode.INCOMPLETE:
         print(f"rollouts retry: `rollouts failures {args.output}` shows what is still missing "
               "by class; a retry of those classes, or the run's own collect command, sends "
               "them again", file=sys.stderr)  # fmt: skip
@@ -493,7 +491,7 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
     from reference_agent.server import serve_agent_from_args
 
     serve_agent_from_args(args)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -612,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as e:
         print(f"rollouts {args.command}: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":
