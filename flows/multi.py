@@ -25,6 +25,7 @@ from rollouts.errors import (
     combined_exit_code,
 )
 from rollouts.models import DatasetConfig, MultiDatasetConfig
+from rollouts.run import must_refresh
 from rollouts.run_state import started_from
 from rollouts.settings import RolloutsSettings
 from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary, MultiSummary
@@ -133,7 +134,7 @@ async def mix_datasets(config: MultiDatasetConfig, result: MultiSummary) -> None
     assert config.mix is not None
     out = Path(config.mix.output)
     manifest = out.with_name(f"{out.stem}_manifest.json")
-    fresh_mix = mix_task.with_options(refresh_cache=not (out.exists() and manifest.exists()))
+    fresh_mix = mix_task.with_options(refresh_cache=must_refresh(out, manifest))
     mix_state = await fresh_mix(config.mix_request(), return_state=True)
     mixed = await mix_state.aresult()  # raises the mix's error: a RolloutsError is reported
     # INFO: the run's log in the UI; the console has the note once, in the summary.

@@ -14,13 +14,16 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from rollouts.errors import ExitCode, validation_message
+from rollouts.errors import ExitCode, RolloutsError, validation_message
 from rollouts.models import CollectConfig, count_or_auto
 from rollouts_cli import run_link
+
+if TYPE_CHECKING:
+    from rollouts.request import RunRequest
 
 RCP_PREFIX = "responses_create_params."
 # `+key` of ng_collect_rollouts -> flow parameter: the fields of the one declaration.
@@ -169,16 +172,6 @@ def collect_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def _check_parameters(params: dict[str, Any]) -> None:
-    """Refuse bad parameters before Prefect starts (the flow checks them again)."""
-    from pydantic import ValidationError
-
-    try:
-        CollectConfig(**params)
-    except ValidationError as e:
-        raise UsageError(validation_message(e)) from None
-
-
 @contextlib.contextmanager
 def prefect_result_storage() -> Iterator[None]:
     """Apply ROLLOUTS_RESULT_STORAGE to Prefect (its result store is fixed when a flow starts)."""
@@ -194,61 +187,48 @@ def prefect_result_storage() -> Iterator[None]:
         yield
 
 
-def check_agent_first(params: dict[str, Any]) -> None:
-    """An unknown or unreachable run-level agent is refused in about a second, before Prefect
-    starts (its temporary API alone takes seconds). The flow checks again, for deployments."""
-    from rollouts.agent_client import check_agents_reachable
-    from rollouts.collect import DispatchPlan
-    from rollouts.replicas import agents_to_check
-    from rollouts.settings import RolloutsSettings
-
-    config = CollectConfig(**params)
-    if config.agent_identity is None:
-        return  # each row names its agent: known after the split
-    settings = RolloutsSettings()
-    plan = DispatchPlan.for_run(config, [], settings)  # the flow's own resolution
-    agents = agents_to_check(plan.agents_in_use(), plan.agent_url, settings)
-    for line in asyncio.run(check_agents_reachable(agents, settings.connect_timeout_s)):
-        print(f"rollouts collect: {line}; collecting from the other replicas", file=sys.stderr)
-
-
-def check_placement(params: dict[str, Any]) -> None:
-    """Processes and a Dask cluster that contradict each other are refused before Prefect
-    starts (the flow checks again, for deployments)."""
-    from flows.dask_runner import collecting_processes
-    from rollouts.settings import RolloutsSettings
-
-    collecting_processes(CollectConfig(**params), RolloutsSettings())
-
-
 def cmd_collect(args: argparse.Namespace) -> int:
+    from rollouts.request import check_request
+
     params = collect_params(args)
-    _check_parameters(params)
     # Where chunks run is infrastructure, not a result-changing parameter: a setting.
     if args.dask_address:
         os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
-    return run_collect_flow("collect", params)
+    try:
+        request = check_request(params)  # before Prefect starts; the flow takes it as checked
+    except RolloutsError as e:
+        return _refused("collect", e)
+    return run_collect_flow("collect", request)
 
 
-def run_collect_flow(command: str, params: dict[str, Any]) -> int:
+def _refused(command: str, error: RolloutsError) -> int:
+    """A request refused before any work: its message, and its exit status."""
+    print(f"rollouts {command}: {error}", file=sys.stderr)
+    return error.exit_code
+
+
+def run_collect_flow(command: str, request: RunRequest) -> int:
     """Run the collect-rollouts flow here, with a progress bar; print its summary; the exit
     status says what to do next."""
-    from rollouts.errors import RolloutsError
+    from rollouts.request import check_agent_first, checked_before_the_flow
+    from rollouts.settings import RolloutsSettings
 
     try:
-        check_placement(params)
-        check_agent_first(params)
+        # An unknown or unreachable run-level agent is refused in about a second, before
+        # Prefect starts (its temporary API alone takes seconds).
+        request = asyncio.run(check_agent_first(request, RolloutsSettings()))
     except RolloutsError as e:
-        print(f"rollouts {command}: {e}", file=sys.stderr)
-        return e.exit_code
+        return _refused(command, e)
+    for line in request.agents_down or ():
+        print(f"rollouts collect: {line}; collecting from the other replicas", file=sys.stderr)
     from flows.collect import CollectSummary, collect_rollouts
-    from rollouts.settings import RolloutsSettings
     from rollouts.summary import STOPPED_AT_DEADLINE
     from rollouts_cli.progress import cli_progress_bar
     from rollouts_cli.report import print_summary
 
-    with cli_progress_bar(params["output_jsonl_fpath"], RolloutsSettings().work_dir):
-        state = _run_flow_state(collect_rollouts, params)
+    output = request.params["output_jsonl_fpath"]
+    with cli_progress_bar(output, RolloutsSettings().work_dir), checked_before_the_flow(request):
+        state = _run_flow_state(collect_rollouts, request.params)
     if not state.is_completed():
         return _exit_for_failed(command, state)
     summary = state.result()
@@ -278,8 +258,6 @@ def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
 def _exit_for_failed(command: str, state: Any) -> int:
     """Bad input, parameters or settings are the caller's to fix (2); an incomplete run, an
     agent down or a crash are fixed by rerunning (1). Each error class says which."""
-    from rollouts.errors import RolloutsError
-
     error = state.result(raise_on_failure=False)
     print(f"rollouts {command}: {state.message or error}", file=sys.stderr)
     if isinstance(error, RolloutsError):
@@ -359,7 +337,6 @@ def _parse_source(text: str) -> tuple[str, str, float]:
 def cmd_mix(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from rollouts.errors import RolloutsError
     from rollouts.mix import MixRequest, MixSource, mix_sources
 
     try:
@@ -410,7 +387,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_failures(args: argparse.Namespace) -> int:
     import orjson
 
-    from rollouts.errors import RolloutsError
     from rollouts.failures import summarize_failures
     from rollouts_cli.triage import print_failures
 
@@ -454,16 +430,14 @@ def retry_params(output: str, classes: list[str]) -> dict[str, Any]:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from rollouts.errors import RolloutsError
+    from rollouts.request import check_request
 
     try:
-        params = retry_params(args.output, args.failure_classes)
+        request = check_request(retry_params(args.output, args.failure_classes))
     except RolloutsError as e:
-        print(f"rollouts retry: {e}", file=sys.stderr)
-        return e.exit_code
-    _check_parameters(params)
+        return _refused("retry", e)
     print_retry_plan(args.output, args.failure_classes)
-    code = run_collect_flow("retry", params)
+    code = run_collect_flow("retry", request)
     if code == ExitCode.INCOMPLETE:
         print(f"rollouts retry: `rollouts failures {args.output}` shows what is still missing "
               "by class; a retry of those classes, or the run's own collect command, sends "
@@ -474,7 +448,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def print_retry_plan(output: str, classes: list[str]) -> None:
     """What the merged failures file says the retry will send (the flow, which reads the
     chunks' own files, logs the exact count)."""
-    from rollouts.errors import RolloutsError
     from rollouts.failures import summarize_failures
 
     try:
