@@ -111,6 +111,11 @@ class RunStages(abc.ABC):
     ) -> list[str]:
         return await check_agents_reachable(agents, timeout_s)
 
+    def freeze_heap(self) -> None:
+        """Right before collecting: what this process loaded so far (Prefect, pandas) stays
+        out of the collector's way (rollouts/gctune.py)."""
+        gctune.freeze_heap()
+
     @abc.abstractmethod
     async def split(self, config: CollectConfig, run_dir: Path, run_id: str) -> SplitResult:
         """The input into the run state's chunks."""
@@ -184,7 +189,7 @@ class _Run:
                 )
                 await self.check_agents_unless_complete(plan)
                 async with self.stages.progress(self.reader, self.paths.rollouts) as progress:
-                    gctune.freeze_heap()  # what was loaded so far stays: off the collector's way
+                    self.stages.freeze_heap()
                     chunks = await self.stages.collect(split, plan, self.run_dir, self.stop)
                 raise_what_a_rerun_will_not_fix(chunks)
                 await self.end_if_stopped_early()

@@ -108,6 +108,9 @@ class Stages(RunStages):
         self.calls.append(("probe", dict(agents)))
         return self.down
 
+    def freeze_heap(self) -> None:
+        self.calls.append("freeze")
+
     async def split(self, config: Any, run_dir: Path, run_id: str) -> SplitResult:
         self.calls.append("split")
         return SplitResult(run_dir=str(run_dir), run_id=run_id, n_tasks=10, chunks=[],
@@ -156,8 +159,8 @@ def test_a_complete_run_collects_merges_measures_and_publishes_in_that_order(
     stages = Stages(chunks=[ChunkOutcome(completed=True, cached=True),
                             ChunkOutcome(completed=True)])  # fmt: skip
     summary = run(stages, request(tmp_path))
-    assert stages.calls == ["split", ("probe", {AGENT: [AGENT]}), "collect", ("merge", True),
-                            ("metrics", True), "publish"]  # fmt: skip
+    assert stages.calls == ["split", ("probe", {AGENT: [AGENT]}), "freeze", "collect",
+                            ("merge", True), ("metrics", True), "publish"]  # fmt: skip
     assert (summary.expected, summary.missing, summary.stopped) == (10, 0, None)
     assert (summary.chunks_from_cache, summary.output) == (1, str(tmp_path / "out.jsonl"))
     assert deadline_outcome(summary) is None
