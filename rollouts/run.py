@@ -57,6 +57,8 @@ if TYPE_CHECKING:  # numpy loads with the metrics step, not at start-up
 
 
 class RunLog(Protocol):
+    """Where the run says what it does (the flow run's logger)."""
+
     def info(self, msg: str, /, *args: object) -> None: ...
     def warning(self, msg: str, /, *args: object) -> None: ...
 

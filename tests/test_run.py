@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from rollouts.collect import DispatchPlan
 from rollouts.errors import (
     STOP_EXIT_CODES,
     AgentUnreachable,
@@ -194,10 +196,6 @@ def test_replicas_down_are_warned_of_and_the_run_goes_on(tmp_path: Path) -> None
 
 
 def test_agents_checked_before_the_flow_run_are_not_probed_again(tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    from rollouts.collect import DispatchPlan
-
     req = request(tmp_path)
     plan = DispatchPlan.for_run(req.config, [], RolloutsSettings())
     checked = replace(req, plan=plan, agents_down=("replica r: refused",))
