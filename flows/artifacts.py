@@ -36,6 +36,7 @@ from rollouts.health import (
 )
 from rollouts.models import DatasetConfig, MultiDatasetConfig
 from rollouts.replicas import ReplicaStatus
+from rollouts.run import StatusSource
 from rollouts.status import RunStatus, StatusReader
 from rollouts.summary import CollectSummary, MultiSummary, RunFigures
 
@@ -56,7 +57,7 @@ class LiveProgress:
     rollout is logged once, in the run's log. It also times the collection for the run's
     figures (``RunFigures``)."""
 
-    def __init__(self, reader: StatusReader, output: Path) -> None:
+    def __init__(self, reader: StatusSource, output: Path) -> None:
         self.reader, self.output = reader, output
         self.artifact_id: Any = None
         self._updates: asyncio.Task[None] | None = None

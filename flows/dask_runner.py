@@ -28,20 +28,6 @@ if TYPE_CHECKING:
 PROBE_NAME = ".rollouts-probe"
 
 
-def collecting_processes(config: CollectConfig, settings: RolloutsSettings) -> int:
-    """Local processes to collect in (1: this one). Refuses asking for both a local cluster
-    and a remote one."""
-    processes = config.process_count()
-    if processes == 1 and settings.dask_local_workers:  # the older spelling of `processes`
-        processes = min(settings.dask_local_workers, config.in_flight_ceiling)
-    if processes > 1 and settings.dask_address:
-        raise ConfigError(
-            f"processes={config.processes} starts a local cluster, but ROLLOUTS_DASK_ADDRESS "
-            f"(--dask-address) names one to use ({settings.dask_address}): choose one"
-        )
-    return processes
-
-
 def dask_enabled(settings: RolloutsSettings, processes: int) -> bool:
     return bool(settings.dask_address) or processes > 1
 
@@ -151,7 +137,7 @@ def chunks_per_process(chunks_at_once: int, processes: int) -> int:
 
 
 def worker_plan(
-    settings: RolloutsSettings, config: CollectConfig, workers: list[str]
+    settings: RolloutsSettings, config: CollectConfig, workers: list[str], run_id: str
 ) -> WorkerPlan:
     """Each worker's share of the run's requests in flight and of its chunks at once (a
     remote cluster's threads are its operator's choice: no chunk limit there)."""
@@ -163,7 +149,7 @@ def worker_plan(
         None if settings.dask_address
         else chunks_per_process(config.max_parallel_chunks, len(workers))
     )  # fmt: skip
-    return WorkerPlan(budgets, chunks, config.adaptive)
+    return WorkerPlan(run_id, budgets, chunks, config.adaptive)
 
 
 def collect_on_dask(
@@ -181,15 +167,15 @@ def collect_on_dask(
     prepare_worker_environment(settings, api_url)
     with make_task_runner(settings, processes, config.max_parallel_chunks) as runner:
         workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
-        worker = worker_plan(settings, config, workers)
+        worker = worker_plan(settings, config, workers, run_id)
         get_run_logger().info(
             "collecting %s: %d processes, requests in flight each: %s",
             f"on Dask at {settings.dask_address}" if settings.dask_address else "locally",
             len(workers), ", ".join(str(b) for b in worker.budgets.values()),
         )  # fmt: skip
         futures = [
-            runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "run_id": run_id,
-                                                  "worker": worker, "stop_plan": stop.plan,
+            runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "dispatch": worker,
+                                                  "stop_plan": stop.plan,
                                                   "retry": bool(config.retry_failure_classes)})
             for spec in chunks
         ]  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from pathlib import Path
 from typing import Any
 
@@ -12,69 +11,63 @@ from prefect.states import State
 
 from flows.dask_runner import collect_on_dask, dask_enabled
 from rollouts.collect import DispatchPlan
-from rollouts.dispatchers import close_dispatcher, open_dispatcher
-from rollouts.errors import IncompleteRun, RolloutsError
-from rollouts.models import ChunkSpec, CollectConfig
+from rollouts.dispatchers import open_dispatcher
+from rollouts.models import ChunkSpec, CollectConfig, SplitResult
+from rollouts.run import ChunkOutcome
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import Stopper
-from rollouts.urls import redact
 from tasks.collect import collect_chunk_task
 
 
 async def collect_chunks(
-    chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
-    config: CollectConfig, settings: RolloutsSettings, processes: int, stop: Stopper,
-) -> list[State[Any]]:  # fmt: skip
+    split: SplitResult, plan: DispatchPlan, run_dir: Path, config: CollectConfig,
+    settings: RolloutsSettings, processes: int, stop: Stopper,
+) -> list[ChunkOutcome]:  # fmt: skip
     """One cached, retrying task run per chunk, in this process or in ``processes`` local ones
-    (or on a Dask cluster); their final states, in chunk order. ``stop`` (armed with the run's
+    (or on a Dask cluster); how each ended, in chunk order. ``stop`` (armed with the run's
     deadline) stops them all: here as their dispatcher's stopper, on Dask relayed to workers."""
     chunk_task = collect_chunk_task.with_options(
         retries=settings.chunk_retries, retry_delay_seconds=settings.chunk_retry_delay_s
     )
-    retry = bool(config.retry_failure_classes)
-    if retry:
+    if config.retry_failure_classes:
         # A retry's chunk result is complete over the reopened rollouts only: it must neither
         # come from the cache nor be stored as the chunk's result (tasks/collect.py).
         chunk_task = chunk_task.with_options(cache_policy=NO_CACHE)
-    # Prefect and pandas leave a large, long-lived heap; full collections over it stall the
-    # event loop while requests wait. Freezing it keeps the collector's GC work small.
-    gc.freeze()
     if dask_enabled(settings, processes):
-        return await asyncio.to_thread(
-            collect_on_dask, chunk_task, chunks, plan, run_id, run_dir, settings, config,
-            processes, stop,
+        states = await asyncio.to_thread(
+            collect_on_dask, chunk_task, split.chunks, plan, split.run_id, run_dir, settings,
+            config, processes, stop,
         )  # fmt: skip
+    else:
+        states = await collect_here(chunk_task, split.chunks, plan, config, settings, stop)
+    return [await chunk_outcome(s) for s in states]
+
+
+async def collect_here(
+    chunk_task: Any, chunks: list[ChunkSpec], plan: DispatchPlan, config: CollectConfig,
+    settings: RolloutsSettings, stop: Stopper,
+) -> list[State[Any]]:  # fmt: skip
+    """The chunk tasks awaited together on this event loop, each handed this run's dispatcher
+    (one HTTP client, one budget), whose stopper is the flow's: its signal handlers and
+    deadline stop these chunks."""
     dispatcher = open_dispatcher(
-        run_id, settings, config.in_flight_ceiling, config.max_parallel_chunks, config.adaptive
+        settings, config.in_flight_ceiling, config.max_parallel_chunks, config.adaptive
     )
-    dispatcher.stop = stop  # the flow's: its signal handlers and deadline stop these chunks
+    dispatcher.stop = stop
+    retry = bool(config.retry_failure_classes)
     try:
-        # Awaited together on this event loop, chunk tasks share one dispatcher.
-        return await asyncio.gather(
-            *(chunk_task(s, plan, run_id, stop_plan=stop.plan, retry=retry, return_state=True)
+        return list(await asyncio.gather(
+            *(chunk_task(s, plan, dispatcher, stop_plan=stop.plan, retry=retry, return_state=True)
               for s in chunks)
-        )  # fmt: skip
+        ))  # fmt: skip
     finally:
-        await close_dispatcher(run_id)
+        await dispatcher.aclose()
 
 
-async def raise_what_a_rerun_will_not_fix(states: list[State[Any]]) -> None:
-    """A chunk stopped by something a rerun alone will not fix (a full disk) ends the run with
-    that message, rather than with the rollouts it left missing."""
-    for state in states:
-        # A chunk a stop kept from starting (on Dask: still Pending) has no error to read.
-        if state.is_final() and not state.is_completed():
-            error = await state.aresult(raise_on_failure=False)
-            if isinstance(error, RolloutsError) and not isinstance(error, IncompleteRun):
-                raise error
-
-
-async def first_chunk_error(states: list[State[Any]]) -> str | None:
-    """The exception that ended the first failed chunk, when it is not one of ours (those say
-    what is missing, or were raised above): `ValueError: ...`, for the run's last message."""
-    for state in states:
-        if state.is_final() and not state.is_completed():
-            error = await state.aresult(raise_on_failure=False)
-            if isinstance(error, Exception) and not isinstance(error, RolloutsError):
-                return redact(f"{type(error).__name__}: {error}")
-    return None
+async def chunk_outcome(state: State[Any]) -> ChunkOutcome:
+    """A chunk task's final state as the run reads it. A chunk a stop kept from starting (on
+    Dask: still Pending) has no error to read."""
+    if state.is_completed():
+        return ChunkOutcome(completed=True, cached=state.name == "Cached")
+    error = await state.aresult(raise_on_failure=False) if state.is_final() else None
+    return ChunkOutcome(completed=False, error=error if isinstance(error, BaseException) else None)

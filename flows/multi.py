@@ -17,8 +17,15 @@ from pydantic import ValidationError
 from flows.artifacts import DatasetsProgress, publish_mix, publish_multi_summary
 from flows.collect import collect_rollouts
 from flows.ui import output_label, run_name, title
-from rollouts.errors import STOP_EXIT_CODES, IncompleteRun, RolloutsError
+from rollouts.errors import (
+    STOP_EXIT_CODES,
+    ExitCode,
+    IncompleteRun,
+    RolloutsError,
+    combined_exit_code,
+)
 from rollouts.models import DatasetConfig, MultiDatasetConfig
+from rollouts.run import must_refresh
 from rollouts.run_state import started_from
 from rollouts.settings import RolloutsSettings
 from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary, MultiSummary
@@ -38,11 +45,6 @@ class DatasetFailed(RolloutsError):
 
     def __reduce__(self) -> tuple[type[DatasetFailed], tuple[str, int]]:
         return type(self), (str(self), self.exit_code)  # kept when Prefect pickles the state
-
-
-def combined_exit_code(codes: list[int]) -> int:
-    """Something to change first (2) outranks a deadline (3), which outranks a rerun (1)."""
-    return next(c for c in (2, 3, 1) if c in codes) if codes else 1
 
 
 @task(name="collect-dataset", task_run_name="collect-dataset-{dataset.name}", cache_policy=NO_CACHE)
@@ -122,7 +124,7 @@ async def collect_datasets(config: MultiDatasetConfig) -> dict[str, CollectSumma
         detail = "; ".join(str(c) for c in causes)
         raise DatasetFailed(
             f"{len(failed)} dataset(s) did not complete, no mix written. {detail}",
-            combined_exit_code([getattr(c, "exit_code", 1) for c in causes]),
+            combined_exit_code(getattr(c, "exit_code", ExitCode.INCOMPLETE) for c in causes),
         )
     return {d.name: f.result() for d, f in zip(config.datasets, futures, strict=True)}
 
@@ -132,7 +134,7 @@ async def mix_datasets(config: MultiDatasetConfig, result: MultiSummary) -> None
     assert config.mix is not None
     out = Path(config.mix.output)
     manifest = out.with_name(f"{out.stem}_manifest.json")
-    fresh_mix = mix_task.with_options(refresh_cache=not (out.exists() and manifest.exists()))
+    fresh_mix = mix_task.with_options(refresh_cache=must_refresh(out, manifest))
     mix_state = await fresh_mix(config.mix_request(), return_state=True)
     mixed = await mix_state.aresult()  # raises the mix's error: a RolloutsError is reported
     # INFO: the run's log in the UI; the console has the note once, in the summary.

@@ -24,7 +24,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
 from prefect.states import Cancelled, Crashed, State
 
-from rollouts.errors import RunStopped
+from rollouts.errors import STOP_EXIT_CODES, RunStopped
 from rollouts.stopping import Stopper
 
 CANCEL_POLL_S = 1.0  # how often a run checks whether it was cancelled
@@ -57,7 +57,7 @@ def _on_stop_signals(stop: Stopper, loop: asyncio.AbstractEventLoop) -> Callable
         if len(received) > 1:  # the second one: now
             os.write(2, f"\nrollouts: {name} again: stopped at once. Nothing written is lost; "
                         "rerun the same command to continue.\n".encode())  # fmt: skip
-            os._exit(128 + signum)
+            os._exit(STOP_EXIT_CODES[name])
         os.write(2, f"\nrollouts: {name}: stopping. No new rollouts; those in flight get "
                     f"{stop.grace_s():g} s. Press Ctrl-C again to stop at once.\n".encode())  # fmt: skip
         loop.call_soon_threadsafe(stop.request, name)

@@ -1,55 +1,38 @@
-"""The per-process registry of dispatchers, one per run.
+"""Dispatchers: one per run and process, shared by the chunks of that run collected there (one
+HTTP client, one in-flight budget).
 
-Chunk tasks of one run share a dispatcher (one HTTP client, one in-flight budget) when they run
-on the same event loop. Its key is the run id, a plain string, so task inputs stay hashable and
-free of clients or locks.
+In the flow's process the flow opens its own (``open_dispatcher``) and hands it to each chunk
+task it runs on its event loop. An object cannot travel to a Dask worker: a chunk task there
+carries a ``WorkerPlan`` instead, and each worker process builds its dispatcher for the run
+from it once (``worker_dispatcher``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import threading
 from dataclasses import dataclass
 
+from rollouts import gctune
 from rollouts.agent_client import RetryPolicy
 from rollouts.collect import Dispatcher
 from rollouts.replicas import ReplicaRouter
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import StopPlan, StopReason
 
-_dispatchers: dict[str, Dispatcher] = {}
-
 
 def open_dispatcher(
-    run_id: str, settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
+    settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
     adaptive: bool = False,
 ) -> Dispatcher:  # fmt: skip
-    """``adaptive``: ``max_in_flight`` is a ceiling, the limit is found at run time."""
-    key = run_id
-    if key not in _dispatchers:
-        api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
-        _dispatchers[key] = Dispatcher(
-            RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
-            adaptive, ReplicaRouter.from_settings(settings), settings.stall_warn_s,
-            settings.agent_credentials(),
-        )  # fmt: skip
-    return _dispatchers[key]
-
-
-def get_dispatcher(run_id: str) -> Dispatcher:
-    try:
-        return _dispatchers[run_id]
-    except KeyError:
-        raise RuntimeError(
-            f"no dispatcher open for run {run_id} in this process; the flow opens it"
-        ) from None
-
-
-async def close_dispatcher(run_id: str) -> None:
-    dispatcher = _dispatchers.pop(run_id, None)
-    if dispatcher is not None:
-        await dispatcher.aclose()
+    """A run's dispatcher in this process (the caller closes it: ``aclose``). ``adaptive``:
+    ``max_in_flight`` is a ceiling, the limit is found at run time."""
+    api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
+    return Dispatcher(
+        RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
+        adaptive, ReplicaRouter.from_settings(settings), settings.stall_warn_s,
+        settings.agent_credentials(),
+    )  # fmt: skip
 
 
 # On Dask workers each task run may get its own thread and event loop, while the worker's
@@ -74,15 +57,17 @@ def _background_loop() -> asyncio.AbstractEventLoop:
 class WorkerPlan:
     """What a chunk task on a Dask worker needs to set up that process's dispatcher."""
 
+    run_id: str  # the run whose dispatcher it is (a worker may serve several runs)
     budgets: dict[str, int]  # worker name -> its share of the run's requests in flight
     chunks_at_once: int | None = None  # chunks dispatching at once there; None: its threads
     adaptive: bool = False  # each share is a ceiling, the limit found at run time
 
 
 def worker_dispatcher(
-    run_id: str, settings: RolloutsSettings, max_in_flight: int, worker: WorkerPlan
+    settings: RolloutsSettings, max_in_flight: int, worker: WorkerPlan
 ) -> tuple[asyncio.AbstractEventLoop, Dispatcher]:
-    """This process's dispatcher for ``run_id`` and the loop it lives on (created once)."""
+    """This process's dispatcher for the worker's run and the loop it lives on (created once)."""
+    run_id = worker.run_id
     with _worker_lock:
         loop = _background_loop()
         if run_id not in _worker_dispatchers:
@@ -100,9 +85,7 @@ def worker_dispatcher(
                 loop.call_soon_threadsafe(
                     _stop, _worker_dispatchers[run_id], *_worker_stops[run_id]
                 )
-            # As in the flow's process (flows/dispatch.py): keep full collections off the
-            # large, long-lived heap that Prefect and Dask leave here.
-            gc.freeze()
+            gctune.freeze_heap()  # as in the flow's process (rollouts/run.py)
         return loop, _worker_dispatchers[run_id]
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,14 +11,49 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 
+class ExitCode(IntEnum):
+    """The exit status of a `rollouts` command: the one table. Errors carry theirs
+    (``RolloutsError.exit_code``), a stop its cause's (``STOP_EXIT_CODES``)."""
+
+    OK = 0
+    INCOMPLETE = 1  # rerunning the same command later is the fix
+    USAGE = 2  # the caller must change something (input, parameters, settings) first
+    DEADLINE = 3  # stopped at max_duration; rerunning the same command continues
+    SIGINT = 130  # the shell's 128 + signal
+    SIGTERM = 143  # also a Prefect cancellation: it reaches a worker's flow-run process as SIGTERM
+
+
+# Exit status per stop cause: its own for the deadline, the shell's 128 + signal otherwise.
+STOP_EXIT_CODES: dict[str, ExitCode] = {
+    "deadline": ExitCode.DEADLINE,
+    "SIGINT": ExitCode.SIGINT,
+    "SIGTERM": ExitCode.SIGTERM,
+    "cancelled": ExitCode.SIGTERM,
+}
+
+# Several parts that did not complete (the datasets of a multi-dataset run) exit with the
+# first of these among theirs: something to change first, then a deadline, then a rerun.
+_PRECEDENCE = (ExitCode.USAGE, ExitCode.DEADLINE, ExitCode.INCOMPLETE)
+
+
+def combined_exit_code(codes: Iterable[int]) -> int:
+    """The exit status of several parts that did not complete, by ``_PRECEDENCE``; a code
+    outside it only when none of the parts has one in it (the first such)."""
+    given = list(codes)
+    ranked = [c for c in _PRECEDENCE if c in given]
+    if ranked:
+        return ranked[0]
+    return given[0] if given else ExitCode.INCOMPLETE
+
+
 class RolloutsError(Exception):
     """Base of every error we raise on purpose; the CLI prints its message without a traceback.
 
-    ``exit_code``: 2 when the caller must change something (input, parameters, settings) before
-    rerunning, 1 when rerunning the same command later is the fix.
+    ``exit_code``: USAGE (2) when the caller must change something (input, parameters,
+    settings) before rerunning, INCOMPLETE (1) when rerunning the same command later is the fix.
     """
 
-    exit_code = 2
+    exit_code: int = ExitCode.USAGE
 
 
 class InputError(RolloutsError):
@@ -58,12 +94,7 @@ class AgentResolutionError(RolloutsError):
 class IncompleteRun(RolloutsError):
     """The run ended with rollouts neither written nor terminally failed."""
 
-    exit_code = 1
-
-
-# Exit status per stop cause: its own for the deadline, the shell's 128 + signal otherwise (a
-# Prefect cancellation reaches a worker's flow-run process as SIGTERM).
-STOP_EXIT_CODES = {"deadline": 3, "SIGINT": 130, "SIGTERM": 143, "cancelled": 143}
+    exit_code = ExitCode.INCOMPLETE
 
 
 class RunStopped(IncompleteRun):
@@ -73,7 +104,7 @@ class RunStopped(IncompleteRun):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
-        self.exit_code = STOP_EXIT_CODES.get(reason, 1)
+        self.exit_code = STOP_EXIT_CODES.get(reason, ExitCode.INCOMPLETE)
 
     def __reduce__(self) -> tuple[type[RunStopped], tuple[str, str]]:
         # Pickled back from Dask workers: rebuild with both arguments.
@@ -83,7 +114,7 @@ class RunStopped(IncompleteRun):
 class AgentUnreachable(RolloutsError):
     """An agent's address does not accept connections; found before any rollout is sent."""
 
-    exit_code = 1
+    exit_code = ExitCode.INCOMPLETE
 
 
 class SharedStorageError(RolloutsError):

@@ -46,3 +46,10 @@ def release() -> None:
         if _holders == 0 and _saved is not None:
             gc.set_threshold(*_saved)
             _saved = None
+
+
+def freeze_heap() -> None:
+    """Move every object alive now out of the collector's reach, once a process is about to
+    collect: Prefect, pandas and Dask leave a large, long-lived heap, and full collections
+    over it stall the event loop while requests wait."""
+    gc.freeze()

@@ -14,16 +14,17 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from rollouts.errors import validation_message
+from rollouts.errors import ExitCode, RolloutsError, validation_message
 from rollouts.models import CollectConfig, count_or_auto
 from rollouts_cli import run_link
 from rollouts_cli.parameter_flags import TEXT_KEYS, add_parameter_flag
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
+if TYPE_CHECKING:
+    from rollouts.request import RunRequest
 
 RCP_PREFIX = "responses_create_params."
 # Flags for the most used overrides: `--temperature 0.2` = +responses_create_params.temperature=0.2
@@ -139,16 +140,6 @@ def collect_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def _check_parameters(params: dict[str, Any]) -> None:
-    """Refuse bad parameters before Prefect starts (the flow checks them again)."""
-    from pydantic import ValidationError
-
-    try:
-        CollectConfig(**params)
-    except ValidationError as e:
-        raise UsageError(validation_message(e)) from None
-
-
 @contextlib.contextmanager
 def prefect_result_storage() -> Iterator[None]:
     """Apply ROLLOUTS_RESULT_STORAGE to Prefect (its result store is fixed when a flow starts)."""
@@ -164,61 +155,48 @@ def prefect_result_storage() -> Iterator[None]:
         yield
 
 
-def check_agent_first(params: dict[str, Any]) -> None:
-    """An unknown or unreachable run-level agent is refused in about a second, before Prefect
-    starts (its temporary API alone takes seconds). The flow checks again, for deployments."""
-    from rollouts.agent_client import check_agents_reachable
-    from rollouts.collect import DispatchPlan
-    from rollouts.replicas import agents_to_check
-    from rollouts.settings import RolloutsSettings
-
-    config = CollectConfig(**params)
-    if config.agent_identity is None:
-        return  # each row names its agent: known after the split
-    settings = RolloutsSettings()
-    plan = DispatchPlan.for_run(config, [], settings)  # the flow's own resolution
-    agents = agents_to_check(plan.agents_in_use(), plan.agent_url, settings)
-    for line in asyncio.run(check_agents_reachable(agents, settings.connect_timeout_s)):
-        print(f"rollouts collect: {line}; collecting from the other replicas", file=sys.stderr)
-
-
-def check_placement(params: dict[str, Any]) -> None:
-    """Processes and a Dask cluster that contradict each other are refused before Prefect
-    starts (the flow checks again, for deployments)."""
-    from flows.dask_runner import collecting_processes
-    from rollouts.settings import RolloutsSettings
-
-    collecting_processes(CollectConfig(**params), RolloutsSettings())
-
-
 def cmd_collect(args: argparse.Namespace) -> int:
+    from rollouts.request import check_request
+
     params = collect_params(args)
-    _check_parameters(params)
     # Where chunks run is infrastructure, not a result-changing parameter: a setting.
     if args.dask_address:
         os.environ["ROLLOUTS_DASK_ADDRESS"] = args.dask_address
-    return run_collect_flow("collect", params)
+    try:
+        request = check_request(params)  # before Prefect starts; the flow takes it as checked
+    except RolloutsError as e:
+        return _refused("collect", e)
+    return run_collect_flow("collect", request)
 
 
-def run_collect_flow(command: str, params: dict[str, Any]) -> int:
+def _refused(command: str, error: RolloutsError) -> int:
+    """A request refused before any work: its message, and its exit status."""
+    print(f"rollouts {command}: {error}", file=sys.stderr)
+    return error.exit_code
+
+
+def run_collect_flow(command: str, request: RunRequest) -> int:
     """Run the collect-rollouts flow here, with a progress bar; print its summary; the exit
     status says what to do next."""
-    from rollouts.errors import RolloutsError
+    from rollouts.request import check_agent_first, checked_before_the_flow
+    from rollouts.settings import RolloutsSettings
 
     try:
-        check_placement(params)
-        check_agent_first(params)
+        # An unknown or unreachable run-level agent is refused in about a second, before
+        # Prefect starts (its temporary API alone takes seconds).
+        request = asyncio.run(check_agent_first(request, RolloutsSettings()))
     except RolloutsError as e:
-        print(f"rollouts {command}: {e}", file=sys.stderr)
-        return e.exit_code
+        return _refused(command, e)
+    for line in request.agents_down or ():
+        print(f"rollouts collect: {line}; collecting from the other replicas", file=sys.stderr)
     from flows.collect import CollectSummary, collect_rollouts
-    from rollouts.settings import RolloutsSettings
     from rollouts.summary import STOPPED_AT_DEADLINE
     from rollouts_cli.progress import cli_progress_bar
     from rollouts_cli.report import print_summary
 
-    with cli_progress_bar(params["output_jsonl_fpath"], RolloutsSettings().work_dir):
-        state = _run_flow_state(collect_rollouts, params)
+    output = request.params["output_jsonl_fpath"]
+    with cli_progress_bar(output, RolloutsSettings().work_dir), checked_before_the_flow(request):
+        state = _run_flow_state(collect_rollouts, request.params)
     if not state.is_completed():
         return _exit_for_failed(command, state)
     summary = state.result()
@@ -226,8 +204,8 @@ def run_collect_flow(command: str, params: dict[str, Any]) -> int:
     print_summary(summary)
     if state.name == STOPPED_AT_DEADLINE:
         print(f"rollouts {command}: {state.message}", file=sys.stderr)
-        return EXIT_DEADLINE
-    return EXIT_OK
+        return ExitCode.DEADLINE
+    return ExitCode.OK
 
 
 def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
@@ -248,13 +226,11 @@ def _run_flow_state(flow: Any, params: dict[str, Any]) -> Any:
 def _exit_for_failed(command: str, state: Any) -> int:
     """Bad input, parameters or settings are the caller's to fix (2); an incomplete run, an
     agent down or a crash are fixed by rerunning (1). Each error class says which."""
-    from rollouts.errors import RolloutsError
-
     error = state.result(raise_on_failure=False)
     print(f"rollouts {command}: {state.message or error}", file=sys.stderr)
     if isinstance(error, RolloutsError):
         return error.exit_code
-    return EXIT_INCOMPLETE
+    return ExitCode.INCOMPLETE
 
 
 def check_prefect_api() -> None:
@@ -330,7 +306,7 @@ def cmd_multi(args: argparse.Namespace) -> int:
     if not state.is_completed():
         return _exit_for_failed("multi", state)
     print_multi_summary(state.result())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _parse_source(text: str) -> tuple[str, str, float]:
@@ -347,7 +323,6 @@ def _parse_source(text: str) -> tuple[str, str, float]:
 def cmd_mix(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from rollouts.errors import RolloutsError
     from rollouts.mix import MixRequest, MixSource, mix_sources
 
     try:
@@ -365,7 +340,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
         result = mix_sources(request)
     except RolloutsError as e:
         print(f"rollouts mix: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     for name, s in result.per_source.items():
         print(f"{name}: {s.selected} selected (target {s.target}, {s.available} available, "
               f"shortfall {s.shortfall}, {s.deviation_from_quota:+d} vs quota"
@@ -373,7 +348,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
     print(f"{result.rows} rows -> {result.output}\nmanifest: {result.manifest}")
     if result.note:
         print(f"mix: {result.note}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -392,13 +367,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(status.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print_status(status)
-    return EXIT_OK if status.state != "not started" else EXIT_USAGE
+    return ExitCode.OK if status.state != "not started" else ExitCode.USAGE
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
     import orjson
 
-    from rollouts.errors import RolloutsError
     from rollouts.failures import summarize_failures
     from rollouts_cli.triage import print_failures
 
@@ -411,7 +385,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print_failures(report)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def retry_params(output: str, classes: list[str]) -> dict[str, Any]:
@@ -442,17 +416,15 @@ def retry_params(output: str, classes: list[str]) -> dict[str, Any]:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from rollouts.errors import RolloutsError
+    from rollouts.request import check_request
 
     try:
-        params = retry_params(args.output, args.failure_classes)
+        request = check_request(retry_params(args.output, args.failure_classes))
     except RolloutsError as e:
-        print(f"rollouts retry: {e}", file=sys.stderr)
-        return e.exit_code
-    _check_parameters(params)
+        return _refused("retry", e)
     print_retry_plan(args.output, args.failure_classes)
-    code = run_collect_flow("retry", params)
-    if code == EXIT_INCOMPLETE:
+    code = run_collect_flow("retry", request)
+    if code == ExitCode.INCOMPLETE:
         print(f"rollouts retry: `rollouts failures {args.output}` shows what is still missing "
               "by class; a retry of those classes, or the run's own collect command, sends "
               "them again", file=sys.stderr)  # fmt: skip
@@ -462,7 +434,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def print_retry_plan(output: str, classes: list[str]) -> None:
     """What the merged failures file says the retry will send (the flow, which reads the
     chunks' own files, logs the exact count)."""
-    from rollouts.errors import RolloutsError
     from rollouts.failures import summarize_failures
 
     try:
@@ -479,7 +450,7 @@ def cmd_serve_agent(args: argparse.Namespace) -> int:
     from reference_agent.server import serve_agent_from_args
 
     serve_agent_from_args(args)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -598,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as e:
         print(f"rollouts {args.command}: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from rollouts.chunks import ChunkFiles
-from rollouts.collect import DispatchPlan, collect_chunk
-from rollouts.dispatchers import WorkerPlan, get_dispatcher, worker_dispatcher
+from rollouts.collect import Dispatcher, DispatchPlan, collect_chunk
+from rollouts.dispatchers import WorkerPlan, worker_dispatcher
 from rollouts.errors import IncompleteRun, RunStopped
 from rollouts.models import ChunkResult, ChunkSpec
 from rollouts.retry import reopen_count
@@ -53,25 +53,25 @@ def retry_unless_stopped(task: Any, task_run: Any, state: Any) -> bool:
 async def collect_chunk_task(
     spec: ChunkSpec,
     plan: DispatchPlan,
-    run_id: str,
-    worker: WorkerPlan | None = None,
+    dispatch: Dispatcher | WorkerPlan,
     stop_plan: StopPlan | None = None,
     retry: bool = False,
 ) -> ChunkResult:
     """Collect a chunk; raise (and so retry, resuming) while rollouts are still missing.
 
-    ``worker`` None: in the flow's process, sharing the flow's dispatcher. Else on a Dask
-    worker, sharing that process's dispatcher with its share of the run's budget.
+    ``dispatch``: the flow's dispatcher, which the chunk tasks it awaits on its event loop
+    share; or on a Dask worker the plan of that process's dispatcher for the run, with its
+    share of the run's budget. Neither is part of the cache key (``_chunk_identity``).
     ``stop_plan``: the run's deadline and stop grace, the same for every chunk and retry.
     ``retry``: send only the rollouts a retry by failure class reopened (rollouts/retry.py);
     such runs are never cached (the flow gives them no cache policy).
     """
     logger = get_run_logger()
-    if worker is None:
-        result = await collect_chunk(spec, plan, get_dispatcher(run_id), stop_plan, retry)
+    if isinstance(dispatch, Dispatcher):
+        result = await collect_chunk(spec, plan, dispatch, stop_plan, retry)
     else:
-        budget = this_worker_budget(worker.budgets)
-        loop, dispatcher = worker_dispatcher(run_id, RolloutsSettings(), budget, worker)
+        budget = this_worker_budget(dispatch.budgets)
+        loop, dispatcher = worker_dispatcher(RolloutsSettings(), budget, dispatch)
         running = asyncio.run_coroutine_threadsafe(
             collect_chunk(spec, plan, dispatcher, stop_plan, retry), loop
         )

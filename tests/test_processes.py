@@ -17,10 +17,10 @@ import pytest
 from conftest import AgentServer, read_jsonl
 from test_crash_resume import wait_until_written, written_keys
 
-from flows.dask_runner import collecting_processes
 from reference_agent.server import write_tasks
 from rollouts.dispatchers import share_budget
 from rollouts.models import CollectConfig
+from rollouts.request import collecting_processes
 from rollouts.run_state import run_dir_for
 from rollouts.settings import RolloutsSettings
 from rollouts_cli.main import build_parser, collect_params
