@@ -11,8 +11,8 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from prefect import flow, get_run_logger
-from prefect.states import Completed, Failed, State
+from prefect import State, flow, get_run_logger
+from prefect.states import Completed, Failed
 
 from flows.artifacts import LiveProgress, publish_collection
 from flows.dispatch import collect_chunks

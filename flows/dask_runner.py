@@ -23,7 +23,7 @@ from rollouts.settings import TEMPORARY_API_ENV, RolloutsSettings
 from rollouts.stopping import Stopper
 
 if TYPE_CHECKING:
-    from prefect.states import State
+    from prefect import State
 
 PROBE_NAME = ".rollouts-probe"
 
@@ -57,7 +57,7 @@ def prepare_worker_environment(settings: RolloutsSettings, api_url: str) -> None
 
 def make_task_runner(settings: RolloutsSettings, processes: int, chunks_at_once: int) -> Any:
     try:
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask.task_runners import DaskTaskRunner
     except ImportError:
         raise ConfigError(
             "more than one process (--processes) or a Dask cluster (--dask-address) needs the "

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from prefect import State
 from prefect.cache_policies import NO_CACHE
-from prefect.states import State
 
 from flows.dask_runner import collect_on_dask, dask_enabled
 from rollouts.collect import DispatchPlan

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.states import Failed, State
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
@@ -60,7 +60,8 @@ async def collect_dataset_task(dataset: DatasetConfig) -> CollectSummary:
         cause = await state.aresult(raise_on_failure=False)
         code = cause.exit_code if isinstance(cause, RolloutsError) else IncompleteRun.exit_code
         raise DatasetFailed(f"{dataset.name}: {state.message}", code)
-    return await state.aresult()
+    # Completed and not StoppedAtDeadline: finished_state returned the summary itself.
+    return cast(CollectSummary, await state.aresult())
 
 
 def dataset_run_name(dataset: DatasetConfig) -> str:
@@ -86,7 +87,9 @@ def _multi_run_name() -> str:
 @flow(
     name="collect-multi-dataset",
     flow_run_name=_multi_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=32),
+    # Prefect's own annotation (TaskRunner[PrefectFuture[Any]], invariant) refuses its own
+    # thread-pool runner, whose futures are a subclass.
+    task_runner=ThreadPoolTaskRunner(max_workers=32),  # type: ignore[arg-type]
 )
 async def collect_multi_dataset(
     config: Annotated[MultiDatasetConfig, title("Datasets and mix")],
@@ -126,7 +129,9 @@ async def collect_datasets(config: MultiDatasetConfig) -> dict[str, CollectSumma
             f"{len(failed)} dataset(s) did not complete, no mix written. {detail}",
             combined_exit_code(getattr(c, "exit_code", ExitCode.INCOMPLETE) for c in causes),
         )
-    return {d.name: f.result() for d, f in zip(config.datasets, futures, strict=True)}
+    # Prefect types an async task's future as giving the coroutine; it gives what was awaited.
+    return {d.name: cast(CollectSummary, f.result())
+            for d, f in zip(config.datasets, futures, strict=True)}  # fmt: skip
 
 
 async def mix_datasets(config: MultiDatasetConfig, result: MultiSummary) -> None:
@@ -135,7 +140,8 @@ async def mix_datasets(config: MultiDatasetConfig, result: MultiSummary) -> None
     out = Path(config.mix.output)
     manifest = out.with_name(f"{out.stem}_manifest.json")
     fresh_mix = mix_task.with_options(refresh_cache=must_refresh(out, manifest))
-    mix_state = await fresh_mix(config.mix_request(), return_state=True)
+    # Prefect types an async task's return_state call as the state; it is awaited for it.
+    mix_state = await fresh_mix(config.mix_request(), return_state=True)  # type: ignore[misc]
     mixed = await mix_state.aresult()  # raises the mix's error: a RolloutsError is reported
     # INFO: the run's log in the UI; the console has the note once, in the summary.
     get_run_logger().info("mixed %d rollouts into %s%s", mixed.rows, mixed.output,

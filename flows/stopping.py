@@ -19,13 +19,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from prefect import State
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
-from prefect.states import Cancelled, Crashed, State
+from prefect.states import Cancelled, Crashed
 
 from rollouts.errors import STOP_EXIT_CODES, RunStopped
-from rollouts.stopping import Stopper
+from rollouts.stopping import Stopper, StopReason
 
 CANCEL_POLL_S = 1.0  # how often a run checks whether it was cancelled
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -60,7 +61,8 @@ def _on_stop_signals(stop: Stopper, loop: asyncio.AbstractEventLoop) -> Callable
             os._exit(STOP_EXIT_CODES[name])
         os.write(2, f"\nrollouts: {name}: stopping. No new rollouts; those in flight get "
                     f"{stop.grace_s():g} s. Press Ctrl-C again to stop at once.\n".encode())  # fmt: skip
-        loop.call_soon_threadsafe(stop.request, name)
+        reason: StopReason = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+        loop.call_soon_threadsafe(stop.request, reason)
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, Field
 
@@ -45,7 +45,8 @@ def _generated_name_words() -> tuple[frozenset[str], frozenset[str]]:
 
     # coolname offers no list of its words: its bundled data and config layout ("an": the
     # adjective and subject lists of a 2-word name) are read (tests/test_library_internals.py).
-    config = load_config(Path(coolname.__file__).parent / "data")
+    # Typed by coolname as a union of every entry's shape; the two read here are known.
+    config = cast("dict[str, dict[str, Any]]", load_config(Path(coolname.__file__).parent / "data"))
 
     def words(key: str) -> frozenset[str]:
         entry = config[key]

@@ -111,7 +111,7 @@ def _apply(a: int, op: str, b: int) -> int:
     return a * b
 
 
-def make_task(index: int, rng: random.Random) -> dict:
+def make_task(index: int, rng: random.Random) -> dict[str, Any]:
     """One arithmetic task row; ``index`` picks the operator round-robin so the mix is balanced."""
     op = _OPS[index % len(_OPS)]
     if op == "*":
@@ -129,7 +129,7 @@ def make_task(index: int, rng: random.Random) -> dict:
     }
 
 
-def generate_tasks(n: int, seed: int = 0) -> Iterator[dict]:
+def generate_tasks(n: int, seed: int = 0) -> Iterator[dict[str, Any]]:
     """``n`` task rows, identical for the same ``seed`` (no ``_ng_task_index``: the collector adds it)."""
     rng = random.Random(seed)
     for index in range(n):
@@ -251,7 +251,7 @@ def last_user_text(input_value: Any) -> str:
     return ""
 
 
-def _all_input_text(params: dict) -> str:
+def _all_input_text(params: dict[str, Any]) -> str:
     items = params.get("input")
     if isinstance(items, str):
         texts = [items]
@@ -286,7 +286,7 @@ def verify(extracted: str, expected: Any) -> float:
     return 1.0 if extracted == str(expected).strip() else 0.0
 
 
-def _response_object(digest: bytes, text: str, params: dict) -> dict:
+def _response_object(digest: bytes, text: str, params: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI Response-like object holding one assistant message."""
     input_tokens = len(_all_input_text(params).split())
     output_tokens = len(text.split())
@@ -319,7 +319,7 @@ def _response_object(digest: bytes, text: str, params: dict) -> dict:
     }
 
 
-def run_rollout(row: dict, temperature: float, seed: int) -> dict:
+def run_rollout(row: dict[str, Any], temperature: float, seed: int) -> dict[str, Any]:
     """The full /run answer for a validated row: the row echoed, plus response/reward/answer."""
     params = row[RESPONSES_CREATE_PARAMS]
     digest = _rollout_digest(seed, row.get(NG_TASK_INDEX), row.get(NG_ROLLOUT_INDEX), temperature)
@@ -345,7 +345,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def aggregate_metrics(rows: list[dict]) -> dict[str, Any]:
+def aggregate_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """mean/reward, num_rollouts, pass@1 and pass@k over rollouts grouped by ``_ng_task_index``.
 
     k is the number of rollouts per task (the smallest group when groups differ, so the estimator
@@ -580,7 +580,7 @@ class _ReferenceAgent:
             self._in_service -= 1
 
     async def _act(
-        self, request: web.Request, body: dict, outcome: str, temperature: float | None
+        self, request: web.Request, body: dict[str, Any], outcome: str, temperature: float | None
     ) -> web.StreamResponse:
         if outcome == "500":
             return _error(500, "simulated internal server error")

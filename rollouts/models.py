@@ -46,7 +46,7 @@ RESPONSES_CREATE_PARAMS_KEYS = frozenset(
 def count_or_auto(v: Any) -> int | str:
     """A count of at least 1, or "auto" (from a flag, a `+key` or a form)."""
     if v == "auto":
-        return v
+        return "auto"
     try:
         n = int(v)
     except (TypeError, ValueError):
