@@ -15,9 +15,8 @@ from typing import Any
 import orjson
 
 from rollouts.chunks import ChunkFiles, tasks_files
-from rollouts.health import RunHealth, read_health
+from rollouts.health import ReplicaStatus, RunHealth, read_published
 from rollouts.models import ChunkSpec
-from rollouts.replicas import ReplicaStatus, read_replica_stats
 from rollouts.run_state import lock_taken_by, read_run_state, recorded_chunks, run_dir_for
 
 
@@ -145,9 +144,8 @@ class StatusReader:
             status.state = "complete"
         else:
             status.state = f"running ({holder})" if holder else "stopped (incomplete)"
-        running = status.state.startswith("running")
-        status.replicas = read_replica_stats(self.run_dir, running)
-        status.health = read_health(self.run_dir) if running else None
+        published = read_published(self.run_dir, running=status.state.startswith("running"))
+        status.replicas, status.health = published.replicas, published.health
         now = time.monotonic()
         self._samples.append((now, finished))
         self._samples = [s for s in self._samples if now - s[0] <= 30.0]  # a 30 s window

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
@@ -13,8 +14,7 @@ from rollouts.health import clock_text, describe_attempt, rate_number, seconds_t
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
-    from rollouts.health import RunHealth
-    from rollouts.replicas import ReplicaStatus
+    from rollouts.health import ReplicaStatus, RunHealth
     from rollouts.summary import CollectSummary, MultiSummary
 
 
@@ -79,14 +79,19 @@ def print_status(status: RunStatus, console: Console | None = None) -> None:
 
 
 def status_view(status: RunStatus) -> RenderableType:
-    """What `rollouts status` shows (and `--watch` redraws): chunks, live health, totals."""
+    """What `rollouts status` shows (and `--watch` redraws): chunks, the figures per agent and
+    URL (live while collecting, with each replica's state; else each replica's counts),
+    totals."""
     if status.state == "not started":
         return Text(f"no collection state for {status.output} (looked in {status.run_dir})")
     parts: list[RenderableType] = [chunk_table(status)]
+    live: set[tuple[str, str | None]] = set()
     if status.health is not None:
-        parts += health_view(status.health)
-    if status.replicas:
-        parts.append(replica_table(status.replicas, status.state.startswith("running")))
+        parts += health_view(status.health, status.replicas)
+        live = {(t.agent, t.url) for t in status.health.replicas}
+    counted = [r for r in status.replicas if (r.agent, r.url) not in live]
+    if counted:  # replicas no live process sends to
+        parts.append(replica_table(counted, status.state.startswith("running")))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
     parts.append(Text(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
@@ -126,21 +131,27 @@ def chunk_table(status: RunStatus) -> Table:
     return table
 
 
-def health_view(health: RunHealth) -> list[RenderableType]:
-    """The live health table (per agent, then per replica), then what is stalled or oldest."""
+def health_view(health: RunHealth, replicas: Sequence[ReplicaStatus] = ()) -> list[RenderableType]:
+    """The live table (per agent, then per replica, with its state from ``replicas``: the one
+    table of per-URL figures while collecting), then what is stalled or oldest."""
     table = Table(title=f"live: {health.processes} process{'es' if health.processes > 1 else ''}, "
                   f"updated {health.updated_s_ago:.0f} s ago; rates and latencies over the "
                   "last minute")  # fmt: skip
     table.add_column("agent", no_wrap=True)
-    for col in ("in flight", "answers/s", "failed/s", "p50", "p95", "p99"):
+    for col in ("in flight", "answered", "answers/s", "failed/s", "p50", "p95", "p99"):
         table.add_column(col, justify="right", no_wrap=True)
+    states = {(r.agent, r.url): r.state for r in replicas}
+    if health.replicas:
+        table.add_column("state", no_wrap=True)
     table.add_column("failed attempts", overflow="fold", min_width=12)
     for t in [*health.agents, *health.replicas]:
         failures = ", ".join(f"{k} {n}" for k, n in sorted(t.failures.items())) or "-"
+        state = [states.get((t.agent, t.url), "-") if t.url is not None else ""]
         table.add_row(t.agent if t.url is None else f"  {t.agent} {t.url}", str(t.in_flight),
-                      rate_number(t.answers_per_s), rate_number(t.failed_per_s),
-                      seconds_text(t.p50_s),
-                      seconds_text(t.p95_s), seconds_text(t.p99_s), failures)  # fmt: skip
+                      str(t.answered), rate_number(t.answers_per_s),
+                      rate_number(t.failed_per_s), seconds_text(t.p50_s),
+                      seconds_text(t.p95_s), seconds_text(t.p99_s),
+                      *(state if health.replicas else []), failures)  # fmt: skip
     parts: list[RenderableType] = [table]
     if health.stalled_total:
         parts.append(Text(f"stalled: {health.stalled_total} in flight longer than "
@@ -156,7 +167,8 @@ def health_view(health: RunHealth) -> list[RenderableType]:
 
 
 def replica_table(replicas: list[ReplicaStatus], running: bool) -> Table:
-    """Requests per replica of each replicated agent, over every process of the run."""
+    """Requests per replica of each replicated agent, over every process of the run (shown
+    when no process collects now: else the live table has the replicas)."""
     table = Table(title="replicas")
     table.add_column("agent / replica", no_wrap=True)  # a URL cut short is no URL
     for col in ("sent", "answered", "in flight"):
@@ -165,9 +177,7 @@ def replica_table(replicas: list[ReplicaStatus], running: bool) -> Table:
     table.add_column("failed", overflow="fold", min_width=12)
     for r in replicas:
         failed = ", ".join(f"{k} {n}" for k, n in sorted(r.failed.items())) or "-"
-        state = ("out" if r.ejected else "live") if running else "-"
-        if r.ejections:
-            state += f" (out {r.ejections}x)"
+        state = r.state if running else "-" + (f" (out {r.ejections}x)" if r.ejections else "")
         table.add_row(f"{r.agent} {r.url}", str(r.sent), str(r.answered), str(r.in_flight),
                       state, failed)  # fmt: skip
     return table

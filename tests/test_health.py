@@ -24,11 +24,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
 from flows.artifacts import CARD_LINE_CHARS
+from rollouts.attempts import STALL_MIN_S
+from rollouts.attempts import AttemptObserver as HealthRecorder
 from rollouts.health import (
     OLDEST_SHOWN,
     PUBLISH_EVERY_S,
-    STALL_MIN_S,
-    HealthRecorder,
     merge_health,
     percentile,
     read_health,
