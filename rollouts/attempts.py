@@ -172,8 +172,11 @@ class AttemptObserver:
         if target is None:
             base = url.removesuffix("/run")  # the agent's address, as configured
             target = self._targets[(agent, url)] = Target(agent, base, self._clock())
-        target.start()
-        return self.track(target, tag, attempt)
+        target.in_flight += 1  # Target.start and track, inline: this is per request
+        target.sent += 1
+        self._next_id += 1
+        self._in_flight[self._next_id] = (target, tag, attempt, self._clock())
+        return self._next_id
 
     def track(self, target: Target, tag: RolloutTag | None, attempt: int) -> int:
         """An attempt already counted as sent on ``target`` (a replica ``ReplicaGroup.pick``

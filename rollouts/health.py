@@ -387,10 +387,11 @@ class ReplicaStatus:
 
     @property
     def state(self) -> str:
-        """`live`, `out`, `live (out 2x)`: whether it takes requests now, and how often the
-        router took it out."""
-        state = "out" if self.ejected else "live"
-        return state + (f" (out {self.ejections}x)" if self.ejections else "")
+        """`live`, `out (1x)`, `live (out 2x)`: whether it takes requests now, and how often
+        the router took it out."""
+        if self.ejected:
+            return f"out ({self.ejections}x)"
+        return "live" + (f" (out {self.ejections}x)" if self.ejections else "")
 
 
 @dataclass

@@ -132,26 +132,30 @@ def chunk_table(status: RunStatus) -> Table:
 
 
 def health_view(health: RunHealth, replicas: Sequence[ReplicaStatus] = ()) -> list[RenderableType]:
-    """The live table (per agent, then per replica, with its state from ``replicas``: the one
-    table of per-URL figures while collecting), then what is stalled or oldest."""
+    """The live table, then what is stalled or oldest. The table is the one of per-URL figures
+    while collecting: each agent, then each of its replicas (a column says whether the router
+    took one out, once one was), then what is stalled or oldest."""
     table = Table(title=f"live: {health.processes} process{'es' if health.processes > 1 else ''}, "
                   f"updated {health.updated_s_ago:.0f} s ago; rates and latencies over the "
                   "last minute")  # fmt: skip
-    table.add_column("agent", no_wrap=True)
-    for col in ("in flight", "answered", "answers/s", "failed/s", "p50", "p95", "p99"):
+    table.add_column("agent", no_wrap=True)  # a URL cut short is no URL
+    for col in ("in flight", "answers/s", "failed/s", "p50", "p95", "p99"):
         table.add_column(col, justify="right", no_wrap=True)
-    states = {(r.agent, r.url): r.state for r in replicas}
-    if health.replicas:
-        table.add_column("state", no_wrap=True)
-    table.add_column("failed attempts", overflow="fold", min_width=12)
-    for t in [*health.agents, *health.replicas]:
-        failures = ", ".join(f"{k} {n}" for k, n in sorted(t.failures.items())) or "-"
-        state = [states.get((t.agent, t.url), "-") if t.url is not None else ""]
-        table.add_row(t.agent if t.url is None else f"  {t.agent} {t.url}", str(t.in_flight),
-                      str(t.answered), rate_number(t.answers_per_s),
-                      rate_number(t.failed_per_s), seconds_text(t.p50_s),
-                      seconds_text(t.p95_s), seconds_text(t.p99_s),
-                      *(state if health.replicas else []), failures)  # fmt: skip
+    states = {(r.agent, r.url): r for r in replicas}
+    ever_out = any(r.ejected or r.ejections for r in replicas)
+    if ever_out:
+        table.add_column("state", max_width=6)
+    # narrower beside a state column, so that the table still fits 110 columns
+    table.add_column("failed attempts", overflow="fold", min_width=8 if ever_out else 12)
+    for a in health.agents:
+        for t in [a, *(r for r in health.replicas if r.agent == a.agent)]:
+            failures = ", ".join(f"{k} {n}" for k, n in sorted(t.failures.items())) or "-"
+            replica = states.get((t.agent, t.url)) if t.url is not None else None
+            state = [replica.state if replica is not None else ""] if ever_out else []
+            table.add_row(t.agent if t.url is None else f"  {t.url}", str(t.in_flight),
+                          rate_number(t.answers_per_s), rate_number(t.failed_per_s),
+                          seconds_text(t.p50_s), seconds_text(t.p95_s), seconds_text(t.p99_s),
+                          *state, failures)  # fmt: skip
     parts: list[RenderableType] = [table]
     if health.stalled_total:
         parts.append(Text(f"stalled: {health.stalled_total} in flight longer than "
@@ -177,7 +181,9 @@ def replica_table(replicas: list[ReplicaStatus], running: bool) -> Table:
     table.add_column("failed", overflow="fold", min_width=12)
     for r in replicas:
         failed = ", ".join(f"{k} {n}" for k, n in sorted(r.failed.items())) or "-"
-        state = r.state if running else "-" + (f" (out {r.ejections}x)" if r.ejections else "")
+        state = ("out" if r.ejected else "live") if running else "-"
+        if r.ejections:
+            state += f" (out {r.ejections}x)"
         table.add_row(f"{r.agent} {r.url}", str(r.sent), str(r.answered), str(r.in_flight),
                       state, failed)  # fmt: skip
     return table
