@@ -187,7 +187,7 @@ class ReplicaRouter:
 
 
 def _tcp_probe(timeout_s: float) -> Probe:
-    # Imported here: `rollouts status` reads this module's stats without the HTTP stack.
+    # Imported here: the CLI reads `agents_to_check` before it needs the HTTP stack.
     from rollouts.agent_client import _connect_problem
 
     return lambda url: _connect_problem(url, timeout_s)
