@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,9 +67,8 @@ async def collect(
     callable) run on the way (the kill and the restart)."""
     router = ReplicaRouter({"calc": urls}) if len(urls) > 1 else None
     client = AgentClient(POLICY, in_flight, replicas=router)
-    stats_dir = tempfile.TemporaryDirectory(prefix="rollouts-bench-replicas-")
     if router is not None:
-        router.use({"calc": urls[0]}, Path(stats_dir.name))  # route "calc"; its counts file
+        router.use({"calc": urls[0]})  # route "calc"
     done: list[float] = []
     failed = 0
     marks: dict[str, float] = {}
@@ -116,7 +114,6 @@ async def collect(
     await client.aclose()
     if router is not None:
         await router.aclose()
-    stats_dir.cleanup()
     return {"elapsed_s": elapsed, "done": sorted(done), "failed": failed, "marks": marks,
             "replicas": counts}  # fmt: skip
 

@@ -27,6 +27,7 @@ from prefect.artifacts import (
 from flows.ui import artifact_key, output_label, rounded
 from rollouts.failures import FailureReport, retry_command
 from rollouts.health import (
+    ReplicaStatus,
     RunHealth,
     RunLatency,
     clock_text,
@@ -35,7 +36,6 @@ from rollouts.health import (
     seconds_text,
 )
 from rollouts.models import DatasetConfig, MultiDatasetConfig
-from rollouts.replicas import ReplicaStatus
 from rollouts.run import StatusSource
 from rollouts.status import RunStatus, StatusReader
 from rollouts.summary import CollectSummary, MultiSummary, RunFigures

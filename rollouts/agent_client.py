@@ -24,6 +24,7 @@ import orjson
 import yaml
 
 from rollouts.aiohttp_transport import AiohttpSessionTransport
+from rollouts.attempts import AttemptObserver, RolloutTag
 from rollouts.concurrency import AdaptiveConcurrency, InFlightLimit
 from rollouts.errors import AgentResolutionError, AgentUnreachable
 from rollouts.nemo_gym import NG_FAILURE_CLASS, NG_FAILURE_TERMINAL, NG_NO_PERSIST
@@ -31,7 +32,6 @@ from rollouts.settings import RolloutsSettings
 from rollouts.urls import AgentCredentials, redact
 
 if TYPE_CHECKING:
-    from rollouts.health import HealthRecorder, RolloutTag
     from rollouts.replicas import ReplicaGroup, ReplicaRouter
 
 MAX_ERROR_CHARS = 500
@@ -169,8 +169,9 @@ class AgentClient:
 
     ``transport`` carries the requests; None: ``default_transport`` (tests pass an
     ``httpx.MockTransport``). ``replicas``: spreads the attempts to a replicated agent over
-    its URLs (rollouts/replicas.py). ``health``: told when each attempt of a tagged rollout
-    starts and ends (rollouts/health.py). ``credentials``: the passwords of agent URLs that
+    its URLs (rollouts/replicas.py). ``observer``: told when each attempt starts and ends
+    and when each rollout ends (rollouts/attempts.py); None: the router's, or one of its own.
+    The router and the adaptive controller read it. ``credentials``: the passwords of agent URLs that
     carry one; the URLs ``run`` gets are redacted (``http://user:***@host``), and each request
     goes to the URL without them, with basic auth, unless ``api_key`` is set (then its bearer
     header alone).
@@ -185,14 +186,18 @@ class AgentClient:
         adaptive: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         replicas: ReplicaRouter | None = None,
-        health: HealthRecorder | None = None,
+        observer: AttemptObserver | None = None,
         credentials: AgentCredentials | None = None,
     ) -> None:
         self.policy = policy
         self._credentials = credentials or AgentCredentials(())
         self._bearer = bool(api_key)
         self.replicas = replicas
-        self.health = health
+        if observer is None:
+            observer = replicas.observer if replicas is not None else AttemptObserver()
+        elif replicas is not None:
+            replicas.observer = observer  # one observer of every attempt, routed or not
+        self.observer = observer
         self._places = InFlightLimit(max_in_flight)
         # adaptive: max_in_flight is the ceiling; the controller moves the limit under it
         self.concurrency = (
@@ -246,20 +251,31 @@ class AgentClient:
         await self._http.aclose()
 
     async def _attempt(
-        self, url: str, body: bytes, tag: RolloutTag | None, attempt: int
-    ) -> dict[str, Any] | _Attempt:
-        """One attempt, told to the health recorder when the rollout is tagged."""
-        health = self.health
-        if health is None or tag is None:
-            return await self._send(url, body)
-        ticket = health.begin(tag, url, attempt)
+        self, url: str, group: ReplicaGroup | None, body: bytes, tag: RolloutTag | None,
+        attempt: int,
+    ) -> tuple[dict[str, Any] | _Attempt, float]:  # fmt: skip
+        """One attempt, on the replica chosen now if ``url`` is a routed agent's (so a retry
+        may go to another one), told to the observer; with its duration."""
+        observer = self.observer
+        if group is None:
+            ticket = observer.begin(tag, url, attempt)
+            where = None
+        else:
+            replica = group.pick()
+            url, where = replica.run_url, replica.url
+            ticket = observer.track(replica, tag, attempt)
         failure_class: str | None = "cancelled"
         try:
             result = await self._send(url, body)
-            failure_class = None if isinstance(result, dict) else result.failure_class
-            return result
+            if isinstance(result, dict):
+                failure_class = None
+            else:
+                failure_class = result.failure_class
+                if where is not None:
+                    result.error = f"replica {where}: {result.error}"  # which one failed
         finally:
-            health.end(ticket, failure_class)
+            latency = observer.end(ticket, failure_class)
+        return result, latency
 
     async def _send(self, url: str, body: bytes) -> dict[str, Any] | _Attempt:
         """One request and its answer, classified. Nothing raised on the way escapes: an
@@ -314,23 +330,6 @@ class AgentClient:
             )
         return answer
 
-    async def _attempt_on(
-        self, group: ReplicaGroup, body: bytes, tag: RolloutTag | None, attempt: int
-    ) -> dict[str, Any] | _Attempt:
-        """One attempt on the replica chosen now (so a retry may go to another one)."""
-        replica = group.pick()
-        failure_class: str | None = "cancelled"
-        try:
-            result = await self._attempt(replica.run_url, body, tag, attempt)
-            if isinstance(result, dict):
-                failure_class = None
-            else:
-                failure_class = result.failure_class
-                result.error = f"replica {replica.url}: {result.error}"  # which one failed
-            return result
-        finally:
-            group.done(replica, failure_class)
-
     async def reserve(self) -> Slot:
         """Wait for a free place on the wire and hold it for one rollout's first attempt."""
         await self._places.acquire()
@@ -344,56 +343,62 @@ class AgentClient:
         ``slot``: a place from ``reserve`` for the first attempt, freed by this call once the
         attempt is over, whatever happens; None: wait for one here. Every later attempt, after
         its backoff, waits for a place of its own. ``tag``: which rollout this is, for the
-        live health (rollouts/health.py).
+        live health (rollouts/attempts.py, rollouts/health.py).
         """
+        started = time.monotonic()
         last: _Attempt | None = None
         group = self.replicas.group_for(url) if self.replicas is not None else None
+        concurrency = self.concurrency
         for attempt in range(1, self.policy.max_attempts + 1):
             place = slot if slot is not None else await self.reserve()
             slot = None
-            concurrency = self.concurrency
-            if concurrency is not None:
-                sent, started = concurrency.sent(), time.monotonic()
+            sent = concurrency.sent() if concurrency is not None else 0
             try:
-                if group is None:
-                    result = await self._attempt(url, body, tag, attempt)
-                else:
-                    result = await self._attempt_on(group, body, tag, attempt)
+                result, latency = await self._attempt(url, group, body, tag, attempt)
             finally:
                 place.release()
             if concurrency is not None:
                 concurrency.observe(
-                    sent, time.monotonic() - started,
-                    None if isinstance(result, dict) else result.failure_class,
-                )  # fmt: skip
+                    sent, latency, None if isinstance(result, dict) else result.failure_class
+                )
             if isinstance(result, dict):
-                return Outcome("ok", answer=result, attempts=attempt)
+                outcome = Outcome("ok", answer=result, attempts=attempt)
+                break
             last = result
             if result.answer is not None and result.answer.get(NG_NO_PERSIST) is True:
-                return Outcome(
+                outcome = Outcome(
                     "no_persist", answer=result.answer, failure_class=result.failure_class,
                     error=result.error, attempts=attempt,
                 )  # fmt: skip
+                break
             if not result.retryable:
-                return Outcome(
+                outcome = Outcome(
                     "failed", answer=result.answer, failure_class=result.failure_class,
                     error=result.error, terminal=True, attempts=attempt,
                 )  # fmt: skip
+                break
             if attempt < self.policy.max_attempts:
                 delay = self.policy.backoff(attempt)
                 if result.retry_after_s is not None:
                     delay = max(delay, min(result.retry_after_s, MAX_RETRY_AFTER_S))
                 await asyncio.sleep(delay)
-        assert last is not None
-        return Outcome(
-            "failed", answer=last.answer, failure_class=last.failure_class,
-            error=f"gave up after {self.policy.max_attempts} attempts: {last.error}",
-            terminal=False, attempts=self.policy.max_attempts,
-        )  # fmt: skip
+        else:
+            assert last is not None
+            outcome = Outcome(
+                "failed", answer=last.answer, failure_class=last.failure_class,
+                error=f"gave up after {self.policy.max_attempts} attempts: {last.error}",
+                terminal=False, attempts=self.policy.max_attempts,
+            )  # fmt: skip
+        # The whole rollout's time, backoffs included: the stopper's drain margin.
+        self.observer.rollout_ended(time.monotonic() - started)
+        return outcome
 
 
-def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str, str]:
-    """Map agent names to base URLs: ROLLOUTS_AGENTS first, then the NeMo Gym head server."""
+def resolve_agent_urls(
+    names: list[str], settings: RolloutsSettings, http: httpx.Client | None = None
+) -> dict[str, str]:
+    """Map agent names to base URLs: ROLLOUTS_AGENTS first, then the NeMo Gym head server,
+    asked through ``http`` (None: a client of its own, for this one request)."""
     # A replicated agent resolves to its first replica: the client routes each attempt among
     # them (rollouts/replicas.py).
     urls = {n: settings.replicas_of(n)[0] for n in names if n in settings.agents}
@@ -407,8 +412,9 @@ def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str
             "or pass agent_url"
         )
     head = settings.head_server_url.rstrip("/")
+    client = http if http is not None else httpx.Client()
     try:
-        resp = httpx.get(f"{head}/global_config_dict_yaml", timeout=settings.connect_timeout_s)
+        resp = client.get(f"{head}/global_config_dict_yaml", timeout=settings.connect_timeout_s)
         resp.raise_for_status()
         text = resp.json()
         config = yaml.safe_load(text) if isinstance(text, str) else text
@@ -416,6 +422,9 @@ def resolve_agent_urls(names: list[str], settings: RolloutsSettings) -> dict[str
         raise AgentResolutionError(
             redact(f"could not read the agent config from the head server {head}: {e}")
         ) from None
+    finally:
+        if http is None:
+            client.close()
     head = redact(head)
     for name in missing:
         servers = (config or {}).get(name, {}).get("responses_api_agents") or {}
@@ -475,7 +484,8 @@ async def check_agents_reachable(
     urls = sorted({u for group in groups.values() for u in group})
     problems = await asyncio.gather(*(_connect_problem(u, timeout_s) for u in urls))
     down = {u: p for u, p in zip(urls, problems, strict=True) if p is not None}
-    lines, tolerated = [], []
+    lines: list[str] = []
+    tolerated: list[str] = []
     for label, group in sorted(groups.items()):
         dead = [u for u in group if u in down]
         for url in dead:

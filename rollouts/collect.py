@@ -12,18 +12,19 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import orjson
 
 from rollouts import gctune
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, Slot, resolve_agent_urls
+from rollouts.attempts import AttemptObserver
 from rollouts.chunks import ChunkFiles, task_indices
-from rollouts.fdlimit import ensure_fd_budget
 from rollouts.fileio import (
     UnwritablePathError,
     dumps_line,
@@ -31,7 +32,7 @@ from rollouts.fileio import (
     repair_torn_tail,
     write_json_atomic,
 )
-from rollouts.health import HealthRecorder
+from rollouts.health import Publication
 from rollouts.models import ChunkResult, ChunkSpec, CollectConfig, RolloutKey
 from rollouts.nemo_gym import (
     AGENT_REF,
@@ -80,16 +81,18 @@ class DispatchPlan:
 
     @classmethod
     def for_run(
-        cls, config: CollectConfig, row_agents: list[str], settings: RolloutsSettings
-    ) -> DispatchPlan:
+        cls, config: CollectConfig, row_agents: list[str], settings: RolloutsSettings,
+        http: httpx.Client | None = None,
+    ) -> DispatchPlan:  # fmt: skip
         """The plan of a collection: its agents resolved to URLs (a run-level URL, a run-level
-        name, or else the agents the rows name), repeats and sampling overrides."""
+        name, or else the agents the rows name; ``http``: how a head server is asked, see
+        ``resolve_agent_urls``), repeats and sampling overrides."""
         if config.agent_url:
             names: list[str] = []
         else:
             names = [config.agent_name] if config.agent_name else row_agents
         return cls(
-            agent_urls=resolve_agent_urls(names, settings),
+            agent_urls=resolve_agent_urls(names, settings, http),
             agent_name=config.agent_name,
             agent_url=config.agent_url,
             num_repeats=config.num_repeats,
@@ -138,31 +141,37 @@ def scan_done(rollouts_path: Path, failures_path: Path) -> tuple[set[RolloutKey]
 
 
 class Dispatcher:
-    """Per-process, per-run shared resources: the client (and its in-flight budget), chunk slots.
+    """Per-process, per-run shared resources: the client (its in-flight budget, and the observer
+    of its attempts with their publication), chunk slots, the stopper.
 
     ``max_parallel_chunks`` None: no limit on the chunks dispatching at once. ``stop``
     (rollouts/stopping.py) says when its chunks stop dispatching and cancel what is in flight;
-    the flow may set its own.
+    the flow may set its own. ``transport``: what carries its client's requests (None:
+    aiohttp, ``agent_client.default_transport``; tests pass an ``httpx.MockTransport``).
+
+    The process-wide setup a collecting process needs, its open-file limit raised to fit
+    ``max_in_flight`` sockets, is the caller's, once (``fdlimit.ensure_fd_budget``, in
+    rollouts/dispatchers.py). While open, a dispatcher holds the collector's GC thresholds
+    for thousands in flight (rollouts/gctune.py), released when the last one closes.
     """
 
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
                  api_key: str | None, adaptive: bool = False,
                  replicas: ReplicaRouter | None = None,
                  stall_warn_s: float | None = None,
-                 credentials: AgentCredentials | None = None) -> None:  # fmt: skip
-        # One socket per request in flight: refused here, before any is sent, if they
-        # cannot all be open at once (this process's budget: the flow's, or a worker's).
-        ensure_fd_budget(max_in_flight)
-        self.health = HealthRecorder(stall_warn_s)
+                 credentials: AgentCredentials | None = None, *,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:  # fmt: skip
+        self.observer = AttemptObserver(stall_warn_s)
         self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive,
-                                  replicas=replicas, health=self.health,
-                                  credentials=credentials)  # fmt: skip
+                                  transport=transport, replicas=replicas,
+                                  observer=self.observer, credentials=credentials)  # fmt: skip
+        self.publication = Publication(self.observer)
         gctune.hold()  # rarer full collections while rollouts are in flight
         self._gc_held = True
         self._chunk_slots = (
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
         )
-        self.stop = Stopper()
+        self.stop = Stopper(self.observer)
 
     def chunk_slot(self) -> AbstractAsyncContextManager[object]:
         """Held by a chunk while it dispatches; free at once without a chunk limit."""
@@ -211,7 +220,9 @@ class _ResultWriter:
         self.failures.close()
 
 
-def _output_row(answer: dict[str, Any], key: RolloutKey, agent_ref: dict[str, str]) -> dict:
+def _output_row(
+    answer: dict[str, Any], key: RolloutKey, agent_ref: dict[str, str]
+) -> dict[str, Any]:
     row = {k: v for k, v in answer.items() if k not in _PLACED_FIELDS}
     row[NG_TASK_INDEX], row[NG_ROLLOUT_INDEX] = key
     row[AGENT_REF] = agent_ref
@@ -220,7 +231,7 @@ def _output_row(answer: dict[str, Any], key: RolloutKey, agent_ref: dict[str, st
 
 def _failure_row(
     outcome: Outcome, key: RolloutKey, agent_ref: dict[str, str], earlier: int = 0
-) -> dict:
+) -> dict[str, Any]:
     """``earlier``: attempts spent on this rollout before (a retry by failure class)."""
     row: dict[str, Any] = dict(outcome.answer or {})
     for k in _PLACED_FIELDS:
@@ -241,16 +252,6 @@ async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _await_rollouts(tasks: set[asyncio.Task[None]], failed: list[BaseException]) -> None:
-    """Wait for every rollout task (each leaves ``tasks`` when it ends, and the first error
-    lands in ``failed``). One cancelled by a stop is no error (it stays missing); the first
-    real error is raised."""
-    while tasks and not failed:
-        await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
-    if failed:
-        raise failed[0]
-
-
 async def collect_chunk(
     spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher,
     stop_plan: StopPlan | None = None, retry: bool = False,
@@ -264,117 +265,174 @@ async def collect_chunk(
     a plain rerun's business). While any chunk collects, the process publishes its live
     health into the run directory.
     """
+    stop = _arm_stop(dispatcher, stop_plan)
+    run_dir = Path(spec.tasks_path).parent.parent
     run_started_at = stop_plan.started_at if stop_plan is not None else None  # the flow run
-    async with dispatcher.health.publishing(Path(spec.tasks_path).parent.parent, run_started_at):
-        return await _collect_chunk(spec, plan, dispatcher, stop_plan, retry)
+    async with dispatcher.publication.collecting(run_dir, run_started_at):
+        files = ChunkFiles.of(spec)
+        client = dispatcher.client
+        async with dispatcher.chunk_slot():
+            _write_status(files, spec, spec.expected(plan.num_repeats))
+            if client.replicas is not None:  # replicated agents: route them
+                client.replicas.use(plan.agent_urls)
+            resume = _Resume.scan(files, retry)
+            rollouts = _ChunkRollouts(client, stop, _ResultWriter(*files.outputs), resume.earlier)
+            try:
+                await rollouts.dispatch(plan, resume.pending(spec, plan.num_repeats))
+            except BaseException:
+                await rollouts.abort()
+                raise
+        # Everything is dispatched: the chunk slot is released while stragglers finish here,
+        # so the next chunk can start filling the agent.
+        await rollouts.finish()
+        return _recount(spec, files, plan.num_repeats, resume, rollouts.requests, stop, client)
 
 
-async def _collect_chunk(
-    spec: ChunkSpec, plan: DispatchPlan, dispatcher: Dispatcher, stop_plan: StopPlan | None,
-    retry: bool,
-) -> ChunkResult:  # fmt: skip
+def _arm_stop(dispatcher: Dispatcher, stop_plan: StopPlan | None) -> Stopper:
+    """The dispatcher's stopper (the flow's, where it set its own) armed with the run's plan;
+    its drain margin is the p90 time of this process's rollouts."""
     stop = dispatcher.stop
+    stop.rollouts = dispatcher.observer
     if stop_plan is not None:
         stop.arm(stop_plan)
-    files = ChunkFiles.of(spec)
-    rollouts_path, failures_path = files.outputs
-    expected = spec.expected(plan.num_repeats)
-    client = dispatcher.client
-    async with dispatcher.chunk_slot():
-        write_json_atomic(
-            files.status,
-            {"index": spec.index, "expected": expected, "worker": worker_id(),
-             "started_at": time.time()},
-        )  # fmt: skip
-        if client.replicas is not None:  # replicated agents: route them, keep their counts
-            client.replicas.use(plan.agent_urls, Path(spec.tasks_path).parent.parent)
-        succeeded, terminal = scan_done(rollouts_path, failures_path)
-        earlier = retry_attempts(files) if retry else {}
-        writer = _ResultWriter(rollouts_path, failures_path)
-        requests = 0
-        tasks: set[asyncio.Task[None]] = set()
-        stop.track(tasks)  # cancelled when a stop's grace period ends
-        failed: list[BaseException] = []  # the first error a rollout task raised
+    return stop
 
-        def settled(t: asyncio.Task[None]) -> None:
-            tasks.discard(t)
-            # Every task's error is retrieved here, as it ends (none is left "never
-            # retrieved"); the first one stops the dispatch and ends the chunk.
-            if not t.cancelled() and (error := t.exception()) is not None and not failed:
-                failed.append(error)
 
-        async def one(
-            key: RolloutKey, url: str, data: bytes, agent_ref: dict[str, str], slot: Slot
-        ) -> None:
-            # Only the encoded body is held while the rollout is on the wire, not the row's
-            # parsed dicts: with thousands in flight that is tens of MB.
-            nonlocal requests
-            started = time.monotonic()
-            outcome = await client.run(url, data, slot=slot, tag=(agent_ref["name"], *key))
-            stop.record(time.monotonic() - started)
-            requests += outcome.attempts
-            if outcome.kind == "ok":
-                assert outcome.answer is not None
-                writer.write(writer.rollouts, _output_row(outcome.answer, key, agent_ref))
-            elif outcome.kind == "failed":
-                writer.write(writer.failures,
-                             _failure_row(outcome, key, agent_ref, earlier.get(key, 0)))  # fmt: skip
-            # else no_persist: written nowhere; the next run redoes it
+def _write_status(files: ChunkFiles, spec: ChunkSpec, expected: int) -> None:
+    """The chunk's status file: which process collects it, since when (``rollouts status``)."""
+    write_json_atomic(
+        files.status,
+        {"index": spec.index, "expected": expected, "worker": worker_id(),
+         "started_at": time.time()},
+    )  # fmt: skip
 
+
+@dataclass(frozen=True)
+class _Resume:
+    """Where a chunk resumes: the keys written or failed for good (never sent again) and, in
+    a retry by failure class, the keys it reopened, with the attempts each spent before."""
+
+    done: set[RolloutKey]
+    earlier: dict[RolloutKey, int]
+    retry: bool
+
+    @classmethod
+    def scan(cls, files: ChunkFiles, retry: bool) -> _Resume:
+        succeeded, terminal = scan_done(*files.outputs)
+        return cls(succeeded | terminal, retry_attempts(files) if retry else {}, retry)
+
+    def pending(self, spec: ChunkSpec, repeats: int) -> Iterator[tuple[dict[str, Any], int]]:
+        return _pending(spec, repeats, self.done, set(self.earlier) if self.retry else None)
+
+
+class _ChunkRollouts:
+    """A chunk's rollouts: each a task, made once the wire has room for its first attempt,
+    whose outcome is appended to the chunk's files as it ends. The first error a rollout task
+    raises stops the dispatch and ends the chunk."""
+
+    def __init__(self, client: AgentClient, stop: Stopper, writer: _ResultWriter,
+                 earlier: dict[RolloutKey, int]) -> None:  # fmt: skip
+        self.client, self.stop, self.writer, self.earlier = client, stop, writer, earlier
+        self.requests = 0  # attempts of this chunk's rollouts
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.failed: list[BaseException] = []  # the first error a rollout task raised
+        stop.track(self.tasks)  # cancelled when a stop's grace period ends
+
+    async def dispatch(
+        self, plan: DispatchPlan, pending: Iterable[tuple[dict[str, Any], int]]
+    ) -> None:
+        """Start a task per pending rollout, each once the wire has room for it, until all are
+        started, a task failed, or the stopper says no more."""
+        client, stop = self.client, self.stop
+        for started, (row, r) in enumerate(pending, start=1):
+            body = plan.body(row, r)
+            agent_ref = body[AGENT_REF]
+            url = plan.url_for(agent_ref)
+            # A rollout's task is made only once the wire has room for its first attempt:
+            # the chunk holds tasks only for rollouts on the wire or in a backoff, however
+            # many rows it has.
+            slot = await client.reserve()
+            if self.failed or not stop.may_start():  # an error, a stop, or the deadline near
+                slot.release()
+                break
+            t = asyncio.create_task(
+                self._one((row[NG_TASK_INDEX], r), url, orjson.dumps(body), agent_ref, slot)
+            )
+            t.add_done_callback(slot.release)  # a task cancelled before it ran
+            self.tasks.add(t)
+            t.add_done_callback(self._settled)
+            if started % DISPATCH_BATCH == 0:
+                # With free slots ``reserve`` never suspends, so at start thousands of tasks
+                # would be made before any of them ran: each then connects, and sends only
+                # after every other has connected (measured at C=16,384: the first request
+                # 15 s late, connect timeouts). Letting each batch start before making the
+                # next keeps the first requests going out at once.
+                await asyncio.sleep(0)
+
+    async def _one(
+        self, key: RolloutKey, url: str, data: bytes, agent_ref: dict[str, str], slot: Slot
+    ) -> None:
+        # Only the encoded body is held while the rollout is on the wire, not the row's parsed
+        # dicts: with thousands in flight that is tens of MB.
+        outcome = await self.client.run(url, data, slot=slot, tag=(agent_ref["name"], *key))
+        self.requests += outcome.attempts
+        writer = self.writer
+        if outcome.kind == "ok":
+            assert outcome.answer is not None
+            writer.write(writer.rollouts, _output_row(outcome.answer, key, agent_ref))
+        elif outcome.kind == "failed":
+            writer.write(writer.failures,
+                         _failure_row(outcome, key, agent_ref, self.earlier.get(key, 0)))  # fmt: skip
+        # else no_persist: written nowhere; the next run redoes it
+
+    def _settled(self, t: asyncio.Task[None]) -> None:
+        self.tasks.discard(t)
+        # Every task's error is retrieved here, as it ends (none is left "never retrieved");
+        # the first one stops the dispatch and ends the chunk.
+        if not t.cancelled() and (error := t.exception()) is not None and not self.failed:
+            self.failed.append(error)
+
+    async def abort(self) -> None:
+        """The dispatch itself failed (or was cancelled): end every rollout, close the files."""
+        await _cancel_all(self.tasks)
+        self._close()
+
+    async def finish(self) -> None:
+        """Wait for every rollout (one cancelled by a stop is no error: it stays missing);
+        raise the first real error, once the others are cancelled."""
         try:
-            pending = _pending(spec, plan.num_repeats, succeeded | terminal,
-                               set(earlier) if retry else None)  # fmt: skip
-            for started, (row, r) in enumerate(pending, start=1):
-                body = plan.body(row, r)
-                agent_ref = body[AGENT_REF]
-                url = plan.url_for(agent_ref)
-                # A rollout's task is made only once the wire has room for its first attempt:
-                # the chunk holds tasks only for rollouts on the wire or in a backoff, however
-                # many rows it has.
-                slot = await client.reserve()
-                if failed or not stop.may_start():  # an error, a stop, or the deadline near
-                    slot.release()
-                    break
-                t = asyncio.create_task(
-                    one((row[NG_TASK_INDEX], r), url, orjson.dumps(body), agent_ref, slot)
-                )
-                t.add_done_callback(slot.release)  # a task cancelled before it ran
-                tasks.add(t)
-                t.add_done_callback(settled)
-                if started % DISPATCH_BATCH == 0:
-                    # With free slots ``reserve`` never suspends, so at start thousands of
-                    # tasks would be made before any of them ran: each then connects, and
-                    # sends only after every other has connected (measured at C=16,384: the
-                    # first request 15 s late, connect timeouts). Letting each batch start
-                    # before making the next keeps the first requests going out at once.
-                    await asyncio.sleep(0)
-            # Everything is dispatched: the chunk slot is released on leaving this block while
-            # stragglers finish below, so the next chunk can start filling the agent.
+            while self.tasks and not self.failed:
+                await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_EXCEPTION)
+            if self.failed:
+                raise self.failed[0]
         except BaseException:
-            await _cancel_all(tasks)
-            stop.untrack(tasks)
-            writer.close()
+            # One rollout failed unexpectedly (a full disk, say): stop the rest before the
+            # files close under them; what was written stays, the next try resumes from it.
+            await _cancel_all(self.tasks)
             raise
-    try:
-        await _await_rollouts(tasks, failed)
-    except BaseException:
-        # One rollout failed unexpectedly (a full disk, say): stop the rest before the
-        # files close under them; what was written stays, the next try resumes from it.
-        await _cancel_all(tasks)
-        raise
-    finally:
-        stop.untrack(tasks)
-        writer.close()
-    if client.replicas is not None:
-        await client.replicas.flush()
-    # Recount from the files: they, not this process's tallies, are the truth on resume.
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self.stop.untrack(self.tasks)
+        self.writer.close()
+
+
+def _recount(
+    spec: ChunkSpec, files: ChunkFiles, repeats: int, resume: _Resume, requests: int,
+    stop: Stopper, client: AgentClient,
+) -> ChunkResult:  # fmt: skip
+    """The chunk's result, counted again from its files: they, not this process's tallies, are
+    the truth on resume."""
+    rollouts_path, failures_path = files.outputs
     succeeded, terminal = scan_done(rollouts_path, failures_path)
     indices = task_indices(spec)
-    n_ok = sum(1 for t, r in succeeded if t in indices and 0 <= r < plan.num_repeats)
-    n_failed = sum(1 for t, r in terminal if t in indices and 0 <= r < plan.num_repeats)
+    expected = spec.expected(repeats)
+    n_ok = sum(1 for t, r in succeeded if t in indices and 0 <= r < repeats)
+    n_failed = sum(1 for t, r in terminal if t in indices and 0 <= r < repeats)
     missing = expected - n_ok - n_failed
-    if retry:
-        missing = sum(1 for k in earlier if k not in succeeded and k not in terminal)
+    if resume.retry:
+        missing = sum(1 for k in resume.earlier if k not in succeeded and k not in terminal)
     return ChunkResult(
         index=spec.index,
         n_tasks=spec.n_tasks,

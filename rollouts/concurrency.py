@@ -84,7 +84,8 @@ class InFlightLimit:
 @dataclass
 class AdaptiveConcurrency:
     """The controller: every attempt calls ``sent`` as it goes out and ``observe`` when it
-    ends; the controller moves ``places``' limit.
+    ends, with its duration as the client's observer timed it (rollouts/attempts.py); the
+    controller moves ``places``' limit.
 
     Each limit opens an epoch. Only attempts sent in the current epoch, while no more than the
     limit were in flight, count: answers to requests sent under an older limit show the old

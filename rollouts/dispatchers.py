@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from rollouts import gctune
 from rollouts.agent_client import RetryPolicy
 from rollouts.collect import Dispatcher
+from rollouts.fdlimit import ensure_fd_budget
 from rollouts.replicas import ReplicaRouter
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import StopPlan, StopReason
@@ -27,6 +28,9 @@ def open_dispatcher(
 ) -> Dispatcher:  # fmt: skip
     """A run's dispatcher in this process (the caller closes it: ``aclose``). ``adaptive``:
     ``max_in_flight`` is a ceiling, the limit is found at run time."""
+    # One socket per request in flight: refused here, before any is sent, if they cannot all
+    # be open at once (this process's budget: the flow's).
+    ensure_fd_budget(max_in_flight)
     api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
     return Dispatcher(
         RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
@@ -71,6 +75,7 @@ def worker_dispatcher(
     with _worker_lock:
         loop = _background_loop()
         if run_id not in _worker_dispatchers:
+            ensure_fd_budget(max_in_flight)  # this worker's share, as in the flow's process
             api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
 
             async def make() -> Dispatcher:

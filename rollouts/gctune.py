@@ -32,7 +32,7 @@ def hold() -> None:
     global _holders, _saved  # noqa: PLW0603 - one setting per process, refcounted
     with _lock:
         if _holders == 0:
-            _saved = gc.get_threshold()  # type: ignore[assignment]
+            _saved = gc.get_threshold()
             gc.set_threshold(*IN_FLIGHT_THRESHOLDS)
         _holders += 1
 

@@ -1,60 +1,62 @@
-"""Live health of a collection: what is in flight, how fast, how long answers take, what fails.
+"""The live health of a collection, published: one document per process, one schema, one reader.
 
-Each collecting process has one ``HealthRecorder`` (its dispatcher's). The client tells it when
-each attempt starts and ends (a few dict and deque operations, no I/O), and a background task
-rewrites ``health.<host>_<pid>.json`` in the run directory every ``PUBLISH_EVERY_S``:
+Each collecting process has one ``AttemptObserver`` (rollouts/attempts.py: what is in flight,
+how fast, how long answers take, what fails, per agent URL). While its chunks collect, its
+``Publication`` rewrites the process's files in the run directory every ``PUBLISH_EVERY_S``
+from one snapshot:
 
-- per agent and URL (an agent with replicas has one entry per replica): requests in flight now,
-  answers and failed attempts in the last minute, failed attempts by class since the process
-  started, and a latency histogram of the recent answers (the last ``WINDOW_S`` and at most
-  ``LATENCY_SAMPLES``), so that several processes' percentiles can be merged;
-- the oldest attempts in flight, and those in flight longer than the stall threshold
-  (``ROLLOUTS_STALL_WARN_S``; default ``STALL_P95_FACTOR`` x the agent's recent p95, at
-  least ``STALL_MIN_S``).
+- ``health.<host>_<pid>.json`` (``HealthFile``): per agent and URL (an agent with replicas has
+  one entry per replica) requests in flight now, answers and failed attempts in the last
+  minute, failed attempts by class since the process started, and a latency histogram of the
+  recent answers (the last ``WINDOW_S``), so that several processes' percentiles can be merged;
+  the oldest attempts in flight and those in flight longer than the stall threshold. It also
+  holds the histogram of every answer of the flow run (``run_started_at``): when its last chunk
+  ends, a process marks its file closed (no longer live), and the flow reads the run's figures
+  from the closed files (``read_run_latency``) and removes them.
+- ``replicas.<host>_<pid>.json`` (``ReplicasFile``), where the process routes replicated
+  agents: the same snapshot's counts per replica, and whether the router took it out. It
+  stays after the process (the health file does not), so ``status`` sums every process that
+  ever collected into the run, earlier interrupted invocations too.
 
-The file's size is bounded (histogram buckets, ``OLDEST_SHOWN``, ``STALLED_SHOWN``) however long
-the run. ``read_health`` merges the files of the processes collecting now, for ``rollouts
-status``, the CLI's ``--watch`` and the Prefect UI. A file also holds the latency histogram of
-every answer of the flow run (``run_started_at``, the run's ``StopPlan``): when its last chunk
-ends, a process marks its file closed (no longer live), and the flow reads the run's figures
-from the closed files (``read_run_latency``) and removes them.
+Both are read here alone (``read_published``, for ``rollouts status``, the CLI's ``--watch``
+and the Prefect UI), with one freshness rule (``is_fresh``): a document older than
+``FRESH_S`` is a process gone (killed), not collecting now. Their sizes are bounded (histogram
+buckets, ``OLDEST_SHOWN``, ``STALLED_SHOWN``) however long the run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import functools
 import math
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypeVar
 
 import orjson
+import pydantic
+from typing_extensions import TypedDict  # pydantic reads it on Python 3.11
 
 from rollouts.fileio import replace_file_quietly
 from rollouts.run_state import worker_id
 
+if TYPE_CHECKING:
+    from rollouts.attempts import AttemptObserver
+    from rollouts.replicas import Replica
+
 PUBLISH_EVERY_S = 2.0
 WINDOW_S = 60.0
-LATENCY_SAMPLES = 4096  # per agent URL: the window is the last minute or these, the fewer
 OLDEST_SHOWN = 5
 STALLED_SHOWN = 50
-STALL_P95_FACTOR = 10.0
-STALL_MIN_S = 5.0  # a default threshold below this would flag ordinary scheduling hiccups
-FRESH_S = 10.0  # an older file is a process gone (killed): not collecting now
+FRESH_S = 10.0  # an older document is a process gone (killed): not collecting now
 HEALTH_PREFIX = "health."
-# Failed attempts whose duration says nothing about the agent's answer time: no answer came
-# (or none is known to have: an unexpected_error may be raised before anything is sent).
-NO_ANSWER = frozenset({"timeout", "connection_error", "cancelled", "unexpected_error"})
+REPLICAS_PREFIX = "replicas."
 # Latency histogram: buckets 2 % wide (a percentile read from it is within 1 % of the exact one).
 _BUCKET_RATIO = math.log(1.02)
 _MIN_LATENCY_S = 1e-5
-
-RolloutTag = tuple[str, int, int]  # (agent, task index, rollout index)
 
 
 def latency_bucket(seconds: float) -> int:
@@ -80,177 +82,141 @@ def percentile(histogram: dict[int, int], q: float) -> float | None:
     raise AssertionError("unreachable: rank <= total")
 
 
-# One attempt on the wire: (its target, its rollout's tag, attempt number, start time). A plain
-# tuple: made and dropped once per request.
-_InFlight = tuple["_Target", RolloutTag, int, float]
+def histogram_record(histogram: dict[int, int]) -> dict[str, int]:
+    """A histogram as a document holds it: bucket (a JSON key, so text) -> count, in order."""
+    return {str(b): n for b, n in sorted(histogram.items())}
 
 
-class _Target:
-    """What one process sent one agent URL. The request path only bumps counters and appends a
-    latency; what happened in the last minute is read at each snapshot against the counters
-    as they were a minute earlier (``marks``)."""
-
-    __slots__ = ("agent", "answered", "failed", "failures", "in_flight", "latencies", "marks",
-                 "n_latencies", "run_base", "run_folded", "run_hist", "sent",
-                 "url")  # fmt: skip
-
-    def __init__(self, agent: str, url: str, now: float) -> None:
-        self.agent, self.url = agent, url
-        self.in_flight = self.sent = self.answered = self.failed = self.n_latencies = 0
-        self.failures: dict[str, int] = {}
-        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # the latest, oldest first
-        # (time, answered, failed, n_latencies) at each snapshot, oldest first
-        self.marks: deque[tuple[float, int, int, int]] = deque([(now, 0, 0, 0)])
-        # The flow run's figures, kept off the request path: its answers and failed attempts
-        # are the counters less ``run_base`` (their values as it started); its latencies are
-        # folded into ``run_hist`` (bucket -> count) at each snapshot, up to ``run_folded``.
-        self.run_base = (0, 0)
-        self.run_hist: dict[int, int] = {}
-        self.run_folded = 0
-
-    def start_run(self) -> None:
-        self.run_base, self.run_hist, self.run_folded = (self.answered, self.failed), {}, (
-            self.n_latencies)  # fmt: skip
-
-    def fold_run_latencies(self) -> None:
-        """Add the answers since the last fold to ``run_hist`` (beyond ``LATENCY_SAMPLES``
-        between two snapshots, about 2,000 answers/s on one URL, the latest of them)."""
-        new = min(self.n_latencies - self.run_folded, len(self.latencies))
-        for seconds in itertools.islice(reversed(self.latencies), new):
-            b = latency_bucket(seconds)
-            self.run_hist[b] = self.run_hist.get(b, 0) + 1
-        self.run_folded = self.n_latencies
-
-    def last_minute(self, now: float) -> tuple[int, int, dict[int, int], float]:
-        """(answers, failed attempts, latency histogram, seconds they span) since the last mark
-        at least ``WINDOW_S`` old (so over the last minute and up to one snapshot period more;
-        less while the target is younger than a minute)."""
-        marks = self.marks
-        marks.append((now, self.answered, self.failed, self.n_latencies))
-        while len(marks) > 1 and marks[1][0] <= now - WINDOW_S:
-            marks.popleft()
-        since, answered, failed, n_latencies = marks[0]
-        hist: dict[int, int] = {}
-        recent = min(self.n_latencies - n_latencies, len(self.latencies))
-        for seconds in itertools.islice(reversed(self.latencies), recent):
-            b = latency_bucket(seconds)
-            hist[b] = hist.get(b, 0) + 1
-        return self.answered - answered, self.failed - failed, hist, now - since
+# The schema of the files, shared by the writer (rollouts/attempts.py) and the reader below.
 
 
-class HealthRecorder:
-    """One process's live view of its attempts. ``begin``/``end`` are on the request path:
-    no I/O, a few microseconds. ``stall_after_s`` None: the default threshold (see module)."""
+class TargetRecord(TypedDict):
+    """One agent URL in one process's health file."""
 
-    def __init__(self, stall_after_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        self.stall_after_s = stall_after_s
-        self._clock = clock
-        self._targets: dict[tuple[str, str], _Target] = {}
-        self._in_flight: dict[int, _InFlight] = {}  # insertion order: oldest first
-        self._next_id = 0
-        self._path = Path()
+    agent: str
+    url: str
+    in_flight: int
+    sent: int
+    answered: int
+    answers_last_min: int
+    failed_last_min: int
+    window_s: float  # what "last minute" spans (less while the process is younger)
+    failures: dict[str, int]  # failed attempts by class since the process started
+    latency_hist: dict[str, int]  # the last minute's answers
+    run_answered: int  # the flow run's (run_started_at), in this process
+    run_failed: int
+    run_latency_hist: dict[str, int]
+
+
+class AttemptRecord(TypedDict):
+    """One attempt in flight (the oldest, or a stalled one)."""
+
+    agent: str
+    url: str
+    task_index: int
+    rollout_index: int
+    attempt: int
+    age_s: float
+    worker: str
+    stall_after_s: NotRequired[float | None]  # stalled ones: the threshold they passed
+
+
+class HealthFile(TypedDict):
+    """``health.<worker>.json``."""
+
+    worker: str
+    updated_at: float  # time.time()
+    window_s: float
+    targets: list[TargetRecord]
+    oldest: list[AttemptRecord]
+    stalled: list[AttemptRecord]
+    stalled_total: int
+    run_started_at: float | None
+    closed: bool  # the process's last chunk ended: not live, kept for the run's figures
+
+
+class ReplicaRecord(TypedDict):
+    """One replica in one process's replicas file."""
+
+    agent: str
+    url: str
+    sent: int
+    answered: int
+    failed: dict[str, int]  # failed attempts by class
+    in_flight: int
+    ejected: bool  # taken out by the router now
+    ejections: int  # times taken out
+
+
+class ReplicasFile(TypedDict):
+    """``replicas.<worker>.json``."""
+
+    worker: str
+    updated_at: float
+    replicas: list[ReplicaRecord]
+
+
+_Doc = TypeVar("_Doc", HealthFile, ReplicasFile)
+
+
+# Built on first read (a few ms each), not when a command that reads nothing imports this.
+@functools.cache
+def _health_schema() -> pydantic.TypeAdapter[HealthFile]:
+    return pydantic.TypeAdapter(HealthFile)
+
+
+@functools.cache
+def _replicas_schema() -> pydantic.TypeAdapter[ReplicasFile]:
+    return pydantic.TypeAdapter(ReplicasFile)
+
+
+def is_fresh(updated_at: float, now: float) -> bool:
+    """The one freshness rule: a document rewritten within ``FRESH_S`` is of a process
+    collecting now."""
+    return now - updated_at <= FRESH_S
+
+
+def file_name(prefix: str) -> str:
+    """This process's file of a kind (``HEALTH_PREFIX``, ``REPLICAS_PREFIX``)."""
+    return f"{prefix}{worker_id().replace(':', '_')}.json"
+
+
+def replica_record(r: Replica) -> ReplicaRecord:
+    return {"agent": r.agent, "url": r.url, "sent": r.sent, "answered": r.answered,
+            "failed": dict(r.failed), "in_flight": r.in_flight, "ejected": r.ejected,
+            "ejections": r.ejections}  # fmt: skip
+
+
+def replicas_file(observer: AttemptObserver, updated_at: float) -> ReplicasFile:
+    return {"worker": worker_id(), "updated_at": updated_at,
+            "replicas": [replica_record(r) for r in observer.replicas]}  # fmt: skip
+
+
+# Writing: one background task on the dispatcher's event loop, while chunks collect.
+
+
+class Publication:
+    """Publishes one observer's files in the run directory while any chunk is inside
+    ``collecting`` (every chunk enters it); the last one out stops it and marks the health
+    file closed, so a process that collects nothing now (a long-lived Dask worker) shows
+    nothing in flight, while the flow run's figures stay for its summary."""
+
+    def __init__(self, observer: AttemptObserver) -> None:
+        self.observer = observer
+        self._run_dir = Path()
         self._chunks = 0  # chunks collecting now, in this process
         self._writer: asyncio.Task[None] | None = None
-        self._run_started_at: float | None = None  # the flow run the run_* figures are of
-
-    def begin(self, tag: RolloutTag, url: str, attempt: int) -> int:
-        """An attempt of rollout ``tag`` is sent to ``url``; returns its ticket for ``end``."""
-        now = self._clock()
-        target = self._targets.get((tag[0], url))
-        if target is None:
-            base = url.removesuffix("/run")  # the agent's address, as configured
-            target = self._targets[(tag[0], url)] = _Target(tag[0], base, now)
-        target.in_flight += 1
-        target.sent += 1
-        self._next_id += 1
-        self._in_flight[self._next_id] = (target, tag, attempt, now)
-        return self._next_id
-
-    def end(self, ticket: int, failure_class: str | None) -> None:
-        """The attempt ``ticket`` ended: answered (None) or failed with ``failure_class``."""
-        t, _, _, started = self._in_flight.pop(ticket)
-        t.in_flight -= 1
-        if failure_class is None:
-            t.answered += 1
-        else:
-            t.failures[failure_class] = t.failures.get(failure_class, 0) + 1
-            if failure_class != "cancelled":
-                t.failed += 1
-            if failure_class in NO_ANSWER:
-                return  # no answer came: its duration is no answer time
-        t.latencies.append(self._clock() - started)
-        t.n_latencies += 1
-
-    def snapshot(self) -> dict[str, Any]:
-        """This process's health document (what ``health.<worker>.json`` holds)."""
-        now = self._clock()
-        targets, thresholds = [], {}
-        for t in self._targets.values():
-            answers, failed, hist, window_s = t.last_minute(now)
-            t.fold_run_latencies()
-            p95 = percentile(hist, 0.95)
-            thresholds[id(t)] = self._stall_threshold(p95)
-            targets.append({
-                "agent": t.agent, "url": t.url, "in_flight": t.in_flight, "sent": t.sent,
-                "answered": t.answered, "answers_last_min": answers,
-                "failed_last_min": failed, "window_s": round(window_s, 3),
-                "failures": dict(t.failures),
-                "latency_hist": {str(b): n for b, n in sorted(hist.items())},
-                "run_answered": t.answered - t.run_base[0],
-                "run_failed": t.failed - t.run_base[1],
-                "run_latency_hist": {str(b): n for b, n in sorted(t.run_hist.items())},
-            })  # fmt: skip
-        oldest, stalled, n_stalled = [], [], 0
-        least = min((t for t in thresholds.values() if t is not None), default=math.inf)
-        for a in self._in_flight.values():  # oldest first
-            age = now - a[3]
-            if len(oldest) < OLDEST_SHOWN:
-                oldest.append(self._describe(a, age))
-            threshold = thresholds[id(a[0])]
-            if threshold is not None and age > threshold:
-                n_stalled += 1
-                if len(stalled) < STALLED_SHOWN:
-                    stalled.append(self._describe(a, age) | {"stall_after_s": threshold})
-            elif len(oldest) >= OLDEST_SHOWN and age < least:
-                break  # every later attempt is younger still: neither oldest nor stalled
-        return {"worker": worker_id(), "updated_at": time.time(), "window_s": WINDOW_S,
-                "targets": targets, "oldest": oldest, "stalled": stalled,
-                "stalled_total": n_stalled, "run_started_at": self._run_started_at,
-                "closed": False}  # fmt: skip
-
-    def _stall_threshold(self, p95: float | None) -> float | None:
-        if self.stall_after_s is not None:
-            return self.stall_after_s
-        if p95 is None:
-            return None  # no answer yet: nothing to compare with
-        return max(STALL_MIN_S, STALL_P95_FACTOR * p95)
-
-    @staticmethod
-    def _describe(a: _InFlight, age: float) -> dict[str, Any]:
-        target, (agent, task_index, rollout_index), attempt, _ = a
-        return {"agent": agent, "url": target.url, "task_index": task_index,
-                "rollout_index": rollout_index, "attempt": attempt, "age_s": round(age, 3),
-                "worker": worker_id()}  # fmt: skip
-
-    # Publishing: one background task on the dispatcher's event loop, while chunks collect.
 
     @contextlib.asynccontextmanager
-    async def publishing(
+    async def collecting(
         self, run_dir: Path, run_started_at: float | None = None
     ) -> AsyncIterator[None]:
-        """Publish this process's health file in ``run_dir`` while any chunk is inside this
-        block (every chunk enters it); the last one out stops it and marks the file closed, so
-        a process that collects nothing now (a long-lived Dask worker) shows nothing in flight,
-        while the flow run's figures stay for its summary. ``run_started_at`` names the flow
+        """Publish into ``run_dir`` while this block runs. ``run_started_at`` names the flow
         run: another one starts the run_* figures afresh."""
         if self._chunks == 0:
-            if run_started_at != self._run_started_at:
-                self._run_started_at = run_started_at
-                for t in self._targets.values():
-                    t.start_run()
-            self._path = Path(run_dir) / f"{HEALTH_PREFIX}{worker_id().replace(':', '_')}.json"
-            self._writer = asyncio.create_task(self._publish_forever(self._path))
+            self.observer.start_run(run_started_at)
+            self._run_dir = Path(run_dir)
+            self._writer = asyncio.create_task(self._publish_forever())
         self._chunks += 1
         try:
             yield
@@ -260,17 +226,47 @@ class HealthRecorder:
                 self._writer.cancel()
                 await asyncio.gather(self._writer, return_exceptions=True)
                 self._writer = None
-                final = orjson.dumps(self.snapshot() | {"closed": True})
-                await asyncio.to_thread(replace_file_quietly, self._path, final)
+                await self.write(closed=True)
 
-    async def _publish_forever(self, path: Path) -> None:
+    async def write(self, closed: bool = False) -> None:
+        """Write this process's files now, from one snapshot."""
+        doc = self.observer.snapshot(closed=closed)
+        files = [(self._run_dir / file_name(HEALTH_PREFIX), orjson.dumps(doc))]
+        if self.observer.replicas:
+            files.append((self._run_dir / file_name(REPLICAS_PREFIX),
+                          orjson.dumps(replicas_file(self.observer, doc["updated_at"]))))  # fmt: skip
+        await asyncio.to_thread(_replace_all, files)
+
+    async def _publish_forever(self) -> None:
         while True:
             await asyncio.sleep(PUBLISH_EVERY_S)
-            doc = self.snapshot()
-            await asyncio.to_thread(replace_file_quietly, path, orjson.dumps(doc))
+            await self.write()
 
 
-# Reading: every live process's file, merged (rollouts status, --watch, the Prefect UI).
+def _replace_all(files: list[tuple[Path, bytes]]) -> None:
+    for path, data in files:
+        replace_file_quietly(path, data)
+
+
+async def write_replicas_file(run_dir: Path, observer: AttemptObserver) -> None:
+    """The replicas file alone, now (a router used without a dispatcher's publication)."""
+    data = orjson.dumps(replicas_file(observer, time.time()))
+    await asyncio.to_thread(replace_file_quietly, Path(run_dir) / file_name(REPLICAS_PREFIX), data)
+
+
+# Reading: every process's files, merged (rollouts status, --watch, the Prefect UI).
+
+
+def _documents(
+    run_dir: Path, prefix: str, schema: pydantic.TypeAdapter[_Doc]
+) -> Iterator[tuple[Path, _Doc]]:
+    """Every document of a kind in ``run_dir`` (in name order); one being replaced or not of
+    the schema is skipped (the next read has it)."""
+    for path in sorted(Path(run_dir).glob(f"{prefix}*.json")):
+        try:
+            yield path, schema.validate_json(path.read_bytes())
+        except (OSError, pydantic.ValidationError):
+            continue
 
 
 @dataclass
@@ -291,6 +287,38 @@ class TargetHealth:
     p95_s: float | None = None
     p99_s: float | None = None
     latency_samples: int = 0
+
+    def add(self, other: TargetHealth) -> None:
+        """Count ``other`` (one of this agent's URLs) in."""
+        self._add_counts(other.in_flight, other.sent, other.answered, other.answers_last_min,
+                         other.failed_last_min, other.failures)  # fmt: skip
+        self.answers_per_s = round(self.answers_per_s + other.answers_per_s, 3)
+        self.failed_per_s = round(self.failed_per_s + other.failed_per_s, 3)
+
+    def add_record(self, t: TargetRecord) -> None:
+        """Count one process's record of this URL in."""
+        self._add_counts(t["in_flight"], t["sent"], t["answered"], t["answers_last_min"],
+                         t["failed_last_min"], t["failures"])  # fmt: skip
+        # A rate per process over its own window, then summed: at the start of a run the window
+        # is shorter than a minute, and the last minute's count alone would read low.
+        window = max(t["window_s"], PUBLISH_EVERY_S)
+        self.answers_per_s = round(self.answers_per_s + t["answers_last_min"] / window, 3)
+        self.failed_per_s = round(self.failed_per_s + t["failed_last_min"] / window, 3)
+
+    def _add_counts(self, in_flight: int, sent: int, answered: int, answers_last_min: int,
+                    failed_last_min: int, failures: dict[str, int]) -> None:  # fmt: skip
+        self.in_flight += in_flight
+        self.sent += sent
+        self.answered += answered
+        self.answers_last_min += answers_last_min
+        self.failed_last_min += failed_last_min
+        for cls, n in failures.items():
+            self.failures[cls] = self.failures.get(cls, 0) + n
+
+    def set_latency(self, hist: dict[int, int]) -> None:
+        p50, p95, p99 = (_rounded(percentile(hist, q)) for q in (0.5, 0.95, 0.99))
+        self.p50_s, self.p95_s, self.p99_s = p50, p95, p99
+        self.latency_samples = sum(hist.values())
 
 
 @dataclass
@@ -344,68 +372,114 @@ class RunHealth:
                                "answers_last_min": self.answers_last_min}  # fmt: skip
 
 
+@dataclass
+class ReplicaStatus:
+    """One replica over every process of a run (``rollouts status``, the UI)."""
+
+    agent: str
+    url: str
+    sent: int = 0
+    answered: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0  # in processes collecting now
+    ejected: bool = False  # out in a process collecting now
+    ejections: int = 0
+
+    @property
+    def state(self) -> str:
+        """`live`, `out (1x)`, `live (out 2x)`: whether it takes requests now, and how often
+        the router took it out."""
+        if self.ejected:
+            return f"out ({self.ejections}x)"
+        return "live" + (f" (out {self.ejections}x)" if self.ejections else "")
+
+
+@dataclass
+class Published:
+    """What a run's processes published: the live health (None: no process collects now) and
+    the counts of every replica of a replicated agent."""
+
+    health: RunHealth | None
+    replicas: list[ReplicaStatus]
+
+
+def read_published(run_dir: Path, running: bool, now: float | None = None) -> Published:
+    """Every process's documents in ``run_dir``, merged. ``running``: whether the run collects
+    now (else nothing is live: no health, no replica in flight or out)."""
+    now = time.time() if now is None else now
+    health = read_health(run_dir, now) if running else None
+    return Published(health, read_replica_stats(run_dir, running, now))
+
+
 def read_health(run_dir: Path, now: float | None = None) -> RunHealth | None:
     """The merged health files of the processes publishing into ``run_dir`` now; None if none."""
     now = time.time() if now is None else now
-    docs = []
-    for path in sorted(Path(run_dir).glob(f"{HEALTH_PREFIX}*.json")):
-        try:
-            doc = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            continue  # removed or replaced while read: the next read has it
-        if not doc.get("closed") and now - float(doc.get("updated_at", 0)) <= FRESH_S:
-            docs.append(doc)
+    docs = [doc for _, doc in _documents(run_dir, HEALTH_PREFIX, _health_schema())
+            if not doc["closed"] and is_fresh(doc["updated_at"], now)]  # fmt: skip
     if not docs:
         return None
     return merge_health(docs, now)
 
 
-def merge_health(docs: list[dict[str, Any]], now: float) -> RunHealth:
+def merge_health(docs: list[HealthFile], now: float) -> RunHealth:
     by_url: dict[tuple[str, str], tuple[TargetHealth, dict[int, int]]] = {}
     for doc in docs:
         for t in doc["targets"]:
-            entry = by_url.setdefault(
-                (t["agent"], t["url"]), (TargetHealth(t["agent"], t["url"]), {})
-            )
-            _add(entry[0], entry[1], t)
+            th, hist = by_url.setdefault((t["agent"], t["url"]),
+                                         (TargetHealth(t["agent"], t["url"]), {}))  # fmt: skip
+            th.add_record(t)
+            _add_histogram(hist, t["latency_hist"])
     per_agent: dict[str, tuple[TargetHealth, dict[int, int]]] = {}
+    urls_of: dict[str, list[TargetHealth]] = {}
     for (agent, _), (th, hist) in by_url.items():
-        entry = per_agent.setdefault(agent, (TargetHealth(agent, None), {}))
-        _add(entry[0], entry[1], asdict(th) | {"latency_hist": hist})
-    urls_of = {
-        agent: [th for (a, _), (th, _) in by_url.items() if a == agent] for agent in per_agent
-    }
+        agent_th, agent_hist = per_agent.setdefault(agent, (TargetHealth(agent, None), {}))
+        agent_th.add(th)
+        for b, n in hist.items():
+            agent_hist[b] = agent_hist.get(b, 0) + n
+        urls_of.setdefault(agent, []).append(th)
     for th, hist in [*by_url.values(), *per_agent.values()]:
-        th.p50_s, th.p95_s, th.p99_s = (_rounded(percentile(hist, q)) for q in (0.5, 0.95, 0.99))
-        th.latency_samples = sum(hist.values())
+        th.set_latency(hist)
     oldest = sorted(_attempts(d["oldest"] for d in docs), key=lambda a: -a.age_s)
     stalled = sorted(_attempts(d["stalled"] for d in docs), key=lambda a: -a.age_s)
     return RunHealth(
         processes=len(docs),
-        updated_s_ago=round(now - max(float(d["updated_at"]) for d in docs), 1),
+        updated_s_ago=round(now - max(d["updated_at"] for d in docs), 1),
         agents=[th for th, _ in per_agent.values()],
         replicas=[th for urls in urls_of.values() if len(urls) > 1 for th in urls],
         oldest=oldest[:OLDEST_SHOWN], stalled=stalled[:STALLED_SHOWN],
-        stalled_total=sum(int(d["stalled_total"]) for d in docs),
+        stalled_total=sum(d["stalled_total"] for d in docs),
     )  # fmt: skip
 
 
-def _add(th: TargetHealth, hist: dict[int, int], t: dict[str, Any]) -> None:
-    for name in ("in_flight", "sent", "answered", "answers_last_min", "failed_last_min"):
-        setattr(th, name, getattr(th, name) + int(t[name]))
-    # A rate per process over its own window, then summed: at the start of a run the window
-    # is shorter than a minute, and the last minute's count alone would read low.
-    if "answers_per_s" in t:  # a merged entry (an agent's URLs): its rates are made
-        answers, failed = float(t["answers_per_s"]), float(t["failed_per_s"])
-    else:
-        window = max(float(t.get("window_s", WINDOW_S)), PUBLISH_EVERY_S)
-        answers, failed = int(t["answers_last_min"]) / window, int(t["failed_last_min"]) / window
-    th.answers_per_s = round(th.answers_per_s + answers, 3)
-    th.failed_per_s = round(th.failed_per_s + failed, 3)
-    for cls, n in t["failures"].items():
-        th.failures[cls] = th.failures.get(cls, 0) + n
-    for b, n in t["latency_hist"].items():
+def _add_histogram(hist: dict[int, int], record: dict[str, int]) -> None:
+    for b, n in record.items():
         hist[int(b)] = hist.get(int(b), 0) + n
+
+
+def read_replica_stats(
+    run_dir: Path, running: bool, now: float | None = None
+) -> list[ReplicaStatus]:
+    """Every process's replica counts of a run, summed per replica (in the configured order).
+
+    ``running``: whether the run is collecting now. Counts cover every process that ever
+    collected into the run dir (earlier, interrupted invocations too); in flight and out only
+    those of fresh documents (``is_fresh``), while the run is going.
+    """
+    now = time.time() if now is None else now
+    merged: dict[tuple[str, str], ReplicaStatus] = {}
+    for _, doc in _documents(run_dir, REPLICAS_PREFIX, _replicas_schema()):
+        fresh = running and is_fresh(doc["updated_at"], now)
+        for r in doc["replicas"]:
+            s = merged.setdefault((r["agent"], r["url"]), ReplicaStatus(r["agent"], r["url"]))
+            s.sent += r["sent"]
+            s.answered += r["answered"]
+            s.ejections += r["ejections"]
+            for cls, n in r["failed"].items():
+                s.failed[cls] = s.failed.get(cls, 0) + n
+            if fresh:
+                s.in_flight += r["in_flight"]
+                s.ejected = s.ejected or r["ejected"]
+    return list(merged.values())
 
 
 @dataclass
@@ -420,30 +494,29 @@ class RunLatency:
 
 
 def read_run_latency(run_dir: Path, run_started_at: float) -> RunLatency | None:
-    """The figures of the flow run started at ``run_started_at`` from every process's file
-    (closed or not); None if no process sent anything in it. Closed files are removed."""
+    """The figures of the flow run started at ``run_started_at`` from every process's health
+    file (closed or not); None if no process sent anything in it. Closed files are removed."""
     hist: dict[int, int] = {}
     answered = failed = 0
     found = False
-    for path in sorted(Path(run_dir).glob(f"{HEALTH_PREFIX}*.json")):
-        try:
-            doc = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            continue
-        if doc.get("run_started_at") == run_started_at:
+    for path, doc in _documents(run_dir, HEALTH_PREFIX, _health_schema()):
+        if doc["run_started_at"] == run_started_at:
             found = True
             for t in doc["targets"]:
-                answered += int(t["run_answered"])
-                failed += int(t["run_failed"])
-                for b, n in t["run_latency_hist"].items():
-                    hist[int(b)] = hist.get(int(b), 0) + n
-        if doc.get("closed"):
+                answered += t["run_answered"]
+                failed += t["run_failed"]
+                _add_histogram(hist, t["run_latency_hist"])
+        if doc["closed"]:
             with contextlib.suppress(OSError):
                 path.unlink()
     if not found:
         return None
     p50, p95, p99 = (_rounded(percentile(hist, q)) for q in (0.5, 0.95, 0.99))
     return RunLatency(answered, failed, p50, p95, p99)
+
+
+def _attempts(groups: Iterable[list[AttemptRecord]]) -> list[InFlightAttempt]:
+    return [InFlightAttempt(**a) for group in groups for a in group]
 
 
 def rate_number(per_s: float | None) -> str:
@@ -456,10 +529,6 @@ def rate_number(per_s: float | None) -> str:
 def rate_text(per_s: float | None) -> str:
     """A rate in one unit, per second: 21.9/s; `-` when unknown."""
     return "-" if per_s is None else f"{rate_number(per_s)}/s"
-
-
-def _attempts(groups: Iterable[list[dict[str, Any]]]) -> list[InFlightAttempt]:
-    return [InFlightAttempt(**a) for group in groups for a in group]
 
 
 def seconds_text(value: float | None) -> str:

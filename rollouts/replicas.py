@@ -13,10 +13,11 @@ replicated name to its first replica's URL; the router recognizes that URL and s
 - the last live replica of an agent is never taken out: with every replica failing, requests
   fail and are retried exactly as with a single URL (no waiting on an empty set, no spinning).
 
-Each collecting process counts, per replica, requests sent, answered, failed (by class), in
-flight, and whether it is out, and rewrites ``replicas.<host>_<pid>.json`` in the run directory
-every ``STATS_EVERY_S`` and at each chunk's end (no file I/O per request). ``read_replica_stats``
-sums those files for ``rollouts status`` and the Prefect UI.
+The router counts nothing of its own: a ``Replica`` is its URL's ``Target`` in the process's
+``AttemptObserver`` (rollouts/attempts.py), whose counts (in flight, sent, answered, failed by
+class) the router reads to pick, and whose publication (rollouts/health.py) writes, with
+whether each replica is out, ``replicas.<host>_<pid>.json`` in the run directory for ``rollouts
+status`` and the Prefect UI.
 """
 
 from __future__ import annotations
@@ -24,51 +25,37 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import orjson
-
-from rollouts.fileio import replace_file_quietly
-from rollouts.run_state import worker_id
+from rollouts.attempts import CANCELLED, AttemptObserver, Target
+from rollouts.health import ReplicasFile, replicas_file, write_replicas_file
 from rollouts.settings import RolloutsSettings
 
 EJECTING_CLASSES = frozenset({"connection_error", "timeout"})
-CANCELLED = "cancelled"  # an attempt cut by a stop: says nothing about the replica
 PROBE_FIRST_S = 1.0
-STATS_EVERY_S = 2.0
-STATS_FRESH_S = 10.0  # a stats file older than this is a process gone: nothing in flight there
-STATS_PREFIX = "replicas."
 
 # A connection probe: None if ``url`` accepts a TCP connection, else why not.
 Probe = Callable[[str], Awaitable[str | None]]
 
 
-@dataclass(eq=False)
-class Replica:
-    """One URL of a replicated agent, and what this process sent it."""
+class Replica(Target):
+    """One URL of a replicated agent: what this process sent it (a ``Target``), and whether
+    the router took it out."""
 
-    agent: str
-    url: str  # base URL, no final /
-    in_flight: int = 0
-    sent: int = 0
-    answered: int = 0
-    failed: dict[str, int] = field(default_factory=dict)
-    ejected: bool = False
-    ejections: int = 0
-    errors_in_a_row: int = 0  # connection errors and timeouts since its last answer
-    probe_level: int = 0  # doublings of the probe delay; an answer resets it
+    __slots__ = ("ejected", "ejections", "errors_in_a_row", "group", "probe_level")
 
-    @property
-    def run_url(self) -> str:
-        return self.url + "/run"
+    def __init__(self, agent: str, url: str, group: ReplicaGroup) -> None:
+        super().__init__(agent, url, time.monotonic())  # url: base URL, no final /
+        self.group = group
+        self.ejected = False
+        self.ejections = 0
+        self.errors_in_a_row = 0  # connection errors and timeouts since its last answer
+        self.probe_level = 0  # doublings of the probe delay; an answer resets it
 
-    def stats(self) -> dict[str, Any]:
-        return {"agent": self.agent, "url": self.url, "sent": self.sent,
-                "answered": self.answered, "failed": dict(self.failed),
-                "in_flight": self.in_flight, "ejected": self.ejected,
-                "ejections": self.ejections}  # fmt: skip
+    def finish(self, failure_class: str | None, latency_s: float | None = None) -> None:
+        """An attempt on this replica ended: counted, then judged (``ReplicaGroup.judge``)."""
+        Target.finish(self, failure_class, latency_s)
+        self.group.judge(self, failure_class)
 
 
 class ReplicaGroup:
@@ -76,7 +63,7 @@ class ReplicaGroup:
 
     def __init__(self, agent: str, urls: list[str], router: ReplicaRouter) -> None:
         self.agent = agent
-        self.replicas = [Replica(agent, u.rstrip("/")) for u in urls]
+        self.replicas = [Replica(agent, u.rstrip("/"), self) for u in urls]
         self._router = router
         self._next = 0  # where the round-robin tie-break starts
 
@@ -91,18 +78,20 @@ class ReplicaGroup:
                 best, best_i = r, i
         assert best is not None  # the last live replica is never taken out
         self._next = (best_i + 1) % n
-        best.in_flight += 1
-        best.sent += 1
+        best.start()
         return best
 
     def done(self, replica: Replica, failure_class: str | None) -> None:
-        """The end of an attempt on ``replica``: None for an answer, else its failure class."""
-        replica.in_flight -= 1
+        """The end of an attempt on ``replica`` not timed by an observer: None for an answer,
+        else its failure class."""
+        replica.finish(failure_class)
+
+    def judge(self, replica: Replica, failure_class: str | None) -> None:
+        """After an attempt's end on ``replica`` (counted): take it out after ``eject_after``
+        connection errors or timeouts in a row, unless it is the last one live."""
         if failure_class is None:
-            replica.answered += 1
             replica.errors_in_a_row = replica.probe_level = 0
             return
-        replica.failed[failure_class] = replica.failed.get(failure_class, 0) + 1
         if failure_class not in EJECTING_CLASSES:
             if failure_class != CANCELLED:
                 replica.errors_in_a_row = 0  # it answered (an HTTP error is an answer)
@@ -117,20 +106,25 @@ class ReplicaGroup:
 
 
 class ReplicaRouter:
-    """Every replicated agent of a run's settings; owned by the process's Dispatcher."""
+    """Every replicated agent of a run's settings; owned by the process's Dispatcher.
+
+    ``observer``: where the replicas' attempts are counted (the client's, which sets it);
+    a router made alone has one of its own.
+    """
 
     def __init__(
         self, agents: dict[str, list[str]], *, eject_after: int = 3, probe_max_s: float = 30.0,
         probe: Probe | None = None, connect_timeout_s: float = 10.0,
+        observer: AttemptObserver | None = None,
     ) -> None:  # fmt: skip
         self.eject_after = eject_after
         self.probe_max_s = probe_max_s
+        self.observer = observer or AttemptObserver()
         self._probe = probe or _tcp_probe(connect_timeout_s)
         self._groups = {name: ReplicaGroup(name, urls, self) for name, urls in agents.items()}
         self._by_run_url: dict[str, ReplicaGroup] = {}  # only the run's agents
         self._probes: set[asyncio.Task[None]] = set()
-        self._stats_path: Path | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._record_dir: Path | None = None
 
     @classmethod
     def from_settings(cls, settings: RolloutsSettings) -> ReplicaRouter | None:
@@ -143,18 +137,20 @@ class ReplicaRouter:
                    probe_max_s=settings.replica_probe_max_s,
                    connect_timeout_s=settings.connect_timeout_s)  # fmt: skip
 
-    def use(self, plan_agents: dict[str, str], run_dir: Path) -> None:
-        """Route the run's agents (a DispatchPlan's ``agent_urls``: name -> the URL it resolved)
-        and keep the stats file in ``run_dir``. Idempotent; every chunk calls it. A run-level
-        ``agent_url`` resolves no name, so it is never routed."""
+    def use(self, plan_agents: dict[str, str], run_dir: Path | None = None) -> None:
+        """Route the run's agents (a DispatchPlan's ``agent_urls``: name -> the URL it resolved);
+        their replicas are counted and published by the observer. Idempotent; every chunk calls
+        it. A run-level ``agent_url`` resolves no name, so it is never routed. ``run_dir``: a
+        router used without a dispatcher (whose publication writes the replicas file) writes
+        it there itself, on ``aclose``."""
         for name, url in plan_agents.items():
             group = self._groups.get(name)
             if group is not None and group.replicas[0].url == url.rstrip("/"):
                 self._by_run_url[group.replicas[0].run_url] = group
-        if self._stats_path is None:
-            name = f"{STATS_PREFIX}{worker_id().replace(':', '_')}.json"
-            self._stats_path = Path(run_dir) / name
-            self._writer = asyncio.create_task(self._write_forever())
+                for replica in group.replicas:
+                    self.observer.adopt(replica)
+        if run_dir is not None:
+            self._record_dir = Path(run_dir)
 
     def group_for(self, url: str) -> ReplicaGroup | None:
         """The replicas behind ``url`` (a plan's ``/run`` URL), if it is a routed agent's."""
@@ -177,78 +173,24 @@ class ReplicaRouter:
                 replica.errors_in_a_row = 0
                 replica.ejected = False
 
-    def snapshot(self) -> dict[str, Any]:
-        groups = {id(g): g for g in self._by_run_url.values()}.values()
-        return {"worker": worker_id(), "updated_at": time.time(),
-                "replicas": [r.stats() for g in groups for r in g.replicas]}  # fmt: skip
-
-    async def flush(self) -> None:
-        """Write the stats file now (a chunk's end)."""
-        if self._stats_path is not None and self._by_run_url:
-            await asyncio.to_thread(
-                replace_file_quietly, self._stats_path, orjson.dumps(self.snapshot())
-            )
-
-    async def _write_forever(self) -> None:
-        while True:
-            await asyncio.sleep(STATS_EVERY_S)
-            await self.flush()
+    def snapshot(self) -> ReplicasFile:
+        """The routed replicas' counts, as the replicas file holds them."""
+        return replicas_file(self.observer, time.time())
 
     async def aclose(self) -> None:
-        tasks = [*self._probes, *([self._writer] if self._writer else [])]
+        tasks = list(self._probes)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.flush()
+        if self._record_dir is not None and self.observer.replicas:
+            await write_replicas_file(self._record_dir, self.observer)
 
 
 def _tcp_probe(timeout_s: float) -> Probe:
-    # Imported here: `rollouts status` reads this module's stats without the HTTP stack.
+    # Imported here: the CLI reads `agents_to_check` before it needs the HTTP stack.
     from rollouts.agent_client import _connect_problem
 
     return lambda url: _connect_problem(url, timeout_s)
-
-
-@dataclass
-class ReplicaStatus:
-    """One replica over every process of a run (``rollouts status``, the UI)."""
-
-    agent: str
-    url: str
-    sent: int = 0
-    answered: int = 0
-    failed: dict[str, int] = field(default_factory=dict)
-    in_flight: int = 0  # in processes collecting now
-    ejected: bool = False  # out in a process collecting now
-    ejections: int = 0
-
-
-def read_replica_stats(run_dir: Path, running: bool) -> list[ReplicaStatus]:
-    """Every process's replica counts of a run, summed per replica (in the configured order).
-
-    ``running``: whether the run is collecting now. Counts cover every process that ever
-    collected into the run dir (earlier, interrupted invocations too); in flight and out only
-    those of processes that wrote within ``STATS_FRESH_S``, while the run is going.
-    """
-    merged: dict[tuple[str, str], ReplicaStatus] = {}
-    now = time.time()
-    for path in sorted(Path(run_dir).glob(f"{STATS_PREFIX}*.json")):
-        try:
-            doc = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            continue
-        fresh = running and now - float(doc.get("updated_at", 0)) <= STATS_FRESH_S
-        for r in doc.get("replicas", []):
-            s = merged.setdefault((r["agent"], r["url"]), ReplicaStatus(r["agent"], r["url"]))
-            s.sent += r["sent"]
-            s.answered += r["answered"]
-            s.ejections += r["ejections"]
-            for cls, n in r["failed"].items():
-                s.failed[cls] = s.failed.get(cls, 0) + n
-            if fresh:
-                s.in_flight += r["in_flight"]
-                s.ejected = s.ejected or r["ejected"]
-    return list(merged.values())
 
 
 def agents_to_check(

@@ -30,9 +30,8 @@ from rollouts.agent_client import check_agents_reachable
 from rollouts.collect import DispatchPlan
 from rollouts.errors import IncompleteRun, RolloutsError
 from rollouts.failures import FailureReport, summarize_failures
-from rollouts.health import RunLatency, read_run_latency
+from rollouts.health import ReplicaStatus, RunLatency, read_run_latency
 from rollouts.models import CollectConfig, SplitResult
-from rollouts.replicas import ReplicaStatus
 from rollouts.request import RunRequest, agents_down
 from rollouts.retry import clear_retry, reopen_failures
 from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock

@@ -15,10 +15,9 @@ from typing import Any
 import orjson
 
 from rollouts.chunks import ChunkFiles, tasks_files
-from rollouts.health import RunHealth, read_health
+from rollouts.health import ReplicaStatus, RunHealth, read_published
 from rollouts.models import ChunkSpec
 from rollouts.nemo_gym import NG_FAILURE_TERMINAL
-from rollouts.replicas import ReplicaStatus, read_replica_stats
 from rollouts.run_state import lock_taken_by, read_run_state, recorded_chunks, run_dir_for
 
 
@@ -102,7 +101,7 @@ class StatusReader:
     def _counted_rows(self) -> dict[int, int]:
         """Chunk number -> task rows, by counting lines of the tasks files: only for a run
         dir split before run.json listed its chunks. Read again only when a file changes."""
-        rows = {}
+        rows: dict[int, int] = {}
         for files in tasks_files(self.run_dir):
             try:
                 st = files.tasks.stat()
@@ -122,7 +121,8 @@ class StatusReader:
             return status
         repeats = state.num_repeats
         specs = recorded_chunks(self.run_dir, state)  # as split recorded them
-        chunks = self._counted_rows() if specs is None else {s.index: s for s in specs}
+        chunks: dict[int, ChunkSpec | int] = (
+            dict(self._counted_rows()) if specs is None else {s.index: s for s in specs})  # fmt: skip
         for index, spec in sorted(chunks.items()):
             files = ChunkFiles.of_run(self.run_dir, index)
             expected = spec.expected(repeats) if isinstance(spec, ChunkSpec) else spec * repeats
@@ -146,9 +146,8 @@ class StatusReader:
             status.state = "complete"
         else:
             status.state = f"running ({holder})" if holder else "stopped (incomplete)"
-        running = status.state.startswith("running")
-        status.replicas = read_replica_stats(self.run_dir, running)
-        status.health = read_health(self.run_dir) if running else None
+        published = read_published(self.run_dir, running=status.state.startswith("running"))
+        status.replicas, status.health = published.replicas, published.health
         now = time.monotonic()
         self._samples.append((now, finished))
         self._samples = [s for s in self._samples if now - s[0] <= 30.0]  # a 30 s window

@@ -9,7 +9,7 @@ the next run resends only what was cancelled.
 A deadline is absolute wall-clock time fixed when the flow run starts (``StopPlan``), so every
 chunk, chunk retry and worker process shares it. No rollout starts unless the time left exceeds
 the drain margin: ROLLOUTS_DRAIN_MARGIN_S, or else the observed p90 latency of this process's
-completed rollouts.
+completed rollouts (read from its observer, rollouts/attempts.py).
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ import asyncio
 import math
 import re
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from rollouts.fileio import write_json_atomic
 
 StopReason = Literal["deadline", "SIGINT", "SIGTERM", "cancelled"]
 
-LATENCY_SAMPLES = 1000  # the p90 is over this many latest rollouts
-MARGIN_REFRESH_S = 1.0  # recompute the p90 at most this often (it is read per dispatch)
 STOP_RECORD = "last_stop.json"
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -76,9 +73,18 @@ class StopPlan:
         return self.deadline_at is None or time.time() + seconds < self.deadline_at
 
 
+class RolloutTimes(Protocol):
+    """How long this process's rollouts take (``AttemptObserver``)."""
+
+    def rollout_p90_s(self) -> float: ...
+
+
 class Stopper:
     """One process's stop state for a run. Call its methods on the dispatcher's event loop
-    (from a signal handler or another thread: ``loop.call_soon_threadsafe``)."""
+    (from a signal handler or another thread: ``loop.call_soon_threadsafe``).
+
+    ``rollouts``: whose rollouts' p90 time is the drain margin when the plan sets none (the
+    dispatcher's observer; set by each chunk, so a stopper made by the flow reads it too)."""
 
     @classmethod
     def armed(cls, plan: StopPlan) -> Stopper:
@@ -87,7 +93,8 @@ class Stopper:
         stopper.arm(plan)
         return stopper
 
-    def __init__(self) -> None:
+    def __init__(self, rollouts: RolloutTimes | None = None) -> None:
+        self.rollouts = rollouts
         self.plan: StopPlan | None = None
         self.reason: StopReason | None = None
         self.requested_at: float | None = None
@@ -95,9 +102,6 @@ class Stopper:
         self.cancelled_in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._in_flight: list[set[asyncio.Task[None]]] = []
-        self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self._margin_s = 0.0
-        self._margin_due = 0.0
 
     def arm(self, plan: StopPlan) -> None:
         """Adopt ``plan`` (idempotent); another flow run's plan starts a fresh stop state."""
@@ -135,19 +139,10 @@ class Stopper:
         self.request("deadline")
         return False
 
-    def record(self, latency_s: float) -> None:
-        """A rollout's time from its start to its outcome (retries included)."""
-        self._latencies.append(latency_s)
-
     def drain_margin_s(self) -> float:
         if self.plan is not None and self.plan.drain_margin_s is not None:
             return self.plan.drain_margin_s
-        now = time.monotonic()
-        if now >= self._margin_due and self._latencies:
-            ordered = sorted(self._latencies)
-            self._margin_s = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-            self._margin_due = now + MARGIN_REFRESH_S
-        return self._margin_s
+        return self.rollouts.rollout_p90_s() if self.rollouts is not None else 0.0
 
     def track(self, tasks: set[asyncio.Task[None]]) -> None:
         """``tasks`` (a chunk's rollouts in flight) are cancelled when a grace period ends,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console, Group, RenderableType
@@ -13,8 +14,7 @@ from rollouts.health import clock_text, describe_attempt, rate_number, seconds_t
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
-    from rollouts.health import RunHealth
-    from rollouts.replicas import ReplicaStatus
+    from rollouts.health import ReplicaStatus, RunHealth
     from rollouts.summary import CollectSummary, MultiSummary
 
 
@@ -79,14 +79,19 @@ def print_status(status: RunStatus, console: Console | None = None) -> None:
 
 
 def status_view(status: RunStatus) -> RenderableType:
-    """What `rollouts status` shows (and `--watch` redraws): chunks, live health, totals."""
+    """What `rollouts status` shows (and `--watch` redraws): chunks, the figures per agent and
+    URL (live while collecting, with each replica's state; else each replica's counts),
+    totals."""
     if status.state == "not started":
         return Text(f"no collection state for {status.output} (looked in {status.run_dir})")
     parts: list[RenderableType] = [chunk_table(status)]
+    live: set[tuple[str, str | None]] = set()
     if status.health is not None:
-        parts += health_view(status.health)
-    if status.replicas:
-        parts.append(replica_table(status.replicas, status.state.startswith("running")))
+        parts += health_view(status.health, status.replicas)
+        live = {(t.agent, t.url) for t in status.health.replicas}
+    counted = [r for r in status.replicas if (r.agent, r.url) not in live]
+    if counted:  # replicas no live process sends to
+        parts.append(replica_table(counted, status.state.startswith("running")))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
     parts.append(Text(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "
@@ -126,21 +131,31 @@ def chunk_table(status: RunStatus) -> Table:
     return table
 
 
-def health_view(health: RunHealth) -> list[RenderableType]:
-    """The live health table (per agent, then per replica), then what is stalled or oldest."""
+def health_view(health: RunHealth, replicas: Sequence[ReplicaStatus] = ()) -> list[RenderableType]:
+    """The live table, then what is stalled or oldest. The table is the one of per-URL figures
+    while collecting: each agent, then each of its replicas (a column says whether the router
+    took one out, once one was), then what is stalled or oldest."""
     table = Table(title=f"live: {health.processes} process{'es' if health.processes > 1 else ''}, "
                   f"updated {health.updated_s_ago:.0f} s ago; rates and latencies over the "
                   "last minute")  # fmt: skip
-    table.add_column("agent", no_wrap=True)
+    table.add_column("agent", no_wrap=True)  # a URL cut short is no URL
     for col in ("in flight", "answers/s", "failed/s", "p50", "p95", "p99"):
         table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("failed attempts", overflow="fold", min_width=12)
-    for t in [*health.agents, *health.replicas]:
-        failures = ", ".join(f"{k} {n}" for k, n in sorted(t.failures.items())) or "-"
-        table.add_row(t.agent if t.url is None else f"  {t.agent} {t.url}", str(t.in_flight),
-                      rate_number(t.answers_per_s), rate_number(t.failed_per_s),
-                      seconds_text(t.p50_s),
-                      seconds_text(t.p95_s), seconds_text(t.p99_s), failures)  # fmt: skip
+    states = {(r.agent, r.url): r for r in replicas}
+    ever_out = any(r.ejected or r.ejections for r in replicas)
+    if ever_out:
+        table.add_column("state", max_width=6)
+    # narrower beside a state column, so that the table still fits 110 columns
+    table.add_column("failed attempts", overflow="fold", min_width=8 if ever_out else 12)
+    for a in health.agents:
+        for t in [a, *(r for r in health.replicas if r.agent == a.agent)]:
+            failures = ", ".join(f"{k} {n}" for k, n in sorted(t.failures.items())) or "-"
+            replica = states.get((t.agent, t.url)) if t.url is not None else None
+            state = [replica.state if replica is not None else ""] if ever_out else []
+            table.add_row(t.agent if t.url is None else f"  {t.url}", str(t.in_flight),
+                          rate_number(t.answers_per_s), rate_number(t.failed_per_s),
+                          seconds_text(t.p50_s), seconds_text(t.p95_s), seconds_text(t.p99_s),
+                          *state, failures)  # fmt: skip
     parts: list[RenderableType] = [table]
     if health.stalled_total:
         parts.append(Text(f"stalled: {health.stalled_total} in flight longer than "
@@ -156,7 +171,8 @@ def health_view(health: RunHealth) -> list[RenderableType]:
 
 
 def replica_table(replicas: list[ReplicaStatus], running: bool) -> Table:
-    """Requests per replica of each replicated agent, over every process of the run."""
+    """Requests per replica of each replicated agent, over every process of the run (shown
+    when no process collects now: else the live table has the replicas)."""
     table = Table(title="replicas")
     table.add_column("agent / replica", no_wrap=True)  # a URL cut short is no URL
     for col in ("sent", "answered", "in flight"):

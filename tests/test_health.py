@@ -25,11 +25,11 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowR
 
 from flows.artifacts import CARD_LINE_CHARS
 from reference_agent.server import write_tasks
+from rollouts.attempts import STALL_MIN_S
+from rollouts.attempts import AttemptObserver as HealthRecorder
 from rollouts.health import (
     OLDEST_SHOWN,
     PUBLISH_EVERY_S,
-    STALL_MIN_S,
-    HealthRecorder,
     merge_health,
     percentile,
     read_health,

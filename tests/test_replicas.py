@@ -24,7 +24,8 @@ from rollouts.agent_client import (
 )
 from rollouts.collect import DispatchPlan
 from rollouts.errors import AgentUnreachable, ConfigError
-from rollouts.replicas import Probe, ReplicaRouter, agents_to_check, read_replica_stats
+from rollouts.health import read_replica_stats
+from rollouts.replicas import Probe, ReplicaRouter, agents_to_check
 from rollouts.settings import RolloutsSettings
 from rollouts.summary import _failure_class_line
 
