@@ -50,18 +50,15 @@ async def collect_here(
     """The chunk tasks awaited together on this event loop, each handed this run's dispatcher
     (one HTTP client, one budget), whose stopper is the flow's: its signal handlers and
     deadline stop these chunks."""
-    dispatcher = open_dispatcher(
-        settings, config.in_flight_ceiling, config.max_parallel_chunks, config.adaptive
-    )
-    dispatcher.stop = stop
     retry = bool(config.retry_failure_classes)
-    try:
+    async with open_dispatcher(
+        settings, config.in_flight_ceiling, config.max_parallel_chunks, config.adaptive
+    ) as dispatcher:
+        dispatcher.stop = stop
         return list(await asyncio.gather(
             *(chunk_task(s, plan, dispatcher, stop_plan=stop.plan, retry=retry, return_state=True)
               for s in chunks)
         ))  # fmt: skip
-    finally:
-        await dispatcher.aclose()
 
 
 async def chunk_outcome(state: State[Any]) -> ChunkOutcome:

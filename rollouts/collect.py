@@ -21,7 +21,6 @@ from typing import IO, Any
 import httpx
 import orjson
 
-from rollouts import gctune
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, Slot, resolve_agent_urls
 from rollouts.attempts import AttemptObserver
 from rollouts.chunks import ChunkFiles, task_indices
@@ -149,10 +148,9 @@ class Dispatcher:
     the flow may set its own. ``transport``: what carries its client's requests (None:
     aiohttp, ``agent_client.default_transport``; tests pass an ``httpx.MockTransport``).
 
-    The process-wide setup a collecting process needs, its open-file limit raised to fit
-    ``max_in_flight`` sockets, is the caller's, once (``fdlimit.ensure_fd_budget``, in
-    rollouts/dispatchers.py). While open, a dispatcher holds the collector's GC thresholds
-    for thousands in flight (rollouts/gctune.py), released when the last one closes.
+    Building one changes nothing outside it: the process-wide setup a collecting process
+    needs (its open-file limit raised to fit ``max_in_flight`` sockets, the collector's GC
+    thresholds for thousands in flight) is the caller's, in rollouts/dispatchers.py.
     """
 
     def __init__(self, policy: RetryPolicy, max_in_flight: int, max_parallel_chunks: int | None,
@@ -166,8 +164,6 @@ class Dispatcher:
                                   transport=transport, replicas=replicas,
                                   observer=self.observer, credentials=credentials)  # fmt: skip
         self.publication = Publication(self.observer)
-        gctune.hold()  # rarer full collections while rollouts are in flight
-        self._gc_held = True
         self._chunk_slots = (
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
         )
@@ -180,9 +176,6 @@ class Dispatcher:
         return self._chunk_slots
 
     async def aclose(self) -> None:
-        if self._gc_held:
-            self._gc_held = False
-            gctune.release()
         await self.client.aclose()
         if self.client.replicas is not None:
             await self.client.replicas.aclose()

@@ -10,7 +10,9 @@ from it once (``worker_dispatcher``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from rollouts import gctune
@@ -22,21 +24,43 @@ from rollouts.settings import RolloutsSettings
 from rollouts.stopping import StopPlan, StopReason
 
 
-def open_dispatcher(
-    settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
-    adaptive: bool = False,
-) -> Dispatcher:  # fmt: skip
-    """A run's dispatcher in this process (the caller closes it: ``aclose``). ``adaptive``:
-    ``max_in_flight`` is a ceiling, the limit is found at run time."""
-    # One socket per request in flight: refused here, before any is sent, if they cannot all
-    # be open at once (this process's budget: the flow's).
+def _prepare_process(max_in_flight: int) -> None:
+    """What a process needs before ``max_in_flight`` requests are on the wire: one socket each,
+    refused here, before any is sent, if they cannot all be open at once; and rarer full
+    garbage collections while they are (rollouts/gctune.py; ``gctune.release`` undoes it)."""
     ensure_fd_budget(max_in_flight)
+    gctune.hold()
+
+
+def _new_dispatcher(
+    settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
+    adaptive: bool,
+) -> Dispatcher:  # fmt: skip
     api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
     return Dispatcher(
         RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
         adaptive, ReplicaRouter.from_settings(settings), settings.stall_warn_s,
         settings.agent_credentials(),
     )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def open_dispatcher(
+    settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
+    adaptive: bool = False,
+) -> AsyncIterator[Dispatcher]:  # fmt: skip
+    """A run's dispatcher in this process, closed on leaving, when the process's GC thresholds
+    come back too. ``adaptive``: ``max_in_flight`` is a ceiling, the limit is found at run
+    time."""
+    _prepare_process(max_in_flight)
+    try:
+        dispatcher = _new_dispatcher(settings, max_in_flight, max_parallel_chunks, adaptive)
+        try:
+            yield dispatcher
+        finally:
+            await dispatcher.aclose()
+    finally:
+        gctune.release()
 
 
 # On Dask workers each task run may get its own thread and event loop, while the worker's
@@ -75,15 +99,14 @@ def worker_dispatcher(
     with _worker_lock:
         loop = _background_loop()
         if run_id not in _worker_dispatchers:
-            ensure_fd_budget(max_in_flight)  # this worker's share, as in the flow's process
-            api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
+            # This worker's share, as in the flow's process; kept for the process's life, as
+            # its dispatchers are.
+            _prepare_process(max_in_flight)
 
             async def make() -> Dispatcher:
-                return Dispatcher(RetryPolicy.from_settings(settings), max_in_flight,
-                                  worker.chunks_at_once, api_key, worker.adaptive,
-                                  ReplicaRouter.from_settings(settings),
-                                  settings.stall_warn_s,
-                                  settings.agent_credentials())  # fmt: skip
+                return _new_dispatcher(
+                    settings, max_in_flight, worker.chunks_at_once, worker.adaptive
+                )
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()
             if run_id in _worker_stops:

@@ -25,7 +25,9 @@ from test_cli_console import assert_one_message, user_env
 from reference_agent.server import generate_tasks, write_tasks
 from rollouts.agent_client import AgentClient, RetryPolicy
 from rollouts.collect import Dispatcher
+from rollouts.dispatchers import open_dispatcher
 from rollouts.gctune import IN_FLIGHT_THRESHOLDS
+from rollouts.settings import RolloutsSettings
 
 
 def _with_open_files(soft: int, hard: int, argv: list[str]) -> list[str]:
@@ -117,17 +119,19 @@ def test_dispatchers_restore_the_gc_thresholds_once_the_last_one_closes() -> Non
     notebook, a Dask worker) gets its own thresholds back afterwards."""
     before = gc.get_threshold()
 
-    async def scenario() -> tuple[tuple[int, ...], tuple[int, ...]]:
-        first = Dispatcher(RetryPolicy(), 8, None, None)
-        second = Dispatcher(RetryPolicy(), 8, None, None)
-        during = gc.get_threshold()
-        await first.aclose()
-        still = gc.get_threshold()
-        await second.aclose()
-        await second.aclose()  # closing twice changes nothing
-        return during, still
+    async def scenario() -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        Dispatcher(RetryPolicy(), 8, None, None)  # building one alone changes nothing
+        alone = gc.get_threshold()
+        settings = RolloutsSettings()
+        async with open_dispatcher(settings, 8, None), open_dispatcher(settings, 8, None):
+            during = gc.get_threshold()
+            async with open_dispatcher(settings, 8, None):
+                pass
+            still = gc.get_threshold()
+        return alone, during, still
 
-    during, still = asyncio.run(scenario())
+    alone, during, still = asyncio.run(scenario())
+    assert alone == before
     assert during == still == IN_FLIGHT_THRESHOLDS != before
     assert gc.get_threshold() == before
 
