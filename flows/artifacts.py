@@ -357,7 +357,7 @@ def datasets_description(statuses: dict[str, RunStatus], mix_line: str = "") -> 
     written = sum(s.done for s in statuses.values())
     failed = sum(s.failed for s in statuses.values())
     expected = sum(s.expected for s in statuses.values())
-    finished = sum(1 for s in statuses.values() if s.state == "complete")
+    finished = sum(1 for s in statuses.values() if s.phase == "complete")
     first = f"{written}/{expected} written, {failed} failed, {finished}/{len(statuses)} datasets"
     lines = [first] + [
         f"{name}: {s.done}/{s.expected} written, {s.failed} failed ({s.state})"

@@ -236,7 +236,7 @@ class _Run:
     async def check_agents_unless_complete(self, plan: DispatchPlan) -> None:
         """A dead address would otherwise spend every attempt and chunk retry first; a run
         whose rollouts are all written needs no agent."""
-        if (await asyncio.to_thread(self.reader.read)).state == "complete":
+        if (await asyncio.to_thread(self.reader.read)).phase == "complete":
             return
         down = self.request.agents_down  # checked before the flow run, if it was
         if down is None:

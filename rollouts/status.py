@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -30,6 +30,11 @@ class ChunkStatus:
     worker: str | None
 
 
+# Where a run is: "running" while a process holds its lock, "stopped" when none does and
+# rollouts are missing, "unknown" until read.
+RunPhase = Literal["unknown", "not started", "running", "stopped", "complete"]
+
+
 @dataclass
 class RunStatus:
     output: str
@@ -41,12 +46,29 @@ class RunStatus:
     rate_per_s: float | None = None  # rollouts finished per second, over rate_window_s
     rate_window_s: float | None = None  # the last 30 s at most (as long as this reader read)
     eta_s: float | None = None
-    state: str = "unknown"  # not started | running | complete | incomplete
+    phase: RunPhase = "unknown"
+    holder: str | None = None  # while running: the process holding the output's lock
     replicas: list[ReplicaStatus] = field(default_factory=list)  # replicated agents only
     health: RunHealth | None = None  # while collecting: in flight, latency, failures, stalls
 
+    @property
+    def running(self) -> bool:
+        return self.phase == "running"
+
+    @property
+    def state(self) -> str:
+        """As `status` shows it: `running (host:pid)`, `stopped (incomplete)`, `complete`,
+        `not started`."""
+        if self.phase == "running":
+            return f"running ({self.holder})"
+        if self.phase == "stopped":
+            return "stopped (incomplete)"
+        return self.phase
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"health": self.health.to_json() if self.health else None}
+        shown = {k: v for k, v in asdict(self).items() if k not in ("phase", "holder")}
+        return shown | {"state": self.state,
+                        "health": self.health.to_json() if self.health else None}  # fmt: skip
 
 
 class _LineCounter:
@@ -116,7 +138,7 @@ class StatusReader:
 
     def read(self) -> RunStatus:
         state = read_run_state(self.run_dir)
-        status = RunStatus(str(self.output), str(self.run_dir), 0, 0, 0, state="not started")
+        status = RunStatus(str(self.output), str(self.run_dir), 0, 0, 0, phase="not started")
         if state is None:
             return status
         repeats = state.num_repeats
@@ -143,10 +165,12 @@ class StatusReader:
         finished = status.done + status.failed
         holder = lock_taken_by(self.run_dir)
         if status.expected and finished >= status.expected:
-            status.state = "complete"
+            status.phase = "complete"
+        elif holder:
+            status.phase, status.holder = "running", holder
         else:
-            status.state = f"running ({holder})" if holder else "stopped (incomplete)"
-        published = read_published(self.run_dir, running=status.state.startswith("running"))
+            status.phase = "stopped"
+        published = read_published(self.run_dir, running=status.running)
         status.replicas, status.health = published.replicas, published.health
         now = time.monotonic()
         self._samples.append((now, finished))
@@ -165,7 +189,7 @@ def read_status(
     """One status with a rate measured over ``sample_s`` seconds (0: no rate)."""
     reader = StatusReader(output, work_dir)
     status = reader.read()
-    if sample_s > 0 and status.state.startswith("running"):
+    if sample_s > 0 and status.running:
         time.sleep(sample_s)
         status = reader.read()
     return status

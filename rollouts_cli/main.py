@@ -367,7 +367,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(status.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print_status(status)
-    return ExitCode.OK if status.state != "not started" else ExitCode.USAGE
+    return ExitCode.OK if status.phase != "not started" else ExitCode.USAGE
 
 
 def cmd_failures(args: argparse.Namespace) -> int:

@@ -82,7 +82,7 @@ def status_view(status: RunStatus) -> RenderableType:
     """What `rollouts status` shows (and `--watch` redraws): chunks, the figures per agent and
     URL (live while collecting, with each replica's state; else each replica's counts),
     totals."""
-    if status.state == "not started":
+    if status.phase == "not started":
         return Text(f"no collection state for {status.output} (looked in {status.run_dir})")
     parts: list[RenderableType] = [chunk_table(status)]
     live: set[tuple[str, str | None]] = set()
@@ -91,7 +91,7 @@ def status_view(status: RunStatus) -> RenderableType:
         live = {(t.agent, t.url) for t in status.health.replicas}
     counted = [r for r in status.replicas if (r.agent, r.url) not in live]
     if counted:  # replicas no live process sends to
-        parts.append(replica_table(counted, status.state.startswith("running")))
+        parts.append(replica_table(counted, status.running))
     pct = 100.0 * (status.done + status.failed) / status.expected if status.expected else 0.0
     parts.append(Text(
         f"{status.done}/{status.expected} done, {status.failed} failed ({pct:.1f}%); "

@@ -36,7 +36,7 @@ def test_merge_and_status_work_with_every_tasks_file_removed(
     assert isinstance(summary, CollectSummary)
     assert (summary.expected, summary.succeeded, summary.failed) == (80, 78, 2)
     status_before = read_status(out, sample_s=0)
-    assert status_before.state == "complete"
+    assert status_before.phase == "complete"
 
     run_dir = run_dir_for(out, None)
     tasks_files = sorted((run_dir / "chunks").glob("*.tasks.jsonl"))

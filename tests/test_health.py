@@ -428,7 +428,7 @@ def test_a_large_run_lists_only_its_unfinished_chunks() -> None:
     from rollouts_cli.report import status_view
 
     chunks = [ChunkStatus(i, 100, 100 if i < 17 else 40, 0, "h:1") for i in range(20)]
-    status = RunStatus("out.jsonl", "/rd", 2000, 1820, 0, chunks, state="running (h:1)")
+    status = RunStatus("out.jsonl", "/rd", 2000, 1820, 0, chunks, phase="running", holder="h:1")
     console = Console(width=120, record=True)
     console.print(status_view(status))
     text = console.export_text()

@@ -44,7 +44,7 @@ from rollouts.run import (
     must_refresh,
 )
 from rollouts.settings import RolloutsSettings
-from rollouts.status import RunStatus
+from rollouts.status import RunPhase, RunStatus
 from rollouts.stopping import STOP_RECORD
 
 pytestmark = pytest.mark.fast
@@ -87,7 +87,7 @@ class Stages(RunStages):
     of the run's stopper), merging ``missing`` rollouts missing of 10."""
 
     def __init__(
-        self, *, state: str = "running", done: int = 4, chunks: list[ChunkOutcome] | None = None,
+        self, *, state: RunPhase = "running", done: int = 4, chunks: list[ChunkOutcome] | None = None,
         stop_with: str | None = None, missing: int = 0, down: list[str] | None = None,
     ) -> None:  # fmt: skip
         self.state, self.done, self.stop_with, self.missing = state, done, stop_with, missing
@@ -101,7 +101,7 @@ class Stages(RunStages):
         return self.logged
 
     def status_reader(self, output: str, work_dir: Path | None) -> Reader:
-        status = RunStatus(output, "", 10, self.done, 0, state=self.state)
+        status = RunStatus(output, "", 10, self.done, 0, phase=self.state, holder="h:1")
         return Reader(Path(output).parent, status)
 
     async def probe_agents(
