@@ -126,7 +126,7 @@ def check_shared_storage(client: Any, run_dir: Path, run_id: str, api_url: str) 
         raise SharedStorageError(
             "; ".join(problems)
             + ". Every Dask worker must see ROLLOUTS_WORK_DIR and PREFECT_RESULTS_LOCAL_STORAGE_PATH"
-            " at the same paths (a shared filesystem); see README, 'Scale past one machine'."
+            " at the same paths (a shared filesystem); see docs/scaling.md, 'Scale past one machine'."
         )
     workers = client.scheduler_info(n_workers=-1)["workers"]
     return sorted(str(w["name"]) for a, w in workers.items() if a in answers)

@@ -38,7 +38,7 @@ MAX_ERROR_CHARS = 500
 MAX_RETRY_AFTER_S = 300.0
 # An exception nothing else classifies, raised anywhere on a request's path (building it, the
 # transport, reading the answer): a bug or a misconfiguration. Final: every attempt would meet it
-# again, so retrying it would only multiply the same failure (README, "Failure classes").
+# again, so retrying it would only multiply the same failure (docs/health.md, "Failure classes").
 UNEXPECTED_ERROR = "unexpected_error"
 
 OutcomeKind = Literal["ok", "failed", "no_persist"]
