@@ -33,8 +33,8 @@ from rollouts.health import (
     OLDEST_SHOWN,
     STALLED_SHOWN,
     WINDOW_S,
-    AttemptRecord,
     HealthFile,
+    InFlightAttempt,
     TargetRecord,
     histogram_record,
     latency_bucket,
@@ -243,8 +243,8 @@ class AttemptObserver:
                 "run_failed": t.n_failed - t.run_base[1],
                 "run_latency_hist": histogram_record(t.run_hist),
             })  # fmt: skip
-        oldest: list[AttemptRecord] = []
-        stalled: list[AttemptRecord] = []
+        oldest: list[InFlightAttempt] = []
+        stalled: list[InFlightAttempt] = []
         n_stalled = 0
         least = min((t for t in thresholds.values() if t is not None), default=math.inf)
         for a in self._in_flight.values():  # oldest first
@@ -257,9 +257,7 @@ class AttemptObserver:
             if threshold is not None and age > threshold:
                 n_stalled += 1
                 if len(stalled) < STALLED_SHOWN:
-                    record = self._describe(a, age)
-                    record["stall_after_s"] = threshold
-                    stalled.append(record)
+                    stalled.append(self._describe(a, age, threshold))
             elif len(oldest) >= OLDEST_SHOWN and age < least:
                 break  # every later attempt is younger still: neither oldest nor stalled
         return {"worker": worker_id(), "updated_at": time.time(), "window_s": WINDOW_S,
@@ -275,10 +273,11 @@ class AttemptObserver:
         return max(STALL_MIN_S, STALL_P95_FACTOR * p95)
 
     @staticmethod
-    def _describe(a: _InFlight, age: float) -> AttemptRecord:
+    def _describe(
+        a: _InFlight, age: float, stall_after_s: float | None = None
+    ) -> InFlightAttempt:
         target, tag, attempt, _ = a
         assert tag is not None
         agent, task_index, rollout_index = tag
-        return {"agent": agent, "url": target.url, "task_index": task_index,
-                "rollout_index": rollout_index, "attempt": attempt, "age_s": round(age, 3),
-                "worker": worker_id()}  # fmt: skip
+        return InFlightAttempt(agent, target.url, task_index, rollout_index, attempt,
+                               round(age, 3), worker_id(), stall_after_s)  # fmt: skip

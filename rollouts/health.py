@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NotRequired, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import pydantic
@@ -108,8 +108,10 @@ class TargetRecord(TypedDict):
     run_latency_hist: dict[str, int]
 
 
-class AttemptRecord(TypedDict):
-    """One attempt in flight (the oldest, or a stalled one)."""
+@dataclass
+class InFlightAttempt:
+    """One attempt in flight (the oldest, or a stalled one): in the health file and in
+    ``RunHealth``."""
 
     agent: str
     url: str
@@ -118,7 +120,7 @@ class AttemptRecord(TypedDict):
     attempt: int
     age_s: float
     worker: str
-    stall_after_s: NotRequired[float | None]  # stalled ones: the threshold they passed
+    stall_after_s: float | None = None  # stalled ones: the threshold they passed
 
 
 class HealthFile(TypedDict):
@@ -128,8 +130,8 @@ class HealthFile(TypedDict):
     updated_at: float  # time.time()
     window_s: float
     targets: list[TargetRecord]
-    oldest: list[AttemptRecord]
-    stalled: list[AttemptRecord]
+    oldest: list[InFlightAttempt]
+    stalled: list[InFlightAttempt]
     stalled_total: int
     run_started_at: float | None
     closed: bool  # the process's last chunk ended: not live, kept for the run's figures
@@ -322,18 +324,6 @@ class TargetHealth:
 
 
 @dataclass
-class InFlightAttempt:
-    agent: str
-    url: str
-    task_index: int
-    rollout_index: int
-    attempt: int
-    age_s: float
-    worker: str
-    stall_after_s: float | None = None
-
-
-@dataclass
 class RunHealth:
     """The live health of a run over the processes collecting into it now."""
 
@@ -515,8 +505,8 @@ def read_run_latency(run_dir: Path, run_started_at: float) -> RunLatency | None:
     return RunLatency(answered, failed, p50, p95, p99)
 
 
-def _attempts(groups: Iterable[list[AttemptRecord]]) -> list[InFlightAttempt]:
-    return [InFlightAttempt(**a) for group in groups for a in group]
+def _attempts(groups: Iterable[list[InFlightAttempt]]) -> list[InFlightAttempt]:
+    return [a for group in groups for a in group]
 
 
 def rate_number(per_s: float | None) -> str:

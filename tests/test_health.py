@@ -102,17 +102,17 @@ def test_stalled_requests_by_default_after_ten_p95_at_least_the_floor() -> None:
     # No answer yet: nothing to compare with, so nothing is called stalled; oldest first.
     doc = recorder.snapshot()
     assert doc["stalled_total"] == 0
-    assert [o["task_index"] for o in doc["oldest"]] == list(range(OLDEST_SHOWN))
+    assert [o.task_index for o in doc["oldest"]] == list(range(OLDEST_SHOWN))
     record(recorder, clock, [2.0] * 20)  # p95 2 s: threshold 20 s
     late = recorder.begin(("a", 99, 1), "http://a:1/run", 3)
     clock.now += 15.0
     doc = recorder.snapshot()
-    stalled = {(s["task_index"], s["rollout_index"]) for s in doc["stalled"]}
+    stalled = {(s.task_index, s.rollout_index) for s in doc["stalled"]}
     assert stalled == {(i, 0) for i in range(8)} and doc["stalled_total"] == 8
-    assert all(s["stall_after_s"] == pytest.approx(20.0, rel=0.02) for s in doc["stalled"])
+    assert all(s.stall_after_s == pytest.approx(20.0, rel=0.02) for s in doc["stalled"])
     clock.now += 6.0
     assert (99, 1) in {
-        (s["task_index"], s["rollout_index"]) for s in recorder.snapshot()["stalled"]
+        (s.task_index, s.rollout_index) for s in recorder.snapshot()["stalled"]
     }
     for t in [*tickets, late]:
         recorder.end(t, None)
