@@ -41,6 +41,9 @@ from rollouts.status import RunStatus, StatusReader
 from rollouts.summary import CollectSummary, MultiSummary, RunFigures
 
 PROGRESS_EVERY_S = 3.0
+# Stalls are looked for more often than the artifact is updated: a stalled attempt is listed
+# only until it times out (request_timeout_s), which can be a few seconds after it is listed.
+STALLS_EVERY_S = 1.0
 CARD_LINE_CHARS = 45  # what a grid card of the UI shows of a description's first line
 MAX_ERROR_CHARS = 300
 MIX_COLUMNS = ("proportion", "target", "available", "selected", "shortfall",
@@ -81,16 +84,18 @@ class LiveProgress:
             self._updates.cancel()
 
     async def _update_forever(self) -> None:
+        shown_at = time.monotonic()
         while True:
-            await asyncio.sleep(PROGRESS_EVERY_S)
+            await asyncio.sleep(STALLS_EVERY_S)
             status = await asyncio.to_thread(self.reader.read)
-            if status.expected:
+            if status.health is not None:
+                self.log_new_stalls(status.health)
+            if status.expected and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
+                shown_at = time.monotonic()
                 await aupdate_progress_artifact(
                     artifact_id=self.artifact_id, progress=percent(status),
                     description=live_description(status),
                 )  # fmt: skip
-            if status.health is not None:
-                self.log_new_stalls(status.health)
 
     def figures(
         self, summary: CollectSummary, started_at: float, latency: RunLatency | None
