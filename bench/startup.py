@@ -110,6 +110,13 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
     wrap_sync(cli, "_check_parameters", "check_parameters")
     if hasattr(cli, "check_agent_first"):  # newer trees probe the agent before Prefect starts
         wrap_sync(cli, "check_agent_first", "check_agent_first")
+    try:  # newer still: a run's request is checked once, in rollouts/request.py
+        import rollouts.request as request_checks
+
+        wrap_sync(request_checks, "check_request", "check_parameters")
+        wrap_async(request_checks, "check_agent_first", "check_agent_first")
+    except ImportError:
+        pass
     try:  # newer trees start the temporary API themselves: stamp the wait for it
         import rollouts_cli.temporary_api as temporary_api
 
@@ -161,6 +168,22 @@ def probe_main(marks_path: str, argv: list[str]) -> int:
         wrap_sync(ns, "freeze", "gc_freeze")
         fc.gc = ns
         wrap_sync(fc, "open_dispatcher", "open_dispatcher")
+        try:  # newer trees: the run's sequence in rollouts/run.py, the dispatcher's setup in
+            # rollouts/dispatchers.py; the same phases, stamped where they now are
+            import flows.artifacts as artifacts
+            import rollouts.collect as rcollect
+            import rollouts.dispatchers as dispatchers
+            import rollouts.gctune as gctune
+            import rollouts.run as run_core
+
+            wrap_sync(run_core, "prepare_run_dir", "prepare_run_dir")
+            wrap_sync(rcollect, "resolve_agent_urls", "split_returned")
+            wrap_async(run_core, "check_agents_reachable", "agents_reachable")
+            wrap_async(artifacts, "acreate_progress_artifact", "progress_artifact")
+            wrap_sync(gctune, "freeze_heap", "gc_freeze")
+            wrap_sync(dispatchers, "_new_dispatcher", "open_dispatcher")
+        except ImportError:
+            pass
         wrap_async(tcollect, "collect_chunk", "chunk_body")
         wrap_sync(cli, "_run_flow_state", "flow_call")
 
