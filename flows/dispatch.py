@@ -54,7 +54,7 @@ async def collect_here(
     async with open_dispatcher(
         settings, config.in_flight_ceiling, config.max_parallel_chunks, config.adaptive
     ) as dispatcher:
-        dispatcher.stop = stop
+        dispatcher.use_stopper(stop)
         return list(await asyncio.gather(
             *(chunk_task(s, plan, dispatcher, stop_plan=stop.plan, retry=retry, return_state=True)
               for s in chunks)

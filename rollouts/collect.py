@@ -80,18 +80,16 @@ class DispatchPlan:
 
     @classmethod
     def for_run(
-        cls, config: CollectConfig, row_agents: list[str], settings: RolloutsSettings,
-        http: httpx.Client | None = None,
-    ) -> DispatchPlan:  # fmt: skip
+        cls, config: CollectConfig, row_agents: list[str], settings: RolloutsSettings
+    ) -> DispatchPlan:
         """The plan of a collection: its agents resolved to URLs (a run-level URL, a run-level
-        name, or else the agents the rows name; ``http``: how a head server is asked, see
-        ``resolve_agent_urls``), repeats and sampling overrides."""
+        name, or else the agents the rows name), repeats and sampling overrides."""
         if config.agent_url:
             names: list[str] = []
         else:
             names = [config.agent_name] if config.agent_name else row_agents
         return cls(
-            agent_urls=resolve_agent_urls(names, settings, http),
+            agent_urls=resolve_agent_urls(names, settings),
             agent_name=config.agent_name,
             agent_url=config.agent_url,
             num_repeats=config.num_repeats,
@@ -168,6 +166,12 @@ class Dispatcher:
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
         )
         self.stop = Stopper(self.observer)
+
+    def use_stopper(self, stop: Stopper) -> None:
+        """Stop this dispatcher's chunks with ``stop`` (the flow's: its signal handlers and
+        deadline), its drain margin from this dispatcher's rollouts."""
+        stop.rollouts = self.observer
+        self.stop = stop
 
     def chunk_slot(self) -> AbstractAsyncContextManager[object]:
         """Held by a chunk while it dispatches; free at once without a chunk limit."""
@@ -285,7 +289,6 @@ def _arm_stop(dispatcher: Dispatcher, stop_plan: StopPlan | None) -> Stopper:
     """The dispatcher's stopper (the flow's, where it set its own) armed with the run's plan;
     its drain margin is the p90 time of this process's rollouts."""
     stop = dispatcher.stop
-    stop.rollouts = dispatcher.observer
     if stop_plan is not None:
         stop.arm(stop_plan)
     return stop
