@@ -33,6 +33,7 @@ from rollouts.health import (
     clock_text,
     describe_attempt,
     rate_number,
+    read_health,
     seconds_text,
 )
 from rollouts.models import DatasetConfig, MultiDatasetConfig
@@ -87,11 +88,15 @@ class LiveProgress:
         shown_at = time.monotonic()
         while True:
             await asyncio.sleep(STALLS_EVERY_S)
+            # The health files alone each second; the whole status only for the artifact.
+            health = await asyncio.to_thread(read_health, self.reader.run_dir)
+            if health is not None:
+                self.log_new_stalls(health)
+            if time.monotonic() - shown_at < PROGRESS_EVERY_S:
+                continue
+            shown_at = time.monotonic()
             status = await asyncio.to_thread(self.reader.read)
-            if status.health is not None:
-                self.log_new_stalls(status.health)
-            if status.expected and time.monotonic() - shown_at >= PROGRESS_EVERY_S:
-                shown_at = time.monotonic()
+            if status.expected:
                 await aupdate_progress_artifact(
                     artifact_id=self.artifact_id, progress=percent(status),
                     description=live_description(status),
