@@ -336,7 +336,27 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
-class ChunkSpec(BaseModel):
+class RecordedChunk(BaseModel):
+    """A chunk as ``run.json`` lists it: its ``ChunkSpec`` without the paths and the run id,
+    which follow from where the run state is."""
+
+    index: int
+    n_tasks: int
+    content_sha256: str
+    task_min: int
+    task_max: int
+    contiguous: bool  # every index in task_min..task_max, each once
+    rows_per_agent: dict[str, int] = Field(default_factory=dict)  # by the row's agent_ref name
+
+    @classmethod
+    def of(cls, spec: ChunkSpec) -> RecordedChunk:
+        return cls(**spec.model_dump(include=set(cls.model_fields)))
+
+    def spec(self, tasks_path: str, run_id: str) -> ChunkSpec:
+        return ChunkSpec(**self.model_dump(), tasks_path=tasks_path, run_id=run_id)
+
+
+class ChunkSpec(RecordedChunk):
     """One chunk of tasks, as split wrote it. The cache key is built from `cache_identity`.
 
     Split also records what later stages would otherwise re-read the tasks file for: the
@@ -345,15 +365,8 @@ class ChunkSpec(BaseModel):
     All of it follows from the content, so the cache identity stays content + run + size.
     """
 
-    index: int
     tasks_path: str
-    n_tasks: int
-    content_sha256: str
     run_id: str
-    task_min: int
-    task_max: int
-    contiguous: bool  # every index in task_min..task_max, each once
-    rows_per_agent: dict[str, int] = Field(default_factory=dict)  # by the row's agent_ref name
 
     def cache_identity(self) -> dict[str, Any]:
         # Content, not paths: the same tasks under the same run state are the same work.
@@ -375,26 +388,6 @@ class ChunkSpec(BaseModel):
         if rest:
             by_agent[agent_of(None)] += rest * num_repeats
         return by_agent
-
-
-class RecordedChunk(BaseModel):
-    """A chunk as ``run.json`` lists it: its ``ChunkSpec`` without the paths and the run id,
-    which follow from where the run state is."""
-
-    index: int
-    n_tasks: int
-    content_sha256: str
-    task_min: int
-    task_max: int
-    contiguous: bool
-    rows_per_agent: dict[str, int] = Field(default_factory=dict)
-
-    @classmethod
-    def of(cls, spec: ChunkSpec) -> RecordedChunk:
-        return cls(**spec.model_dump(exclude={"tasks_path", "run_id"}))
-
-    def spec(self, tasks_path: str, run_id: str) -> ChunkSpec:
-        return ChunkSpec(**self.model_dump(), tasks_path=tasks_path, run_id=run_id)
 
 
 class SplitResult(BaseModel):
