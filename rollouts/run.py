@@ -288,7 +288,7 @@ class _Run:
         """This run's figures into the summary; its final progress and results shown (the
         failures triaged as `rollouts failures` does), and its summary line in the logs."""
         status = await asyncio.to_thread(self.reader.read)
-        latency = await asyncio.to_thread(read_run_latency, self.reader.run_dir, self.started_at)
+        latency = await asyncio.to_thread(read_run_latency, self.run_dir, self.started_at)
         summary.figures = progress.figures(summary, self.started_at, latency)
         await progress.show_final(summary, status.replicas)
         failures = await asyncio.to_thread(summarize_failures, summary.output)
