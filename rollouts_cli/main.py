@@ -188,7 +188,7 @@ def run_collect_flow(command: str, request: RunRequest) -> int:
     except RolloutsError as e:
         return _refused(command, e)
     for line in request.agents_down or ():
-        print(f"rollouts collect: {line}; collecting from the other replicas", file=sys.stderr)
+        print(f"rollouts {command}: {line}; collecting from the other replicas", file=sys.stderr)
     from flows.collect import CollectSummary, collect_rollouts
     from rollouts.summary import STOPPED_AT_DEADLINE
     from rollouts_cli.progress import cli_progress_bar
@@ -379,8 +379,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
     try:
         report = summarize_failures(args.output, examples=args.examples)
     except RolloutsError as e:
-        print(f"rollouts failures: {e}", file=sys.stderr)
-        return e.exit_code
+        return _refused("failures", e)
     if args.json:
         sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
