@@ -96,7 +96,7 @@ async def collect_rollouts(
             return finished_state(await run_collection(request))
         except RunStopped as e:  # a signal or a cancellation: its own state, not a failure
             get_run_logger().warning("%s", e)
-            return stopped_state(e)
+            return await stopped_state(e)
         except RolloutsError as e:
             # A user-facing failure: its message says what to do; a traceback would only bury it.
             get_run_logger().error("%s", e)

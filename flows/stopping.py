@@ -30,6 +30,7 @@ from rollouts.stopping import Stopper, StopReason
 
 CANCEL_POLL_S = 1.0  # how often a run checks whether it was cancelled
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CANCEL_STATES = (StateType.CANCELLING, StateType.CANCELLED)
 
 
 @contextlib.asynccontextmanager
@@ -84,19 +85,32 @@ async def _watch_cancellation(stop: Stopper) -> None:
             await asyncio.sleep(CANCEL_POLL_S)
             with contextlib.suppress(Exception):  # an API hiccup: ask again next time
                 run = await client.read_flow_run(run_id)
-                if run.state is not None and run.state.type in (
-                    StateType.CANCELLING, StateType.CANCELLED
-                ):  # fmt: skip
+                if run.state is not None and run.state.type in CANCEL_STATES:
                     stop.request("cancelled")
 
 
-def stopped_state(error: RunStopped) -> State[Any]:
+async def stopped_state(error: RunStopped) -> State[Any]:
     """The flow run's final state after a stop by a signal or a cancellation: Cancelled, with
     the message to rerun. A SIGTERM to a deployed run that nobody cancelled (the
     infrastructure's, e.g. an eviction) ends Crashed instead, so the resume automation
-    reschedules it (rollouts_cli/prefect_setup.py)."""
+    reschedules it (rollouts_cli/prefect_setup.py). A worker delivers a cancellation as a
+    SIGTERM too, often before this run's own poll has seen it: the server's state decides."""
     ctx = FlowRunContext.get()
     deployed = ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id
-    if error.reason == "SIGTERM" and deployed:
+    if error.reason == "SIGTERM" and deployed and not await _is_cancelled(ctx):
         return Crashed(message=str(error), data=error)
     return Cancelled(message=str(error), data=error)
+
+
+async def _is_cancelled(ctx: FlowRunContext | None) -> bool:
+    """Whether this flow run is Cancelling or Cancelled on the server. Unknown (the API did not
+    answer) counts as not: a crash is resumed, and a resumed run that was cancelled finds its
+    output complete or its work still to do, never lost."""
+    if ctx is None or ctx.flow_run is None:
+        return False
+    try:
+        async with get_client() as client:
+            run = await client.read_flow_run(ctx.flow_run.id)
+    except Exception:
+        return False
+    return run.state is not None and run.state.type in CANCEL_STATES

@@ -64,6 +64,17 @@ class PrefectStack:
         async with PrefectClient(self.env["PREFECT_API_URL"]) as client:
             return await client.read_flow_run(flow_run_id)
 
+    def state_history(self, flow_run_id: str) -> list[str]:
+        """The run's states in order, as "Type/Name: message", for assertion messages."""
+        from prefect.client.orchestration import PrefectClient
+
+        async def read() -> list[Any]:
+            async with PrefectClient(self.env["PREFECT_API_URL"]) as client:
+                return await client.read_flow_run_states(flow_run_id)
+
+        states = sorted(asyncio.run(read()), key=lambda s: s.timestamp)
+        return [f"{s.type.value}/{s.name}: {(s.message or '')[:80]}" for s in states]
+
     def wait_final(self, flow_run_id: str, timeout: float = 180) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -234,7 +245,8 @@ def test_cancelling_a_deployed_run_stops_it_and_the_next_run_completes_it(
     fr = stack.wait_final(flow_run_id, timeout=120)
     assert fr.state.type.value == "CANCELLED", fr.state
     time.sleep(3)  # long enough for the automation to have acted, were it to
-    assert asyncio.run(stack.flow_run(flow_run_id)).run_count == 1
+    run_count = asyncio.run(stack.flow_run(flow_run_id)).run_count
+    assert run_count == 1, stack.state_history(flow_run_id)
 
     again = stack.wait_final(stack.run_deployment("collect-rollouts/local", *params))
     assert again.state.is_completed(), again.state
