@@ -32,6 +32,7 @@ from rollouts.settings import RolloutsSettings
 from rollouts.urls import AgentCredentials, redact
 
 if TYPE_CHECKING:
+    from rollouts.agent_limits import AgentLimits
     from rollouts.replicas import ReplicaGroup, ReplicaRouter
 
 MAX_ERROR_CHARS = 500
@@ -174,7 +175,9 @@ class AgentClient:
     The router and the adaptive controller read it. ``credentials``: the passwords of agent URLs that
     carry one; the URLs ``run`` gets are redacted (``http://user:***@host``), and each request
     goes to the URL without them, with basic auth, unless ``api_key`` is set (then its bearer
-    header alone).
+    header alone). ``agent_limits``: the limits on requests in flight to agents shared with
+    other processes and runs (rollouts/agent_limits.py): an attempt to such an agent also
+    takes one of the slots this process holds of its limit (by the agent of its ``tag``).
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class AgentClient:
         replicas: ReplicaRouter | None = None,
         observer: AttemptObserver | None = None,
         credentials: AgentCredentials | None = None,
+        agent_limits: AgentLimits | None = None,
     ) -> None:
         self.policy = policy
         self._credentials = credentials or AgentCredentials(())
@@ -199,6 +203,9 @@ class AgentClient:
             replicas.observer = observer  # one observer of every attempt, routed or not
         self.observer = observer
         self._places = InFlightLimit(max_in_flight)
+        self.agent_limits = agent_limits
+        if agent_limits is not None:
+            agent_limits.follow_budget(self._places)
         # adaptive: max_in_flight is the ceiling; the controller moves the limit under it
         self.concurrency = (
             AdaptiveConcurrency(self._places, ceiling=max_in_flight) if adaptive else None
@@ -343,18 +350,30 @@ class AgentClient:
         ``slot``: a place from ``reserve`` for the first attempt, freed by this call once the
         attempt is over, whatever happens; None: wait for one here. Every later attempt, after
         its backoff, waits for a place of its own. ``tag``: which rollout this is, for the
-        live health (rollouts/attempts.py, rollouts/health.py).
+        live health (rollouts/attempts.py, rollouts/health.py); its agent's shared limit, if
+        it has one, gives each attempt a slot too.
         """
         started = time.monotonic()
         last: _Attempt | None = None
         group = self.replicas.group_for(url) if self.replicas is not None else None
         concurrency = self.concurrency
+        shared = (
+            self.agent_limits.slots(tag[0])
+            if self.agent_limits is not None and tag is not None else None
+        )  # fmt: skip
         for attempt in range(1, self.policy.max_attempts + 1):
             place = slot if slot is not None else await self.reserve()
             slot = None
-            sent = concurrency.sent() if concurrency is not None else 0
             try:
-                result, latency = await self._attempt(url, group, body, tag, attempt)
+                if shared is not None:
+                    # Waited for holding this process's place: the wait counts as its demand.
+                    await shared.acquire()
+                try:
+                    sent = concurrency.sent() if concurrency is not None else 0
+                    result, latency = await self._attempt(url, group, body, tag, attempt)
+                finally:
+                    if shared is not None:
+                        shared.release()
             finally:
                 place.release()
             if concurrency is not None:

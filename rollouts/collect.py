@@ -22,6 +22,7 @@ import httpx
 import orjson
 
 from rollouts.agent_client import AgentClient, Outcome, RetryPolicy, Slot, resolve_agent_urls
+from rollouts.agent_limits import AgentLimits
 from rollouts.attempts import AttemptObserver
 from rollouts.chunks import ChunkFiles, task_indices
 from rollouts.fileio import (
@@ -103,6 +104,12 @@ class DispatchPlan:
             return {self.agent_name or self.agent_url: self.agent_url}
         return dict(self.agent_urls)
 
+    def request_agents(self, row_agents: list[str]) -> set[str]:
+        """The agents the requests of a run name (their ``agent_ref``), its rows naming
+        ``row_agents``: the run-level name, else the rows' (a row without one: the run-level
+        URL itself)."""
+        return set(self.agents_in_use()) | {self.agent_of_ref(name) for name in row_agents}
+
     def url_for(self, agent_ref: dict[str, str]) -> str:
         base = self.agent_url or self.agent_urls[agent_ref["name"]]
         return base.rstrip("/") + "/run"
@@ -145,6 +152,8 @@ class Dispatcher:
     (rollouts/stopping.py) says when its chunks stop dispatching and cancel what is in flight;
     the flow may set its own. ``transport``: what carries its client's requests (None:
     aiohttp, ``agent_client.default_transport``; tests pass an ``httpx.MockTransport``).
+    ``agent_limits``: the agents' limits shared with other processes and runs
+    (rollouts/agent_limits.py), whose slots it gives back when closed.
 
     Building one changes nothing outside it: the process-wide setup a collecting process
     needs (its open-file limit raised to fit ``max_in_flight`` sockets, the collector's GC
@@ -156,11 +165,13 @@ class Dispatcher:
                  replicas: ReplicaRouter | None = None,
                  stall_warn_s: float | None = None,
                  credentials: AgentCredentials | None = None, *,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:  # fmt: skip
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 agent_limits: AgentLimits | None = None) -> None:  # fmt: skip
         self.observer = AttemptObserver(stall_warn_s)
         self.client = AgentClient(policy, max_in_flight, api_key, adaptive=adaptive,
                                   transport=transport, replicas=replicas,
-                                  observer=self.observer, credentials=credentials)  # fmt: skip
+                                  observer=self.observer, credentials=credentials,
+                                  agent_limits=agent_limits)  # fmt: skip
         self.publication = Publication(self.observer)
         self._chunk_slots = (
             asyncio.Semaphore(max_parallel_chunks) if max_parallel_chunks is not None else None
@@ -183,6 +194,8 @@ class Dispatcher:
         await self.client.aclose()
         if self.client.replicas is not None:
             await self.client.replicas.aclose()
+        if self.client.agent_limits is not None:
+            await self.client.agent_limits.aclose()
 
 
 class _ResultWriter:

@@ -50,6 +50,11 @@ class InFlightLimit:
     def in_use(self) -> int:
         return self._in_use
 
+    @property
+    def waiting(self) -> int:
+        """Acquirers waiting for a place now."""
+        return len(self._waiters)
+
     def set_limit(self, limit: int) -> None:
         self._limit = limit
         self._wake()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from rollouts import gctune
 from rollouts.agent_client import RetryPolicy
+from rollouts.agent_limits import AgentLimits, LimitStore
 from rollouts.collect import Dispatcher
 from rollouts.fdlimit import ensure_fd_budget
 from rollouts.replicas import ReplicaRouter
@@ -32,29 +33,41 @@ def _prepare_process(max_in_flight: int) -> None:
     gctune.hold()
 
 
+# Makes the store of the agents' shared limits (rollouts/agent_limits.py), on the event loop
+# of the dispatcher that uses it: Prefect's, given by the layers above (tasks/agent_limits.py).
+LimitStoreFactory = Callable[[], LimitStore]
+
+
 def _new_dispatcher(
     settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
-    adaptive: bool,
+    adaptive: bool, limit_store: LimitStoreFactory | None = None,
 ) -> Dispatcher:  # fmt: skip
     api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
+    agent_limits = (
+        AgentLimits(settings.agent_limits, limit_store)
+        if settings.agent_limits and limit_store is not None else None
+    )  # fmt: skip
     return Dispatcher(
         RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
         adaptive, ReplicaRouter.from_settings(settings), settings.stall_warn_s,
-        settings.agent_credentials(),
+        settings.agent_credentials(), agent_limits=agent_limits,
     )  # fmt: skip
 
 
 @contextlib.asynccontextmanager
 async def open_dispatcher(
     settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
-    adaptive: bool = False,
+    adaptive: bool = False, limit_store: LimitStoreFactory | None = None,
 ) -> AsyncIterator[Dispatcher]:  # fmt: skip
     """A run's dispatcher in this process, closed on leaving, when the process's GC thresholds
     come back too. ``adaptive``: ``max_in_flight`` is a ceiling, the limit is found at run
-    time."""
+    time. ``limit_store``: where the agents' shared limits (ROLLOUTS_AGENT_LIMITS) are held;
+    None: they are not applied."""
     _prepare_process(max_in_flight)
     try:
-        dispatcher = _new_dispatcher(settings, max_in_flight, max_parallel_chunks, adaptive)
+        dispatcher = _new_dispatcher(
+            settings, max_in_flight, max_parallel_chunks, adaptive, limit_store
+        )
         try:
             yield dispatcher
         finally:
@@ -92,9 +105,12 @@ class WorkerPlan:
 
 
 def worker_dispatcher(
-    settings: RolloutsSettings, max_in_flight: int, worker: WorkerPlan
-) -> tuple[asyncio.AbstractEventLoop, Dispatcher]:
-    """This process's dispatcher for the worker's run and the loop it lives on (created once)."""
+    settings: RolloutsSettings, max_in_flight: int, worker: WorkerPlan,
+    limit_store: LimitStoreFactory | None = None,
+) -> tuple[asyncio.AbstractEventLoop, Dispatcher]:  # fmt: skip
+    """This process's dispatcher for the worker's run and the loop it lives on (created once).
+    ``limit_store``: as for ``open_dispatcher``. Its slots of the agents' shared limits go
+    back when its chunks leave them unused: the dispatcher is never closed."""
     run_id = worker.run_id
     with _worker_lock:
         loop = _background_loop()
@@ -105,7 +121,7 @@ def worker_dispatcher(
 
             async def make() -> Dispatcher:
                 return _new_dispatcher(
-                    settings, max_in_flight, worker.chunks_at_once, worker.adaptive
+                    settings, max_in_flight, worker.chunks_at_once, worker.adaptive, limit_store
                 )
 
             _worker_dispatchers[run_id] = asyncio.run_coroutine_threadsafe(make(), loop).result()

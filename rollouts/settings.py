@@ -7,11 +7,12 @@ parameter schema, a flow-run's parameters or a cached result.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rollouts.errors import ConfigError
 from rollouts.urls import AgentCredentials, redact
@@ -34,6 +35,12 @@ class RolloutsSettings(BaseSettings):
         "carry credentials (http://user:password@host:port, a basic-auth proxy): sent as "
         "basic auth unless agent_api_key is set, shown everywhere as http://user:***@host:port.",
         repr=False,  # the URLs as given: their passwords
+    )
+    agent_limits: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="Agent name -> most requests in flight to it across every run and process "
+        'that uses it, as JSON: {"my_agent": 256}. Held in Prefect\'s global concurrency limit '
+        "`rollouts-agent:<name>` on the Prefect server the runs share (docs/scaling.md).",
     )
     replica_eject_after: int = Field(
         default=3, ge=1,
@@ -130,6 +137,12 @@ class RolloutsSettings(BaseSettings):
             _check_agent_urls(name, urls)
         return value
 
+    @field_validator("agent_limits", mode="before")
+    @classmethod
+    def _check_agent_limits(cls, value: Any) -> Any:
+        # Decoded here (NoDecode), not by pydantic-settings: its JSON error is a traceback.
+        return check_agent_limits(value)
+
     def replicas_of(self, name: str) -> list[str]:
         """The base URLs of agent ``name`` (one, or its replicas in order), without a final /,
         redacted: the only form of an agent's URL the rest of the code ever holds."""
@@ -138,6 +151,36 @@ class RolloutsSettings(BaseSettings):
     def agent_credentials(self) -> AgentCredentials:
         """The passwords of the agent URLs that carry one, for the HTTP client alone."""
         return AgentCredentials(u for urls in self.agents.values() for u in _as_list(urls))
+
+
+# A Prefect concurrency limit's name may hold none of these (prefect.types.names).
+_BANNED_IN_LIMIT_NAMES = frozenset("/%&><")
+_LIMITS_EXAMPLE = 'ROLLOUTS_AGENT_LIMITS must be a JSON object of agent name -> a whole number >= 1, e.g. {"my_agent": 256}'
+
+
+def check_agent_limits(value: Any) -> dict[str, int]:
+    """ROLLOUTS_AGENT_LIMITS as given (JSON text, or a dict), checked: ConfigError naming
+    what is wrong."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as e:
+            raise ConfigError(f"{_LIMITS_EXAMPLE}; it is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_LIMITS_EXAMPLE}; got {value!r}")
+    for name, limit in value.items():
+        if not name or _BANNED_IN_LIMIT_NAMES & set(name):
+            raise ConfigError(
+                f"ROLLOUTS_AGENT_LIMITS: {name!r} cannot name an agent's limit (an agent name, "
+                "not empty, without / % & > <)"
+            )
+        # bool is an int to Python; 1.5 or "8" would be a silent guess
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(
+                f"ROLLOUTS_AGENT_LIMITS: agent {name!r}: the limit must be a whole number >= 1, "
+                f"got {limit!r}"
+            )
+    return value
 
 
 def _as_list(urls: str | list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from rollouts.models import ChunkResult, ChunkSpec
 from rollouts.retry import reopen_count
 from rollouts.settings import RolloutsSettings
 from rollouts.stopping import StopPlan
+from tasks.agent_limits import PrefectLimitStore
 from tasks.cache_policies import content_policy
 
 
@@ -71,7 +72,9 @@ async def collect_chunk_task(
         result = await collect_chunk(spec, plan, dispatch, stop_plan, retry)
     else:
         budget = this_worker_budget(dispatch.budgets)
-        loop, dispatcher = worker_dispatcher(RolloutsSettings(), budget, dispatch)
+        loop, dispatcher = worker_dispatcher(
+            RolloutsSettings(), budget, dispatch, PrefectLimitStore
+        )
         running = asyncio.run_coroutine_threadsafe(
             collect_chunk(spec, plan, dispatcher, stop_plan, retry), loop
         )
