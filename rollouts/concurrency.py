@@ -70,7 +70,7 @@ class InFlightLimit:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted, then cancelled before use: give the place back
-            else:
+            elif waiter in self._waiters:  # a release may have passed it over already
                 self._waiters.remove(waiter)
             raise
 
