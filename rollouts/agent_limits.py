@@ -5,24 +5,30 @@ The limit is held in a store every process reaches (Prefect's global concurrency
 tasks/agent_limits.py, behind the ``LimitStore`` protocol). A call to it per request would cost
 more than many a request, so each process holds slots of the limit in leases of several slots,
 and every attempt to the agent takes one of the slots its process holds (``AgentSlots``: a
-local ``InFlightLimit`` as large as the slots held). Then, per process and agent, a keeper task:
+local ``InFlightLimit`` as large as the slots held). Per process and agent, a keeper task looks
+at its demand (the requests that would be in flight now: those in flight and those waiting for
+a slot, never more than the process's own budget) every ``tick_s`` and at once when a request
+waits:
 
-- takes more while requests wait for a slot and the process is under its own budget: a lease of
-  at most an eighth of the limit at a time, no more than are free;
-- gives back what it has not used for ``RELEASE_AFTER_S`` (demand below what it holds), a whole
-  lease at a time: the lease's slots leave the local limit first, and the lease is released
-  once the requests in them have ended, so the sum over every holder never exceeds the limit;
-- shares a full limit: each process publishes its demand (the requests it would have in flight
-  now, up to its budget) in a second counter, ``rollouts-agent-demand:<name>``. When the limit
-  is full, a process holds at most its share, the limit split in proportion to the demands
-  (rounded up): one above it gives slots back as their requests end, one below takes them as
-  they come free. A run started beside one that holds the whole limit gets its share within
-  seconds, and the whole limit once the other's demand falls;
-- renews its leases. A lease lasts ``LEASE_S`` (60 s, the shortest Prefect grants) and is
-  renewed every ``RENEW_EVERY_S``; the slots of a process that died without releasing come
-  back when its leases expire (the Prefect server's repossessor frees them: within 60 s plus its
-  loop, 15 s by default). A lease this process failed to renew is dropped here before it can
-  expire there: its slots are no longer used.
+- it takes more while requests wait: a lease of at most an eighth of the limit at a time, no
+  more than are free;
+- it gives back what it has not used for ``release_after_s``, a whole lease at a time: the
+  lease's slots leave the local limit first, and the lease is released once the requests in
+  them have ended, so the sum over every holder never exceeds the limit;
+- it shares the limit when demands exceed it. Each process publishes its demand in a second
+  counter, ``rollouts-agent-demand:<name>``; its share is the limit split in proportion to the
+  demands, rounded down but at least one, so the shares add up to no more than the limit and
+  every process with a demand has a share. A process held below its share (it wants more,
+  none are free) counts itself in a third counter, ``rollouts-agent-waiting:<name>``. While
+  any process waits, no process takes more than its share, and one above it gives slots back
+  as their requests end; while none waits, free slots go to whoever wants them. So a run
+  started beside one that holds the whole limit gets its share within seconds, and no slot
+  stays free while a process wants it;
+- it renews its leases. A lease lasts 60 s (``lease_s``, the shortest Prefect grants) and is
+  renewed every 20 s; the slots of a process that died without releasing them come back when
+  its leases expire (the Prefect server's repossessor frees them: within 60 s plus its loop,
+  15 s by default). A lease this process failed to renew is dropped here before it can expire
+  there: its slots are no longer used.
 
 Everything else holds nothing: an agent without a limit costs a dictionary lookup per attempt.
 """
@@ -43,8 +49,9 @@ from rollouts.concurrency import InFlightLimit
 
 LIMIT_PREFIX = "rollouts-agent:"
 DEMAND_PREFIX = "rollouts-agent-demand:"
-# The demand counter counts, it does not limit: its ceiling is far above any demand.
-DEMAND_COUNTER_LIMIT = 1_000_000_000
+WAITING_PREFIX = "rollouts-agent-waiting:"
+# The demand and waiting counters count, they do not limit: their ceiling is far above any sum.
+COUNTER_LIMIT = 1_000_000_000
 LEASES_PER_LIMIT = 8  # a lease holds at most limit / 8 slots: the grain of giving back
 
 
@@ -72,7 +79,13 @@ def limit_name(agent: str) -> str:
 
 
 def demand_name(agent: str) -> str:
+    """The counter of the requests every process would have in flight to ``agent`` now."""
     return DEMAND_PREFIX + agent
+
+
+def waiting_name(agent: str) -> str:
+    """The counter of the processes held below their share of ``agent``'s limit."""
+    return WAITING_PREFIX + agent
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,35 @@ class _Lease:
     renewed_at: float  # monotonic, when it was asked for or last renewed
 
 
+@dataclass
+class _Published:
+    """What this process adds to a shared counter (its demand, or 1 while it waits): a lease
+    of that many slots of it."""
+
+    name: str
+    value: int = 0
+    lease: _Lease | None = None
+
+    async def set(
+        self, store: LimitStore, value: int, now: float, lease_s: float, step: float = 1
+    ) -> None:
+        """Publish ``value`` if it moved by ``step`` or more since the last one (or to or from
+        zero): the old lease is released, a new one taken."""
+        old = self.value
+        if value == old or (value and old and abs(value - old) < step):
+            return
+        previous, self.lease, self.value = self.lease, None, 0
+        if previous is not None:
+            await store.release(previous.id)
+        if value:
+            lease_id = await store.acquire(self.name, value, lease_s)
+            if lease_id is not None:
+                self.lease, self.value = _Lease(lease_id, value, now), value
+
+    def forget(self) -> None:
+        self.lease, self.value = None, 0
+
+
 class AgentSlots:
     """This process's slots of one agent's shared limit (see the module's doc).
 
@@ -125,19 +167,19 @@ class AgentSlots:
         budget: Callable[[], int], *, clock: Callable[[], float] = time.monotonic,
         timing: SlotTiming = SlotTiming(),
     ) -> None:  # fmt: skip
-        self.agent, self.configured_limit = agent, limit
-        self.name, self.demand_name = limit_name(agent), demand_name(agent)
+        self.agent, self.configured_limit, self.name = agent, limit, limit_name(agent)
         self._store_of: Callable[[], LimitStore] = store
         self._store: LimitStore | None = None
         self._budget, self._clock, self.timing = budget, clock, timing
         self.places = InFlightLimit(0)  # its limit: the slots of the active leases
         self._leases: list[_Lease] = []  # active: their slots are in the local limit
         self._leaving: list[_Lease] = []  # out of the local limit, released once unused
-        self._demand_lease: _Lease | None = None
-        self.published = 0  # the demand this process has published
+        self.demand = _Published(demand_name(agent))
+        self.waits = _Published(waiting_name(agent))
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self.limit = limit  # the shared limit as last read
-        self.share: int | None = None  # at most this many while demands exceed the limit
+        self.share: int | None = None  # None: every demand fits in the limit
+        self.others_wait = False  # a process held below its share, as last read
         self._checked_at = -math.inf
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -188,30 +230,33 @@ class AgentSlots:
                     await asyncio.wait_for(self._wake.wait(), tick)
 
     async def adjust(self) -> bool:
-        """One look at demand: renew, give back, take. True when requests wait for slots
-        this process could not have yet."""
+        """One look at demand: renew, publish, give back, take. True while requests wait
+        for slots this process could not have yet."""
         store = await self._ensure_store()
+        timing, places = self.timing, self.places
         now = self._clock()
         self._drop_expired(now)
         await self._renew_due(store, now)
-        places = self.places
         budget = max(1, self._budget())
         demand = min(budget, places.in_use + places.waiting)
         recent = self._recent_demand(now, demand)
-        await self._publish(store, recent, now)
+        await self.demand.set(store, recent, now, timing.lease_s, step=self.lease_size() / 2)
         wants_more = demand > places.limit
-        free = budget  # a limit deleted (or inactive) limits nothing
-        if wants_more or (self.held and now - self._checked_at >= self.timing.check_every_s):
+        free = budget  # a limit deleted (or made inactive) limits nothing
+        if wants_more or (self.held and now - self._checked_at >= timing.check_every_s):
             self._checked_at = now
             reading = await store.read(self.name)
             if reading is not None:
                 self.limit, free = reading.limit, reading.limit - reading.active
-            self.share = await self._share_of(store) if reading is not None else None
-        cap = budget if self.share is None else min(budget, self.share)
+            await self._read_contention(store)
+        # While a process waits below its share, hold no more than this one's.
+        cap = budget if self.share is None or not self.others_wait else min(budget, self.share)
         await self._give_back(store, min(recent, cap))
-        if not wants_more:
-            return False
-        return not await self._take(store, min(cap - self.held, free))
+        if wants_more:
+            await self._take(store, min(cap - self.held, free))
+        entitled = demand if self.share is None else min(demand, self.share)
+        await self.waits.set(store, int(places.limit < entitled), now, timing.lease_s)
+        return demand > places.limit
 
     async def _ensure_store(self) -> LimitStore:
         if self._store is None:
@@ -219,7 +264,8 @@ class AgentSlots:
             # A process may be the first to use the agent (a Dask worker, before the flow
             # set the limit): create it then, never change it (the run's start sets it).
             await store.ensure(self.name, self.configured_limit, overwrite=False)
-            await store.ensure(self.demand_name, DEMAND_COUNTER_LIMIT, overwrite=False)
+            for counter in (self.demand, self.waits):
+                await store.ensure(counter.name, COUNTER_LIMIT, overwrite=False)
             self._store = store
         return self._store
 
@@ -234,50 +280,36 @@ class AgentSlots:
     def lease_size(self) -> int:
         return max(1, math.ceil(self.limit / LEASES_PER_LIMIT))
 
-    async def _share_of(self, store: LimitStore) -> int | None:
-        """This process's share while the demands of every process exceed the limit (None:
-        they do not): the limit split in proportion to the published demands, rounded down,
-        so that every other process with a demand has room for one slot at least."""
-        if not self.published:
-            return None
-        demands = await store.read(self.demand_name)
+    async def _read_contention(self, store: LimitStore) -> None:
+        """This process's share (None while every demand fits in the limit): the limit split
+        in proportion to the published demands, rounded down, at least one; so that every
+        other process with a demand has room for one slot at least. And whether a process
+        waits below its share."""
+        demands = await store.read(self.demand.name)
         total = demands.active if demands is not None else 0
-        if total <= self.limit:
-            return None  # every demand fits: slots unused come back by themselves
-        return max(1, self.limit * self.published // total)
-
-    async def _publish(self, store: LimitStore, demand: int, now: float) -> None:
-        """Publish ``demand`` when it moved by half a lease or more (or to or from zero)."""
-        old = self.published
-        if demand == old or (demand and old and abs(demand - old) < self.lease_size() / 2):
+        if total <= self.limit or not self.demand.value:
+            self.share, self.others_wait = None, False
             return
-        previous, self._demand_lease, self.published = self._demand_lease, None, 0
-        if previous is not None:
-            await store.release(previous.id)
-        if demand:
-            lease_id = await store.acquire(self.demand_name, demand, self.timing.lease_s)
-            if lease_id is not None:
-                self._demand_lease, self.published = _Lease(lease_id, demand, now), demand
+        self.share = max(1, self.limit * self.demand.value // total)
+        waiting = await store.read(self.waits.name)
+        self.others_wait = waiting is not None and waiting.active > self.waits.value
 
-    async def _take(self, store: LimitStore, slots: int) -> bool:
-        """Take up to ``slots`` more, a lease at a time; True if any was granted."""
-        granted = False
+    async def _take(self, store: LimitStore, slots: int) -> None:
+        """Take up to ``slots`` more, a lease at a time."""
         while slots > 0:
             size = min(slots, self.lease_size())
             asked_at = self._clock()
             lease_id = await store.acquire(self.name, size, self.timing.lease_s)
             if lease_id is None:  # fewer free than counted: another process was quicker
-                break
+                return
             self._leases.append(_Lease(lease_id, size, asked_at))
             self.places.set_limit(self.places.limit + size)
             slots -= size
-            granted = True
-        return granted
 
     async def _give_back(self, store: LimitStore, keep: int) -> None:
-        """Take leases out of the local limit while more than ``keep`` slots are held (the
-        largest that fit first); release each once the requests in its slots have ended."""
-        surplus = self.held - keep
+        """Take leases out of the local limit while it is above ``keep`` (the largest that
+        fit first); release each once the requests in its slots have ended."""
+        surplus = self.places.limit - keep  # the leases already leaving are not counted again
         for lease in sorted(self._leases, key=lambda lease: -lease.slots):
             if lease.slots <= surplus:
                 self._leases.remove(lease)
@@ -304,9 +336,10 @@ class AgentSlots:
                 self._forget(lease)
 
     def _forget(self, lease: _Lease) -> None:
-        if lease is self._demand_lease:
-            self._demand_lease, self.published = None, 0
-            return
+        for counter in (self.demand, self.waits):
+            if lease is counter.lease:
+                counter.forget()
+                return
         log.warning("agent %r: a lease of %d slots of %s was not renewed in time: its slots "
                     "are no longer used here", self.agent, lease.slots, self.name)  # fmt: skip
         if lease in self._leases:
@@ -316,18 +349,20 @@ class AgentSlots:
             self._leaving.remove(lease)
 
     def _all_leases(self) -> list[_Lease]:
-        demand = [self._demand_lease] if self._demand_lease is not None else []
-        return [*self._leases, *self._leaving, *demand]
+        counters = [c.lease for c in (self.demand, self.waits) if c.lease is not None]
+        return [*self._leases, *self._leaving, *counters]
 
     async def aclose(self) -> None:
-        """Stop the keeper and give back every lease (the demand's too)."""
+        """Stop the keeper and give back every lease (the counters' too)."""
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
             self._keeper = None
         leases = self._all_leases()
-        self._leases, self._leaving, self._demand_lease, self.published = [], [], None, 0
+        self._leases, self._leaving = [], []
+        self.demand.forget()
+        self.waits.forget()
         self.places.set_limit(0)
         if self._store is None:
             return
@@ -394,5 +429,6 @@ async def set_run_limits(
     applied = {agent: limits[agent] for agent in sorted(agents) if agent in limits}
     for agent, limit in applied.items():
         await store.ensure(limit_name(agent), limit, overwrite=True)
-        await store.ensure(demand_name(agent), DEMAND_COUNTER_LIMIT, overwrite=False)
+        for counter in (demand_name(agent), waiting_name(agent)):
+            await store.ensure(counter, COUNTER_LIMIT, overwrite=False)
     return applied
