@@ -26,6 +26,7 @@ from conftest import AgentServer, read_jsonl
 from reference_agent.server import write_tasks
 from rollouts.agent_limits import (
     COUNTER_LIMIT,
+    LIMIT_PREFIX,
     AgentSlots,
     LimitReading,
     SlotTiming,
@@ -353,7 +354,8 @@ def test_a_bad_setting_stops_the_command_before_any_request(
 
 # --- two real runs, one agent, the session's Prefect API ---------------------------------------
 
-LATENCY_MS = 50
+# Requests long enough that a run outlasts the other's start-up (5-8 s here, with one running).
+LATENCY_MS = 200
 
 
 def _collect(agent: AgentServer, inp: Path, out: Path, temperature: float) -> list[str]:
@@ -367,56 +369,64 @@ def _agent_stats(agent: AgentServer) -> dict[str, Any]:
     return stats
 
 
-def _shared_limit(api_url: str, name: str) -> tuple[int, int]:
-    """(limit, slots held now) of a Prefect global concurrency limit."""
-    from prefect.client.orchestration import get_client
-
-    async def read() -> tuple[int, int]:
-        async with get_client() as client:
-            found = await client.read_global_concurrency_limit_by_name(name)
-            return found.limit, found.active_slots
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        return asyncio.run(read())
-
-
 def test_two_runs_on_one_agent_never_exceed_its_limit_together(
     tmp_path: Path, start_agent: Any, prefect_api: str
 ) -> None:
-    """Two `rollouts collect` commands at once, each asking 16 in flight of an agent limited
-    to 8 across runs: the agent never has more than 8, both runs overlap and both end exact."""
+    """Two `rollouts collect` commands, each asking 16 in flight of an agent limited to 8
+    across runs: b starts while a collects and gets its share at once; the agent never has
+    more than 8 in flight, and both runs end exact."""
     agent = start_agent("--latency-ms", str(LATENCY_MS))
     env = {**os.environ, "PREFECT_API_URL": prefect_api,
            "ROLLOUTS_AGENTS": f'{{"ref": "{agent.url}"}}',
            "ROLLOUTS_AGENT_LIMITS": '{"ref": 8, "unused_agent": 1}'}  # fmt: skip
+    sizes, temperatures = {"a": 800, "b": 100}, {"a": 0.2, "b": 0.6}
     runs = {}
-    for name, seed, temperature in (("a", 1, 0.2), ("b", 2, 0.6)):
+    for seed, name in enumerate(("a", "b")):
         inp = tmp_path / f"tasks_{name}.jsonl"
-        write_tasks(inp, 400, seed=seed)
+        write_tasks(inp, sizes[name], seed=seed)
         out = tmp_path / f"rollouts_{name}.jsonl"
-        proc = subprocess.Popen(
-            _collect(agent, inp, out, temperature), env=env, cwd=tmp_path,
+        if name == "b":  # once a collects (20 s alone at 8 in flight)
+            deadline = time.monotonic() + 60
+            while not agent.requests():
+                assert time.monotonic() < deadline, "run a sent nothing"
+                time.sleep(0.1)
+        runs[name] = (subprocess.Popen(
+            _collect(agent, inp, out, temperatures[name]), env=env, cwd=tmp_path,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        runs[name] = (proc, out, temperature)
-    for proc, out, _ in runs.values():
+        ), out)  # fmt: skip
+    for name, (proc, out) in runs.items():
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stderr[-3000:]
-        assert "400/400 written, 0 failed, 0 missing" in stdout
+        n = sizes[name]
+        assert f"{n}/{n} written, 0 failed, 0 missing" in stdout
         assert [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in read_jsonl(out)] == [
-            (t, 0) for t in range(400)
+            (t, 0) for t in range(n)
         ]
 
     assert _agent_stats(agent)["peak_in_flight"] == 8  # all of the limit, never more
     requests = agent.requests()
-    assert len(requests) == 800  # each rollout sent once
-    # The runs collected at the same time: most of b's requests came while a's did.
-    times = {t: sorted(q["time"] for q in requests if q["temperature"] == t)
-             for _, _, t in runs.values()}  # fmt: skip
-    a_times, b_times = times[0.2], times[0.6]
-    during_a = [t for t in b_times if a_times[0] <= t <= a_times[-1]]
-    assert len(during_a) >= 0.5 * len(b_times), (a_times[0], a_times[-1], b_times[0], b_times[-1])
-    # The limit is on the server, set to its configured value, and nothing holds it after.
-    assert _shared_limit(prefect_api, "rollouts-agent:ref") == (8, 0)
+    assert len(requests) == 900  # each rollout sent once
+    a_times, b_times = (sorted(q["time"] for q in requests if q["temperature"] == temperatures[r])
+                        for r in ("a", "b"))  # fmt: skip
+    # b collected while a did, and had its share then: not a slot now and then.
+    assert b_times[-1] < a_times[-1], "a ended before b: they did not share the agent"
+    a_meanwhile = sum(1 for t in a_times if b_times[0] <= t <= b_times[-1])
+    assert len(b_times) / (len(b_times) + a_meanwhile) > 0.3
+    # The limit is on the server at its configured value, and nothing holds it after; the
+    # limit of an agent the runs did not use was not made.
+    assert _shared_limits(prefect_api) == {"rollouts-agent:ref": (8, 0)}
+
+
+def _shared_limits(api_url: str) -> dict[str, tuple[int, int]]:
+    """The agents' limits on the server: name -> (limit, slots held now)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read() -> dict[str, tuple[int, int]]:
+        async with get_client() as client:
+            found = await client.read_global_concurrency_limits(limit=200)
+        return {c.name: (c.limit, c.active_slots) for c in found
+                if c.name.startswith(LIMIT_PREFIX)}  # fmt: skip
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
