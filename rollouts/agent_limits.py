@@ -180,6 +180,8 @@ class AgentSlots:
         self.limit = limit  # the shared limit as last read
         self.share: int | None = None  # None: every demand fits in the limit
         self.others_wait = False  # a process held below its share, as last read
+        # The limit is below the slots held by all (it was lowered): this process's part of it.
+        self.over_limit: int | None = None
         self._checked_at = -math.inf
         self._keeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -246,11 +248,16 @@ class AgentSlots:
         if wants_more or (self.held and now - self._checked_at >= timing.check_every_s):
             self._checked_at = now
             reading = await store.read(self.name)
+            self.over_limit = None
             if reading is not None:
                 self.limit, free = reading.limit, reading.limit - reading.active
+                if reading.active > reading.limit:  # lowered below what is held: scale down
+                    self.over_limit = reading.limit * self.held // reading.active
             await self._read_contention(store)
         # While a process waits below its share, hold no more than this one's.
         cap = budget if self.share is None or not self.others_wait else min(budget, self.share)
+        if self.over_limit is not None:
+            cap = min(cap, self.over_limit)
         await self._give_back(store, min(recent, cap))
         if wants_more:
             await self._take(store, min(cap - self.held, free))
