@@ -256,23 +256,21 @@ def test_a_demand_that_takes_nothing_leaves_free_slots_to_the_others() -> None:
 
 @pytest.mark.fast
 def test_a_limit_lowered_while_held_is_followed() -> None:
-    """An operator lowers the limit (the Prefect UI) below what the processes hold: they give
-    slots back as their requests end, down to the new limit together."""
+    """An operator lowers the limit (the Prefect UI) below what a run holds, no other run
+    waiting: it gives slots back as their requests end, down to the new limit."""
 
     async def main() -> int:
         store = _store_with_limit(8)
-        a, b, fleet = Process("a", 16, store), Process("b", 16, store), Fleet(latency_s=0.02)
-        sending = [asyncio.create_task(p.send(fleet, 100_000)) for p in (a, b)]
+        process, fleet = Process("a", 16, store), Fleet(latency_s=0.02)
+        sending = asyncio.create_task(process.send(fleet, 100_000))
         await _until(lambda: store.held(limit_name(AGENT)) == 8)
         store.limits[limit_name(AGENT)] = 4
         await _until(lambda: store.held(limit_name(AGENT)) <= 4)
         fleet.peak = fleet.in_flight
         await asyncio.sleep(0.3)  # long after: never above the new limit again
-        for task in sending:
-            task.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)
-        for p in (a, b):
-            await p.slots.aclose()
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        await process.slots.aclose()
         return fleet.peak
 
     assert asyncio.run(main()) <= 4
