@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from conftest import AgentServer, read_jsonl
 
@@ -36,6 +37,7 @@ from rollouts.agent_limits import (
 )
 from rollouts.concurrency import InFlightLimit
 from rollouts.errors import ConfigError
+from rollouts.run_state import run_dir_for
 from rollouts.settings import RolloutsSettings
 
 FAST = SlotTiming(lease_s=5.0, renew_every_s=1.0, expiry_margin_s=1.0, tick_s=0.01,
@@ -452,3 +454,30 @@ def _shared_limits(api_url: str) -> dict[str, tuple[int, int]]:
 
     with temporary_settings({PREFECT_API_URL: api_url}):
         return asyncio.run(read())
+
+
+def test_a_run_in_two_processes_keeps_to_the_limit_together(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """`--processes 2`: each Dask worker process holds slots of its own from the same limit;
+    together they never exceed it, though their budgets (8 + 8) do."""
+    agent = start_agent("--latency-ms", "100")
+    inp = tmp_path / "tasks.jsonl"
+    write_tasks(inp, 240, seed=3)
+    out = tmp_path / "rollouts.jsonl"
+    done = subprocess.run(
+        [*_collect(agent, inp, out, 0.4), "--processes", "2", "--chunk-size", "30"],
+        env={**os.environ, "PREFECT_API_URL": prefect_api,
+             "ROLLOUTS_AGENTS": f'{{"ref": "{agent.url}"}}',
+             "ROLLOUTS_AGENT_LIMITS": '{"ref": 5}'},
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "240/240 written, 0 failed, 0 missing" in done.stdout
+    assert [r["_ng_task_index"] for r in read_jsonl(out)] == list(range(240))
+    assert _agent_stats(agent)["peak_in_flight"] == 5
+    assert len(agent.requests()) == 240
+    workers = {orjson.loads(p.read_bytes())["worker"]
+               for p in run_dir_for(out, None).glob("chunks/*.status.json")}  # fmt: skip
+    assert len(workers) == 2  # both processes collected
