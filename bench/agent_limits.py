@@ -11,14 +11,23 @@ what `make server` runs), once per variant and repeat, alternating:
 Reported per run: collection rollouts/s (first request to last rollout written), start-up
 (command to first request) and the CLI's CPU per rollout while it collects.
 
+Then the calls one process makes to the Prefect API for it: the keeper (``AgentSlots``) with
+the Prefect store, every call counted, under ``--calls-s`` seconds of simulated requests
+(``--calls-in-flight`` at once, 1 ms each, as fast as the loop goes) against the same server,
+for each limit.
+
     .venv/bin/python bench/agent_limits.py [--n 20000] [--parallel 64] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +47,81 @@ from _common import (
 )
 
 from reference_agent.server import write_tasks
+from rollouts.agent_limits import AgentSlots, LimitReading, LimitStore
+from rollouts.concurrency import InFlightLimit
 
 AGENT = "ref"
+
+
+class CountingStore:
+    """A store that counts the calls made to the one it wraps."""
+
+    def __init__(self, store: LimitStore) -> None:
+        self.store, self.calls = store, collections.Counter[str]()
+
+    async def ensure(self, name: str, limit: int, *, overwrite: bool) -> None:
+        self.calls["ensure"] += 1
+        await self.store.ensure(name, limit, overwrite=overwrite)
+
+    async def read(self, name: str) -> LimitReading | None:
+        self.calls["read"] += 1
+        return await self.store.read(name)
+
+    async def acquire(self, name: str, slots: int, lease_s: float) -> str | None:
+        self.calls["acquire"] += 1
+        return await self.store.acquire(name, slots, lease_s)
+
+    async def renew(self, lease_id: str, lease_s: float) -> bool:
+        self.calls["renew"] += 1
+        return await self.store.renew(lease_id, lease_s)
+
+    async def release(self, lease_id: str) -> None:
+        self.calls["release"] += 1
+        await self.store.release(lease_id)
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+def keeper_calls(api_url: str, limit: int, in_flight: int, seconds: float) -> dict[str, Any]:
+    """Requests to a limited agent for ``seconds`` (simulated: 1 ms each), ``in_flight`` at
+    once, through the keeper on Prefect: how many requests, how many API calls."""
+    os.environ["PREFECT_API_URL"] = api_url
+    from tasks.agent_limits import PrefectLimitStore
+
+    async def run() -> dict[str, Any]:
+        counting = CountingStore(PrefectLimitStore())
+        budget = InFlightLimit(in_flight)
+        slots = AgentSlots(f"bench-{limit}", limit, lambda: counting, lambda: in_flight)
+        sent = 0
+        stop_at = time.monotonic() + seconds
+
+        async def one() -> None:
+            nonlocal sent
+            try:
+                await slots.acquire()
+                try:
+                    await asyncio.sleep(0.001)
+                    sent += 1
+                finally:
+                    slots.release()
+            finally:
+                budget.release()
+
+        tasks: set[asyncio.Task[None]] = set()
+        while time.monotonic() < stop_at:
+            await budget.acquire()
+            task = asyncio.create_task(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        await slots.aclose()
+        await counting.aclose()
+        calls = sum(counting.calls.values())
+        return {"limit": limit, "requests": sent, "calls": dict(counting.calls),
+                "calls_per_s": calls / seconds, "requests_per_call": sent / calls}
+
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -49,6 +131,9 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=5_000)
     ap.add_argument("--generous", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calls-s", type=float, default=20.0)
+    ap.add_argument("--calls-in-flight", type=int, default=64)
+    ap.add_argument("--skip-runs", action="store_true", help="measure the API calls only")
     ap.add_argument("--keep", action="store_true")
     add_gate_args(ap)
     args = ap.parse_args()
@@ -63,7 +148,7 @@ def main() -> None:
         write_tasks(inp, args.n, seed=0)
         with prefect_server(d / "prefect-home", log_path=d / "server.log") as api_url, \
                 reference_agent(0.0, request_log=d / "agent.jsonl") as agent:  # fmt: skip
-            for repeat in range(args.repeats):
+            for repeat in range(0 if args.skip_runs else args.repeats):
                 for name, limit in variants.items():
                     label = f"{name} #{repeat + 1}"
                     load = gate.wait(label)
@@ -86,14 +171,21 @@ def main() -> None:
                                     "rollouts_per_s": rate, "cpu_ms_per_rollout": cpu_ms,
                                     "load": load,
                                     **timing.as_dict()})  # fmt: skip
-    print_table(["run", "limit", "rollouts/s", "start-up s", "CPU ms/rollout"], rows)
-    summary = []
-    for name in variants:
-        rates = [r["rollouts_per_s"] for r in results if r["variant"] == name]
-        summary.append([name, f"{statistics.median(rates):,.0f}",
-                        f"{min(rates):,.0f}-{max(rates):,.0f}"])  # fmt: skip
-    print_table(["variant", "median rollouts/s", "range"], summary)
-    write_json("agent_limits", {"machine": machine(), "args": vars(args), "runs": results})
+            calls = [keeper_calls(api_url, limit, args.calls_in_flight, args.calls_s)
+                     for limit in (args.generous, args.calls_in_flight, args.calls_in_flight // 2)]  # fmt: skip
+    if rows:
+        print_table(["run", "limit", "rollouts/s", "start-up s", "CPU ms/rollout"], rows)
+        summary = []
+        for name in variants:
+            rates = [r["rollouts_per_s"] for r in results if r["variant"] == name]
+            summary.append([name, f"{statistics.median(rates):,.0f}",
+                            f"{min(rates):,.0f}-{max(rates):,.0f}"])  # fmt: skip
+        print_table(["variant", "median rollouts/s", "range"], summary)
+    print_table(["limit", "requests", "API calls", "calls/s", "requests per call"],
+                [[c["limit"], c["requests"], sum(c["calls"].values()), f"{c['calls_per_s']:.1f}",
+                  f"{c['requests_per_call']:,.0f}"] for c in calls])  # fmt: skip
+    write_json("agent_limits", {"machine": machine(), "args": vars(args), "runs": results,
+                                "keeper_calls": calls})  # fmt: skip
 
 
 if __name__ == "__main__":
