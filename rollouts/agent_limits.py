@@ -232,7 +232,7 @@ class AgentSlots:
                     await asyncio.wait_for(self._wake.wait(), tick)
 
     async def adjust(self) -> bool:
-        """One look at demand: renew, publish, give back, take. True while requests wait
+        """One look at demand: renew, give back, take, publish. True while requests wait
         for slots this process could not have yet."""
         store = await self._ensure_store()
         timing, places = self.timing, self.places
@@ -242,7 +242,6 @@ class AgentSlots:
         budget = max(1, self._budget())
         demand = min(budget, places.in_use + places.waiting)
         recent = self._recent_demand(now, demand)
-        await self.demand.set(store, recent, now, timing.lease_s, step=self.lease_size() / 2)
         wants_more = demand > places.limit
         free = budget  # a limit deleted (or made inactive) limits nothing
         if wants_more or (self.held and now - self._checked_at >= timing.check_every_s):
@@ -261,6 +260,9 @@ class AgentSlots:
         await self._give_back(store, min(recent, cap))
         if wants_more:
             await self._take(store, min(cap - self.held, free))
+        # Published once the slots are asked for: a run's first requests wait for no other
+        # write (on a SQLite server, one write beside the flow's own can wait 2 s for its lock).
+        await self.demand.set(store, recent, now, timing.lease_s, step=self.lease_size() / 2)
         entitled = demand if self.share is None else min(demand, self.share)
         await self.waits.set(store, int(places.limit < entitled), now, timing.lease_s)
         return demand > places.limit
