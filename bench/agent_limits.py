@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import statistics
 import sys
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--calls-s", type=float, default=20.0)
     ap.add_argument("--calls-in-flight", type=int, default=64)
     ap.add_argument("--skip-runs", action="store_true", help="measure the API calls only")
+    ap.add_argument("--api-url", help="a running Prefect server to use (e.g. on PostgreSQL); "
+                    "default: a `prefect server start` on SQLite of its own")
     ap.add_argument("--keep", action="store_true")
     add_gate_args(ap)
     args = ap.parse_args()
@@ -146,8 +149,9 @@ def main() -> None:
     with bench_dir("agent-limits", args.keep) as d:
         inp = d / "tasks.jsonl"
         write_tasks(inp, args.n, seed=0)
-        with prefect_server(d / "prefect-home", log_path=d / "server.log") as api_url, \
-                reference_agent(0.0, request_log=d / "agent.jsonl") as agent:  # fmt: skip
+        server = (contextlib.nullcontext(args.api_url) if args.api_url
+                  else prefect_server(d / "prefect-home", log_path=d / "server.log"))  # fmt: skip
+        with server as api_url, reference_agent(0.0, request_log=d / "agent.jsonl") as agent:
             for repeat in range(0 if args.skip_runs else args.repeats):
                 for name, limit in variants.items():
                     label = f"{name} #{repeat + 1}"
