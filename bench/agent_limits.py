@@ -8,6 +8,8 @@ what `make server` runs), once per variant and repeat, alternating:
 - ``generous``: a limit far above the run's budget (``--generous``, default 10,000);
 - ``at budget``: a limit equal to the run's budget (``--parallel``), always full.
 
+Each repeat starts with the next variant, so that a drift in the machine's load favours none.
+
 Reported per run: collection rollouts/s (first request to last rollout written), start-up
 (command to first request) and the CLI's CPU per rollout while it collects.
 
@@ -153,7 +155,10 @@ def main() -> None:
                   else prefect_server(d / "prefect-home", log_path=d / "server.log"))  # fmt: skip
         with server as api_url, reference_agent(0.0, request_log=d / "agent.jsonl") as agent:
             for repeat in range(0 if args.skip_runs else args.repeats):
-                for name, limit in variants.items():
+                # Each repeat starts with another variant: a drift of the machine's load
+                # favours none of them.
+                order = list(variants)[repeat % 3:] + list(variants)[:repeat % 3]
+                for name, limit in ((v, variants[v]) for v in order):
                     label = f"{name} #{repeat + 1}"
                     load = gate.wait(label)
                     env = {"ROLLOUTS_AGENTS": f'{{"{AGENT}": "{agent.url}"}}'}
