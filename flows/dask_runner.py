@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,6 +239,25 @@ def placement(
     return f"{where}: {len(workers)} processes, requests in flight each: {shares}"
 
 
+def import_dask_jobqueue() -> None:
+    """Import dask-jobqueue without the SIGINT handler it installs when imported (its
+    runner module calls ``signal.signal(SIGINT, sys.exit)``): that would replace our graceful
+    Ctrl-C, and it fails outright off the main thread, where a subflow may run."""
+    if "dask_jobqueue" in sys.modules:
+        return
+    install = signal.signal
+    signal.signal = lambda signum, handler: signal.getsignal(signum)  # type: ignore[assignment]
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "slurm_jobs (--slurm-jobs) needs the [slurm] extra, which is not installed: "
+            "pip install -e '.[slurm]'"
+        ) from None
+    finally:
+        signal.signal = install
+
+
 class SlurmWorkers:
     """The run's worker jobs: dask-jobqueue's SLURMCluster, adaptive between 1 and ``jobs``."""
 
@@ -253,13 +274,7 @@ class SlurmWorkers:
         return self.jobs * self.shape.processes
 
     def task_runner(self, runner_class: Any, chunks_at_once: int) -> Any:
-        try:
-            import dask_jobqueue  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "slurm_jobs (--slurm-jobs) needs the [slurm] extra, which is not installed: "
-                "pip install -e '.[slurm]'"
-            ) from None
+        import_dask_jobqueue()
         import dask
         from prefect.settings import get_current_settings
 

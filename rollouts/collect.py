@@ -46,6 +46,7 @@ from rollouts.replicas import ReplicaRouter
 from rollouts.retry import retry_attempts
 from rollouts.run_state import chunk_writer_lock, worker_id
 from rollouts.settings import RolloutsSettings
+from rollouts.slurm import this_job_id
 from rollouts.stopping import Stopper, StopPlan
 from rollouts.urls import AgentCredentials
 
@@ -302,7 +303,7 @@ def _write_status(files: ChunkFiles, spec: ChunkSpec, expected: int) -> None:
     write_json_atomic(
         files.status,
         {"index": spec.index, "expected": expected, "worker": worker_id(),
-         "started_at": time.time()},
+         "slurm_job": this_job_id(), "started_at": time.time()},
     )  # fmt: skip
 
 
