@@ -12,6 +12,7 @@ lock keeps the two attempts apart: rollouts/run_state.py).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -286,6 +287,9 @@ class SlurmWorkers:
         # Until a chunk has finished, Dask guesses a task's duration (0.5 s): the adaptive
         # cluster would see a few seconds of work and ask for one job. A chunk takes minutes.
         dask.config.set({"distributed.scheduler.unknown-task-duration": "10m"})
+        # dask-jobqueue's cluster logs through the `distributed` logger, which Prefect's
+        # console handler shows at INFO: workers joining and leaving are not the run's news.
+        logging.getLogger("distributed").setLevel(logging.ERROR)
         return runner_class(
             cluster_class="dask_jobqueue.SLURMCluster",
             cluster_kwargs=cluster_kwargs(self.shape, self.run_id, threads, self.log_dir, env),

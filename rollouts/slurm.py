@@ -98,7 +98,12 @@ def cluster_kwargs(
         # the run's workers do not all leave at once. No restart: the job ends with its
         # worker, and the cluster submits a new job while chunks wait.
         "worker_extra_args": ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{stagger}s"],
-        "scheduler_options": {"dashboard_address": None},
+        # No dashboard (a port per run, and nothing reads it); the rest of the scheduler's
+        # and workers' network (interface, protocol) is Dask's configuration: jobqueue.slurm.*
+        "scheduler_options": {"dashboard": False},
+        # The cluster's INFO (workers coming and going, "lost already computed tasks": chunks
+        # that come back from the cache) is not the run's news; its errors are.
+        "silence_logs": "error",
     }
 
 

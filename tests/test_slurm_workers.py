@@ -5,7 +5,6 @@ walltime. Both give the exact output."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from reference_agent.server import write_tasks
 from rollouts.run_state import run_dir_for
 from rollouts.slurm import SLURM_FILE
 
-pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None, reason="no Slurm here")
+# The repository's one-node Slurm (tests/slurm_cluster.py), started once per session.
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
 
 def squeue(name: str) -> dict[str, str]:
@@ -56,8 +56,10 @@ class SlurmRun:
         self.tasks = tasks
         self.run_dir = run_dir_for(self.out, None)
         self.log = tmp / "collect.log"
+        # Dask's own configuration, as on a real cluster: its scheduler and workers on loopback.
         env = {**os.environ, "PREFECT_API_URL": prefect_api, "ROLLOUTS_SLURM_CORES": "1",
-               "ROLLOUTS_SLURM_MEMORY": "1GB", **settings}  # fmt: skip
+               "ROLLOUTS_SLURM_MEMORY": "1GB", "DASK_JOBQUEUE__SLURM__INTERFACE": "lo",
+               **settings}  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rollouts_cli", "collect", "--slurm-jobs", str(jobs),
              f"+agent_url={agent_url}", f"+input_jsonl_fpath={self.inp}",
@@ -132,3 +134,27 @@ def test_two_worker_jobs_one_cancelled_mid_run_give_the_exact_output(
     # The cancelled job's chunks finished elsewhere: every chunk names the job that did it.
     finishers = set(chunk_jobs(run.run_dir).values())
     assert victim in run.seen and None not in finishers
+
+
+def test_workers_retire_before_a_walltime_shorter_than_the_run_and_lose_nothing(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """A 1-minute walltime (Slurm's least): workers retire 30 s in (the margin), finish what
+    they have in flight, and the cluster submits new jobs while chunks wait: more jobs than
+    --slurm-jobs over the run's life, never more at once, and the exact output."""
+    agent = start_agent("--latency-ms", "150")
+    run = SlurmRun(tmp_path, agent.url, 1800, 2, prefect_api, ROLLOUTS_SLURM_WALLTIME="1")
+    try:
+        assert run.finish(300) == 0, run.log.read_text()[-4000:]
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+    assert run.exact()
+    assert len(run.seen) > 2, run.seen
+    assert run.most_at_once <= 2
+    per_key = Counter(q["_ng_task_index"] for q in agent.requests())
+    assert set(per_key) == set(range(1800))
+    resent = sum(c - 1 for c in per_key.values())
+    print(f"jobs over the run: {len(run.seen)}; resent: {resent}")
+    # A retiring worker finishes what it has in flight before it goes: nothing is resent.
+    assert resent == 0
