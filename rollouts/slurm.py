@@ -98,9 +98,10 @@ def cluster_kwargs(
         # the run's workers do not all leave at once. No restart: the job ends with its
         # worker, and the cluster submits a new job while chunks wait.
         "worker_extra_args": ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{stagger}s"],
-        # No dashboard (a port per run, and nothing reads it); the rest of the scheduler's
-        # and workers' network (interface, protocol) is Dask's configuration: jobqueue.slurm.*
-        "scheduler_options": {"dashboard": False},
+        # No dashboard, and its HTTP server on any free port: two runs at once must not
+        # compete for 8787. The rest of the scheduler's and workers' network (interface,
+        # protocol) is Dask's own configuration: jobqueue.slurm.*
+        "scheduler_options": {"dashboard": False, "dashboard_address": ":0"},
         # The cluster's INFO (workers coming and going, "lost already computed tasks": chunks
         # that come back from the cache) is not the run's news; its errors are.
         "silence_logs": "error",
