@@ -138,17 +138,26 @@ def request_worker_stop(run_id: str, plan: StopPlan, reason: StopReason) -> None
             _worker_loop.call_soon_threadsafe(_stop, dispatcher, plan, reason)
 
 
+def request_stop_everywhere() -> list[Dispatcher]:
+    """Stop every run's dispatcher in this process as on SIGTERM (safe in a signal handler:
+    it only schedules the stops on their loop); those dispatchers. No lock: a handler that
+    interrupted its own thread holding it would wait forever; a copy is atomic under the GIL."""
+    dispatchers = list(_worker_dispatchers.values())
+    loop = _worker_loop
+    if loop is None:
+        return []
+    for dispatcher in dispatchers:
+        loop.call_soon_threadsafe(dispatcher.stop.request, "SIGTERM")
+    return dispatchers
+
+
 def stop_worker_dispatchers(extra_wait_s: float = 5.0) -> None:
     """On a Dask worker that is closing: stop every run's dispatcher in this process as on
     SIGTERM and wait (up to each one's grace, plus ``extra_wait_s`` to write) until none of
     their chunks is collecting any more."""
-    with _worker_lock:
-        dispatchers = list(_worker_dispatchers.values())
-        loop = _worker_loop
-    if loop is None or not dispatchers:
+    dispatchers = request_stop_everywhere()
+    if not dispatchers:
         return
-    for dispatcher in dispatchers:
-        loop.call_soon_threadsafe(dispatcher.stop.request, "SIGTERM")
     deadline = time.monotonic() + max(d.stop.grace_s() for d in dispatchers) + extra_wait_s
     while time.monotonic() < deadline and any(d.publication.collecting_now for d in dispatchers):
         time.sleep(0.1)

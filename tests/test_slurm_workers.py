@@ -129,7 +129,9 @@ def test_two_worker_jobs_one_cancelled_mid_run_give_the_exact_output(
     per_key = Counter(q["_ng_task_index"] for q in agent.requests())
     assert set(per_key) == set(range(1600))
     # Resent: at most what the cancelled job had in flight (its share: 8 / 2 jobs).
-    assert sum(c - 1 for c in per_key.values()) <= 4
+    resent = sum(c - 1 for c in per_key.values())
+    print(f"resent after the cancel: {resent}")
+    assert resent <= 4
     assert run.most_at_once <= 2
     # The cancelled job's chunks finished elsewhere: every chunk names the job that did it.
     finishers = set(chunk_jobs(run.run_dir).values())
