@@ -106,3 +106,18 @@ def test_a_chunk_has_one_writer_a_second_waits_until_the_first_is_done(tmp_path:
     assert holder.poll() is not None  # it entered only after the holder was gone
     assert holder.wait() == 0
     assert entered > 0
+
+
+def test_slurm_workers_refuse_the_commands_temporary_prefect_api(
+    monkeypatch: pytest.MonkeyPatch, prefect_api: str
+) -> None:
+    """Jobs on other nodes could not reach a temporary API on 127.0.0.1: said before any job
+    is submitted."""
+    from flows.dask_runner import prepare_worker_environment
+    from rollouts.settings import TEMPORARY_API_ENV
+
+    monkeypatch.setenv(TEMPORARY_API_ENV, prefect_api)
+    with pytest.raises(ConfigError, match="Slurm worker jobs need a Prefect server"):
+        prepare_worker_environment(RolloutsSettings(), prefect_api, slurm_jobs=2)
+    monkeypatch.delenv(TEMPORARY_API_ENV)
+    prepare_worker_environment(RolloutsSettings(), prefect_api, slurm_jobs=2)  # a real server
