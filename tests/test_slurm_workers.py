@@ -160,3 +160,38 @@ def test_workers_retire_before_a_walltime_shorter_than_the_run_and_lose_nothing(
     print(f"jobs over the run: {len(run.seen)}; resent: {resent}")
     # A retiring worker finishes what it has in flight before it goes: nothing is resent.
     assert resent == 0
+
+
+def test_a_multi_dataset_run_gives_each_dataset_its_own_slurm_workers(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """`slurm_jobs` per dataset of a multi config: both datasets' chunks run in jobs of their
+    own (the subflows run at once, off the main thread), both outputs exact, and the mix."""
+    agent = start_agent("--latency-ms", "20")
+    datasets = []
+    for name, n in (("easy", 300), ("hard", 200)):
+        write_tasks(tmp_path / f"{name}.jsonl", n, seed=len(name))
+        datasets.append({"name": name, "input": str(tmp_path / f"{name}.jsonl"),
+                         "output": str(tmp_path / f"out_{name}.jsonl"), "agent_url": agent.url,
+                         "chunk_size": 100, "slurm_jobs": 1})  # fmt: skip
+    config = {"datasets": datasets, "mix": {"output": str(tmp_path / "mixed.jsonl"), "total": 100,
+                                            "proportions": {"easy": 0.5, "hard": 0.5}}}  # fmt: skip
+    (tmp_path / "multi.json").write_text(orjson.dumps(config).decode())
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "ROLLOUTS_SLURM_CORES": "1",
+           "ROLLOUTS_SLURM_MEMORY": "1GB", "DASK_JOBQUEUE__SLURM__INTERFACE": "lo"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rollouts_cli", "multi", "--config", str(tmp_path / "multi.json")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    for name, n in (("easy", 300), ("hard", 200)):
+        out = tmp_path / f"out_{name}.jsonl"
+        assert [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in read_jsonl(out)] == [
+            (t, 0) for t in range(n)
+        ]
+        jobs = set(chunk_jobs(run_dir_for(out, None)).values())
+        assert len(jobs) == 1 and None not in jobs, jobs  # its own job
+    easy_job = chunk_jobs(run_dir_for(tmp_path / "out_easy.jsonl", None))
+    hard_job = chunk_jobs(run_dir_for(tmp_path / "out_hard.jsonl", None))
+    assert set(easy_job.values()).isdisjoint(hard_job.values())
+    assert len(read_jsonl(tmp_path / "mixed.jsonl")) == 100
