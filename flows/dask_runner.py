@@ -27,7 +27,7 @@ from rollouts.dispatchers import WorkerPlan, request_worker_stop, share_budget
 from rollouts.errors import ConfigError, SharedStorageError, WorkersUnavailable
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import TEMPORARY_API_ENV, RolloutsSettings
-from rollouts.slurm import cluster_kwargs, job_name, record_jobs, run_jobs
+from rollouts.slurm import check_job_shape, cluster_kwargs, job_name, record_jobs, run_jobs
 from rollouts.stopping import Stopper
 
 if TYPE_CHECKING:
@@ -180,8 +180,9 @@ def collect_on_dask(
     chunk_task: Any, chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
     settings: RolloutsSettings, config: CollectConfig, processes: int, stop: Stopper,
 ) -> list[State[Any]]:  # fmt: skip
-    """Run the chunk tasks on Dask workers (prefect-dask): a local cluster of ``processes``
-    or the one at ROLLOUTS_DASK_ADDRESS. Each worker has its own client and budget share.
+    """Run the chunk tasks on Dask workers (prefect-dask): a local cluster of ``processes``,
+    the one at ROLLOUTS_DASK_ADDRESS, or ``slurm_jobs`` Slurm jobs. Each worker has its own
+    client and budget share.
     Workers enforce the run's deadline themselves; a stop asked of the flow is relayed."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
@@ -275,6 +276,7 @@ class SlurmWorkers:
         return self.jobs * self.shape.processes
 
     def task_runner(self, runner_class: Any, chunks_at_once: int) -> Any:
+        check_job_shape(self.shape)
         import_dask_jobqueue()
         import dask
         from prefect.settings import get_current_settings
@@ -286,6 +288,7 @@ class SlurmWorkers:
         threads = 2 * chunks_per_process(chunks_at_once, self.max_workers)  # as a local worker
         # Until a chunk has finished, Dask guesses a task's duration (0.5 s): the adaptive
         # cluster would see a few seconds of work and ask for one job. A chunk takes minutes.
+        # (Process-wide, as the log level below: only an adaptive scheduler reads either.)
         dask.config.set({"distributed.scheduler.unknown-task-duration": "10m"})
         # dask-jobqueue's cluster logs through the `distributed` logger, which Prefect's
         # console handler shows at INFO: workers joining and leaving are not the run's news.

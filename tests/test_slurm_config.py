@@ -121,3 +121,25 @@ def test_slurm_workers_refuse_the_commands_temporary_prefect_api(
         prepare_worker_environment(RolloutsSettings(), prefect_api, slurm_jobs=2)
     monkeypatch.delenv(TEMPORARY_API_ENV)
     prepare_worker_environment(RolloutsSettings(), prefect_api, slurm_jobs=2)  # a real server
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_job_shape_slurm_would_refuse_is_refused_before_any_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrong partition, or more CPUs than a node has: Slurm's own words, at once, instead of
+    a run that waits for a job that never starts."""
+    from rollouts.slurm import check_job_shape
+
+    monkeypatch.setenv("ROLLOUTS_SLURM_MEMORY", "1GB")
+    check_job_shape(RolloutsSettings().slurm_job_shape())  # the repository's cluster takes it
+    monkeypatch.setenv("ROLLOUTS_SLURM_PARTITION", "no-such-partition")
+    with pytest.raises(ConfigError, match=r"Slurm refuses .* invalid partition specified"):
+        check_job_shape(RolloutsSettings().slurm_job_shape())
+    monkeypatch.delenv("ROLLOUTS_SLURM_PARTITION")
+    monkeypatch.setenv("ROLLOUTS_SLURM_CORES", "512")
+    with pytest.raises(ConfigError, match="Requested node configuration is not available"):
+        check_job_shape(RolloutsSettings().slurm_job_shape())
+    monkeypatch.setenv("ROLLOUTS_SLURM_MEMORY", "lots")
+    with pytest.raises(ConfigError, match="ROLLOUTS_SLURM_MEMORY='lots' is not a size"):
+        check_job_shape(RolloutsSettings().slurm_job_shape())
