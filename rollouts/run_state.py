@@ -6,15 +6,17 @@ cache key, so deleting the directory (or ``--fresh``) can never resurrect stale 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -111,6 +113,39 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+CHUNK_LOCK_POLL_S = 0.2
+
+_log = logging.getLogger("rollouts.chunks")
+
+
+@contextlib.asynccontextmanager
+async def chunk_writer_lock(files: ChunkFiles) -> AsyncIterator[None]:
+    """One writer per chunk, across processes and hosts (flock; the kernel drops it when the
+    holder dies). A Dask scheduler reschedules the chunk of a worker it lost (a Slurm job
+    cancelled or at its walltime) while that worker may still be draining its requests in
+    flight: the new attempt waits here until the old one has written its last row, so it
+    resumes from every row and never writes beside it."""
+    fd = os.open(files.writer_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "?"
+                    _log.warning("chunk %05d is still written by %s (stopping); waiting for it",
+                                 files.index, holder)  # fmt: skip
+                    waited = True
+                await asyncio.sleep(CHUNK_LOCK_POLL_S)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, worker_id().encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _flock_soon(fd: int, tries: int = 20, pause_s: float = 0.005) -> bool:

@@ -1,0 +1,40 @@
+"""Dask worker plugins (imported on workers: keep this module's imports light)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from rollouts.dispatchers import request_stop_everywhere, stop_worker_dispatchers
+
+
+class StopChunksOnClose(WorkerPlugin):
+    """When the worker closes (its Slurm job cancelled, preempted or retiring before its
+    walltime; a `dask worker` stopped), its chunks stop as on SIGTERM: no rollout starts,
+    those in flight get their grace, and what finished is written before the process goes.
+    Dask has already given those chunks to other workers, which wait for their writer lock."""
+
+    name = "rollouts-stop-chunks-on-close"
+
+    def setup(self, worker: Any) -> None:
+        # Slurm signals every process of a cancelled or preempted job, so a nanny's worker
+        # process gets SIGTERM itself and would die at once, mid-request. Instead it stops
+        # its chunks and closes (the teardown below lets what is in flight finish).
+        if worker.nanny is None or threading.current_thread() is not threading.main_thread():
+            return  # no nanny: `dask worker`'s own SIGTERM handling closes this process
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            request_stop_everywhere()
+            loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(worker.close(reason="SIGTERM"))
+            )
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def teardown(self, worker: Any) -> None:
+        await asyncio.to_thread(stop_worker_dispatchers)
