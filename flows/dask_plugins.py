@@ -38,3 +38,8 @@ class StopChunksOnClose(WorkerPlugin):
 
     async def teardown(self, worker: Any) -> None:
         await asyncio.to_thread(stop_worker_dispatchers)
+        # Prefect sends logs in batches every 2 s: a worker whose job ends at the end of the
+        # run (the cluster cancels it) would otherwise take its chunks' last lines with it.
+        from prefect.logging.handlers import APILogWorker
+
+        await asyncio.to_thread(APILogWorker.drain_all, timeout=5)
