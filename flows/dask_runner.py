@@ -12,13 +12,16 @@ lock keeps the two attempts apart: rollouts/run_state.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,12 +199,19 @@ def collect_on_dask(
     )  # fmt: skip
     from flows.dask_plugins import StopChunksOnClose
 
-    with make_task_runner(settings, processes, config.max_parallel_chunks, slurm) as runner:
+    with contextlib.ExitStack() as stack:
+        if slurm is not None:
+            stack.enter_context(slurm.scheduler_settings())
+        runner = stack.enter_context(
+            make_task_runner(settings, processes, config.max_parallel_chunks, slurm)
+        )
         if slurm is not None:
             slurm.wait_for_first_worker(runner.client)
         workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
         worker = worker_plan(settings, config, workers, run_id, slurm)
-        runner.client.register_plugin(StopChunksOnClose(), name=StopChunksOnClose.name)
+        runner.client.register_plugin(
+            StopChunksOnClose(close_on_sigterm=slurm is not None), name=StopChunksOnClose.name
+        )
         get_run_logger().info("collecting %s", placement(settings, slurm, workers, worker))
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "dispatch": worker,
@@ -214,16 +224,25 @@ def collect_on_dask(
         return [future.state for future in futures]
 
 
+STOPPED_WAIT_MARGIN_S = 30.0  # beyond the grace: for the workers to write and report
+
+
 def wait_relaying_stop(futures: list[Any], stop: Stopper, relay: Callable[[], Any]) -> None:
     """Wait for every future; once ``stop`` is asked to stop (a signal, a cancellation, read
-    from this thread), ``relay`` it to the workers once."""
-    relayed = False
+    from this thread), ``relay`` it to the workers once. After a stop the wait is bounded
+    (the grace and a margin): chunks whose workers went away without answering count as not
+    finished, and the run ends as stopped instead of waiting for workers that are gone."""
+    relayed_at: float | None = None
     for future in futures:
         while not future.wrapped_future.done():
             future.wait(timeout=0.2)
-            if stop.reason is not None and not relayed:
+            if stop.reason is not None and relayed_at is None:
                 relay()
-                relayed = True
+                relayed_at = time.monotonic()
+            if relayed_at is not None and (
+                time.monotonic() - relayed_at > stop.grace_s() + STOPPED_WAIT_MARGIN_S
+            ):
+                return
 
 
 def placement(
@@ -247,8 +266,16 @@ def import_dask_jobqueue() -> None:
     Ctrl-C, and it fails outright off the main thread, where a subflow may run."""
     if "dask_jobqueue" in sys.modules:
         return
-    install = signal.signal
-    signal.signal = lambda signum, handler: signal.getsignal(signum)  # type: ignore[assignment]
+    install, importer = signal.signal, threading.current_thread()
+
+    def install_elsewhere(signum: int, handler: Any) -> Any:
+        # Only the importing thread's installs are skipped: the main thread may install its
+        # own handlers meanwhile (another dataset's run starting).
+        if threading.current_thread() is importer:
+            return signal.getsignal(signum)
+        return install(signum, handler)
+
+    signal.signal = install_elsewhere  # type: ignore[assignment]
     try:
         import dask_jobqueue  # noqa: F401
     except ImportError:
@@ -278,7 +305,6 @@ class SlurmWorkers:
     def task_runner(self, runner_class: Any, chunks_at_once: int) -> Any:
         check_job_shape(self.shape)
         import_dask_jobqueue()
-        import dask
         from prefect.settings import get_current_settings
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -286,18 +312,29 @@ class SlurmWorkers:
         storage = Path(get_current_settings().results.local_storage_path).expanduser()
         env = {"PREFECT_API_URL": self.api_url, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage)}
         threads = 2 * chunks_per_process(chunks_at_once, self.max_workers)  # as a local worker
-        # Until a chunk has finished, Dask guesses a task's duration (0.5 s): the adaptive
-        # cluster would see a few seconds of work and ask for one job. A chunk takes minutes.
-        # (Process-wide, as the log level below: only an adaptive scheduler reads either.)
-        dask.config.set({"distributed.scheduler.unknown-task-duration": "10m"})
-        # dask-jobqueue's cluster logs through the `distributed` logger, which Prefect's
-        # console handler shows at INFO: workers joining and leaving are not the run's news.
-        logging.getLogger("distributed").setLevel(logging.ERROR)
         return runner_class(
             cluster_class="dask_jobqueue.SLURMCluster",
             cluster_kwargs=cluster_kwargs(self.shape, self.run_id, threads, self.log_dir, env),
             adapt_kwargs={"minimum_jobs": 1, "maximum_jobs": self.jobs},
         )
+
+    @contextlib.contextmanager
+    def scheduler_settings(self) -> Iterator[None]:
+        """While the cluster lives (its scheduler reads them when it starts), then restored."""
+        import dask
+
+        # Until a chunk has finished, Dask guesses a task's duration (0.5 s): the adaptive
+        # cluster would see a few seconds of work and ask for one job. A chunk takes minutes.
+        # dask-jobqueue's cluster logs through the `distributed` logger, which Prefect's
+        # console handler shows at INFO: workers joining and leaving are not the run's news.
+        cluster_log = logging.getLogger("distributed")
+        level = cluster_log.level
+        cluster_log.setLevel(logging.ERROR)
+        try:
+            with dask.config.set({"distributed.scheduler.unknown-task-duration": "10m"}):
+                yield
+        finally:
+            cluster_log.setLevel(level)
 
     def wait_for_first_worker(self, client: Any) -> None:
         """The checks need a worker: wait for the first job, or say why Slurm keeps it."""

@@ -269,7 +269,7 @@ async def collect_chunk(
     async with dispatcher.publication.collecting(run_dir, run_started_at):
         files = ChunkFiles.of(spec)
         client = dispatcher.client
-        async with chunk_writer_lock(files):
+        async with chunk_writer_lock(files, lambda: stop.reason):
             async with dispatcher.chunk_slot():
                 _write_status(files, spec, spec.expected(plan.num_repeats))
                 if client.replicas is not None:  # replicated agents: route them

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -115,9 +116,13 @@ def cluster_kwargs(
 ) -> dict[str, Any]:
     """``SLURMCluster``'s arguments. Workers run ``threads_per_process`` chunk threads each
     (Dask's threads are our chunk tasks, not CPU work: the job's CPUs are ``shape.cores``).
-    ``env`` is exported in the job script (never secrets: a job script is stored by Slurm)."""
+    ``env`` is exported in the job script, except values that carry a password (a URL's
+    ``user:password@``): Slurm stores job scripts; those reach the job through sbatch's
+    exported environment only."""
     lifetime = shape.worker_lifetime_s()
-    stagger = min(60, lifetime // 10)
+    # Dask staggers by +/- this much: a third of the margin at most, so that a worker
+    # retires at least two thirds of the margin before its walltime.
+    stagger = min(60, lifetime_margin_s(walltime_s(shape.walltime)) // 3)
     return {
         "job_name": job_name(run_id),
         "queue": shape.partition,
@@ -130,7 +135,9 @@ def cluster_kwargs(
         "job_extra_directives": list(shape.job_extra),
         "python": shape.python or sys.executable,
         "log_directory": str(log_dir),
-        "job_script_prologue": [f"export {k}={_shell_quote(v)}" for k, v in sorted(env.items())],
+        "job_script_prologue": [
+            f"export {k}={_shell_quote(v)}" for k, v in sorted(env.items()) if not _has_password(v)
+        ],
         # Retire before the walltime instead of being killed mid-request; staggered so that
         # the run's workers do not all leave at once. No restart: the job ends with its
         # worker, and the cluster submits a new job while chunks wait.
@@ -143,6 +150,10 @@ def cluster_kwargs(
         # that come back from the cache) is not the run's news; its errors are.
         "silence_logs": "error",
     }
+
+
+def _has_password(value: str) -> bool:
+    return "://" in value and urlsplit(value).password is not None
 
 
 def _shell_quote(value: str) -> str:

@@ -204,7 +204,7 @@ cmd_stop() {
       say "stopping $name ($pid)"
       kill -TERM "$pid"
       for _ in $(seq 100); do [[ -e /proc/$pid ]] || break; sleep 0.1; done
-      [[ -e /proc/$pid ]] && { say "$name ($pid) still runs after 10 s: SIGKILL"; kill -KILL "$pid"; }
+      if [[ -e /proc/$pid ]]; then say "$name ($pid) still runs after 10 s: SIGKILL"; kill -KILL "$pid"; fi
     fi
   done
   rm -f "$state_file"
