@@ -55,10 +55,13 @@ class Collection:
         ]  # fmt: skip
         self.env = {**os.environ, "PREFECT_API_URL": api}
 
-    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        self, *extra: str, env: dict[str, str] | None = None, own_group: bool = False
+    ) -> subprocess.Popen[str]:
+        """``own_group``: in a process group of its own, as a batch job's processes are."""
         return subprocess.Popen(
             [*self.cmd, *extra], env={**self.env, **(env or {})}, cwd=self.cwd, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=own_group,
         )  # fmt: skip
 
     def wait_for_written(self, proc: subprocess.Popen[str], n: int) -> None:
@@ -255,6 +258,27 @@ def test_sigterm_stops_chunks_in_several_processes_too(
 
     assert proc.returncode == 143, stderr[-2000:]
     assert time.monotonic() - signalled < 5.0
+    run.rerun_completes_exactly(agent, written_keys(run.run_dir), set(requested(agent)))
+
+
+def test_sigterm_to_every_process_of_the_command_stops_it_in_several_processes(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """As Slurm ends or requeues a batch job, systemd a unit: SIGTERM reaches the command and
+    its Dask worker processes at once. The workers stop their chunks (they do not leave), the
+    flow stops, exit 143 within the grace, and the rerun resends only what was in flight."""
+    pytest.importorskip("prefect_dask")
+    agent = start_agent("--latency-ms", "300", "--latency-sigma", "0.6")
+    run = Collection(tmp_path, agent, prefect_api, 300)
+    proc = run.start("--processes", "2", env={"ROLLOUTS_STOP_GRACE_S": "0.5"}, own_group=True)
+    run.wait_for_written(proc, 20)
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 143, stderr[-2000:]
+    assert time.monotonic() - signalled < 10.0
     run.rerun_completes_exactly(agent, written_keys(run.run_dir), set(requested(agent)))
 
 
