@@ -25,7 +25,7 @@ SERVER_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 AGENT_PORT ?= 8765
 REFERENCE_AGENTS ?= {"reference": "http://127.0.0.1:$(AGENT_PORT)"}
 
-.PHONY: install demo test test-fast typecheck lint docs clean server deploy worker agent
+.PHONY: install demo test test-fast typecheck lint docs clean server deploy worker agent slurm slurm-stop
 
 $(BIN)/rollouts: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,3 +83,12 @@ worker: install
 ## The reference agent simulator as agent `reference` for the deployments' defaults.
 agent: install
 	$(BIN)/rollouts serve-agent --port $(AGENT_PORT) --latency-ms 20
+
+## A one-node Slurm on this machine (root; installs Debian's slurm-wlm and munge when missing,
+## writes /etc/slurm/slurm.conf from scripts/slurm/slurm.conf.in). The tests start it themselves.
+## `slurm-stop` stops only the daemons that `make slurm` started.
+slurm:
+	bash scripts/slurm.sh start
+
+slurm-stop:
+	bash scripts/slurm.sh stop

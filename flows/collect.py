@@ -80,6 +80,7 @@ async def collect_rollouts(
     chunk_size: Annotated[int, _form("chunk_size")] = 10_000,
     max_parallel_chunks: Annotated[int, _form("max_parallel_chunks")] = 4,
     processes: Annotated[CountOrAuto, _form("processes")] = 1,
+    slurm_jobs: Annotated[int | None, _form("slurm_jobs")] = None,
     max_duration: Annotated[str | None, _form("max_duration")] = None,
     fresh: Annotated[bool, _form("fresh")] = False,
     retry_failure_classes: Annotated[list[str] | None, _form("retry_failure_classes")] = None,

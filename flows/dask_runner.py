@@ -1,25 +1,36 @@
-"""Chunk collection in several processes: a local Dask cluster (`processes`) or a remote one,
-through prefect-dask (the `[dask]` extra).
+"""Chunk collection in several processes: a local Dask cluster (`processes`), a remote one,
+or workers that are Slurm jobs (`slurm_jobs`, dask-jobqueue), through prefect-dask (the
+`[dask]` and `[slurm]` extras).
 
 The flow stays where it is; chunk tasks go to Dask workers. Every worker must see the run's
 work directory and Prefect's result storage (a shared filesystem): `check_shared_storage`
-refuses, before any request is sent, a cluster where one cannot.
+refuses, before any request is sent, a cluster where one cannot. A worker that leaves (a
+Slurm job cancelled, preempted or retiring before its walltime) stops its chunks gracefully;
+Dask runs them again elsewhere, and they resume from the rows written (the chunk's writer
+lock keeps the two attempts apart: rollouts/run_state.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import signal
 import socket
-from collections.abc import Callable
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollouts.collect import DispatchPlan
 from rollouts.dispatchers import WorkerPlan, request_worker_stop, share_budget
-from rollouts.errors import ConfigError, SharedStorageError
+from rollouts.errors import ConfigError, SharedStorageError, WorkersUnavailable
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import TEMPORARY_API_ENV, RolloutsSettings
+from rollouts.slurm import check_job_shape, cluster_kwargs, job_name, record_jobs, run_jobs
 from rollouts.stopping import Stopper
 
 if TYPE_CHECKING:
@@ -28,24 +39,27 @@ if TYPE_CHECKING:
 PROBE_NAME = ".rollouts-probe"
 
 
-def dask_enabled(settings: RolloutsSettings, processes: int) -> bool:
-    return bool(settings.dask_address) or processes > 1
+def dask_enabled(settings: RolloutsSettings, processes: int, slurm_jobs: int | None) -> bool:
+    return bool(settings.dask_address) or processes > 1 or slurm_jobs is not None
 
 
-def prepare_worker_environment(settings: RolloutsSettings, api_url: str) -> None:
+def prepare_worker_environment(
+    settings: RolloutsSettings, api_url: str, slurm_jobs: int | None
+) -> None:
     """Workers must talk to this run's Prefect API and share its result storage.
 
     A local cluster's worker processes inherit this process's environment: point them at the
-    API in use (even an ephemeral one). A remote cluster is configured by its operator; without
-    a Prefect server it cannot work, so say so before anything starts.
+    API in use (even an ephemeral one). Workers elsewhere (a remote cluster, Slurm jobs) need
+    a Prefect server they can reach: say so before anything starts.
     """
     from prefect.settings import get_current_settings
 
     current = get_current_settings()
-    if settings.dask_address:
+    if settings.dask_address or slurm_jobs is not None:
         if not current.api.url or current.api.url == os.environ.get(TEMPORARY_API_ENV):
+            where = "Slurm worker jobs" if slurm_jobs is not None else "Dask workers"
             raise ConfigError(
-                "Dask workers need a Prefect server they can reach: set PREFECT_API_URL (e.g. "
+                f"{where} need a Prefect server they can reach: set PREFECT_API_URL (e.g. "
                 "`make server`) here and on every worker. This run uses a temporary local API."
             )
         return
@@ -55,7 +69,9 @@ def prepare_worker_environment(settings: RolloutsSettings, api_url: str) -> None
     )
 
 
-def make_task_runner(settings: RolloutsSettings, processes: int, chunks_at_once: int) -> Any:
+def make_task_runner(
+    settings: RolloutsSettings, processes: int, chunks_at_once: int, slurm: SlurmWorkers | None
+) -> Any:
     try:
         from prefect_dask.task_runners import DaskTaskRunner
     except ImportError:
@@ -63,6 +79,8 @@ def make_task_runner(settings: RolloutsSettings, processes: int, chunks_at_once:
             "more than one process (--processes) or a Dask cluster (--dask-address) needs the "
             "[dask] extra, which is not installed: pip install -e '.[dask]'"
         ) from None
+    if slurm is not None:
+        return slurm.task_runner(DaskTaskRunner, chunks_at_once)
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
     # A chunk task holds its thread until its last rollout is in, but its chunk slot only while
@@ -137,10 +155,19 @@ def chunks_per_process(chunks_at_once: int, processes: int) -> int:
 
 
 def worker_plan(
-    settings: RolloutsSettings, config: CollectConfig, workers: list[str], run_id: str
-) -> WorkerPlan:
+    settings: RolloutsSettings, config: CollectConfig, workers: list[str], run_id: str,
+    slurm: SlurmWorkers | None = None,
+) -> WorkerPlan:  # fmt: skip
     """Each worker's share of the run's requests in flight and of its chunks at once (a
-    remote cluster's threads are its operator's choice: no chunk limit there)."""
+    remote cluster's threads are its operator's choice: no chunk limit there). Slurm workers
+    come and go: each takes the share of one of the most there can be at once."""
+    if slurm is not None:
+        slots = slurm.max_workers
+        share = settings.dask_worker_in_flight or min(
+            share_budget(config.in_flight_ceiling, [str(i) for i in range(slots)]).values()
+        )
+        per_process = chunks_per_process(config.max_parallel_chunks, slots)
+        return WorkerPlan(run_id, {}, per_process, config.adaptive, other_workers=share)
     if settings.dask_worker_in_flight:
         budgets = dict.fromkeys(workers, settings.dask_worker_in_flight)
     else:
@@ -156,23 +183,36 @@ def collect_on_dask(
     chunk_task: Any, chunks: list[ChunkSpec], plan: DispatchPlan, run_id: str, run_dir: Path,
     settings: RolloutsSettings, config: CollectConfig, processes: int, stop: Stopper,
 ) -> list[State[Any]]:  # fmt: skip
-    """Run the chunk tasks on Dask workers (prefect-dask): a local cluster of ``processes``
-    or the one at ROLLOUTS_DASK_ADDRESS. Each worker has its own client and budget share.
+    """Run the chunk tasks on Dask workers (prefect-dask): a local cluster of ``processes``,
+    the one at ROLLOUTS_DASK_ADDRESS, or ``slurm_jobs`` Slurm jobs. Each worker has its own
+    client and budget share.
     Workers enforce the run's deadline themselves; a stop asked of the flow is relayed."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
-    prepare_worker_environment(settings, api_url)
-    with make_task_runner(settings, processes, config.max_parallel_chunks) as runner:
+    prepare_worker_environment(settings, api_url, config.slurm_jobs)
+    slurm = (
+        None if config.slurm_jobs is None
+        else SlurmWorkers(settings, config.slurm_jobs, run_id, run_dir, api_url)
+    )  # fmt: skip
+    from flows.dask_plugins import StopChunksOnClose
+
+    with contextlib.ExitStack() as stack:
+        if slurm is not None:
+            stack.enter_context(slurm.scheduler_settings())
+        runner = stack.enter_context(
+            make_task_runner(settings, processes, config.max_parallel_chunks, slurm)
+        )
+        if slurm is not None:
+            slurm.wait_for_first_worker(runner.client)
         workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
-        worker = worker_plan(settings, config, workers, run_id)
-        get_run_logger().info(
-            "collecting %s: %d processes, requests in flight each: %s",
-            f"on Dask at {settings.dask_address}" if settings.dask_address else "locally",
-            len(workers), ", ".join(str(b) for b in worker.budgets.values()),
-        )  # fmt: skip
+        worker = worker_plan(settings, config, workers, run_id, slurm)
+        runner.client.register_plugin(
+            StopChunksOnClose(close_on_sigterm=slurm is not None), name=StopChunksOnClose.name
+        )
+        get_run_logger().info("collecting %s", placement(settings, slurm, workers, worker))
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "dispatch": worker,
                                                   "stop_plan": stop.plan,
@@ -184,13 +224,129 @@ def collect_on_dask(
         return [future.state for future in futures]
 
 
+STOPPED_WAIT_MARGIN_S = 30.0  # beyond the grace: for the workers to write and report
+
+
 def wait_relaying_stop(futures: list[Any], stop: Stopper, relay: Callable[[], Any]) -> None:
     """Wait for every future; once ``stop`` is asked to stop (a signal, a cancellation, read
-    from this thread), ``relay`` it to the workers once."""
-    relayed = False
+    from this thread), ``relay`` it to the workers once. After a stop the wait is bounded
+    (the grace and a margin): chunks whose workers went away without answering count as not
+    finished, and the run ends as stopped instead of waiting for workers that are gone."""
+    relayed_at: float | None = None
     for future in futures:
         while not future.wrapped_future.done():
             future.wait(timeout=0.2)
-            if stop.reason is not None and not relayed:
+            if stop.reason is not None and relayed_at is None:
                 relay()
-                relayed = True
+                relayed_at = time.monotonic()
+            if relayed_at is not None and (
+                time.monotonic() - relayed_at > stop.grace_s() + STOPPED_WAIT_MARGIN_S
+            ):
+                return
+
+
+def placement(
+    settings: RolloutsSettings, slurm: SlurmWorkers | None, workers: list[str], plan: WorkerPlan
+) -> str:
+    """Where chunks run, for the log."""
+    if slurm is not None:
+        return (
+            f"in Slurm jobs {job_name(plan.run_id)} (1 to {slurm.jobs}, "
+            f"{slurm.shape.processes} processes each), requests in flight per process: "
+            f"{plan.other_workers}"
+        )
+    where = f"on Dask at {settings.dask_address}" if settings.dask_address else "locally"
+    shares = ", ".join(str(b) for b in plan.budgets.values())
+    return f"{where}: {len(workers)} processes, requests in flight each: {shares}"
+
+
+def import_dask_jobqueue() -> None:
+    """Import dask-jobqueue without the SIGINT handler it installs when imported (its
+    runner module calls ``signal.signal(SIGINT, sys.exit)``): that would replace our graceful
+    Ctrl-C, and it fails outright off the main thread, where a subflow may run."""
+    if "dask_jobqueue" in sys.modules:
+        return
+    install, importer = signal.signal, threading.current_thread()
+
+    def install_elsewhere(signum: int, handler: Any) -> Any:
+        # Only the importing thread's installs are skipped: the main thread may install its
+        # own handlers meanwhile (another dataset's run starting).
+        if threading.current_thread() is importer:
+            return signal.getsignal(signum)
+        return install(signum, handler)
+
+    signal.signal = install_elsewhere  # type: ignore[assignment]
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "slurm_jobs (--slurm-jobs) needs the [slurm] extra, which is not installed: "
+            "pip install -e '.[slurm]'"
+        ) from None
+    finally:
+        signal.signal = install
+
+
+class SlurmWorkers:
+    """The run's worker jobs: dask-jobqueue's SLURMCluster, adaptive between 1 and ``jobs``."""
+
+    def __init__(
+        self, settings: RolloutsSettings, jobs: int, run_id: str, run_dir: Path, api_url: str
+    ) -> None:
+        self.settings, self.jobs, self.run_id, self.run_dir = settings, jobs, run_id, run_dir
+        self.api_url = api_url
+        self.shape = settings.slurm_job_shape()
+        self.log_dir = run_dir / "slurm"
+
+    @property
+    def max_workers(self) -> int:
+        return self.jobs * self.shape.processes
+
+    def task_runner(self, runner_class: Any, chunks_at_once: int) -> Any:
+        check_job_shape(self.shape)
+        import_dask_jobqueue()
+        from prefect.settings import get_current_settings
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        record_jobs(self.run_dir, self.run_id, self.log_dir)
+        storage = Path(get_current_settings().results.local_storage_path).expanduser()
+        env = {"PREFECT_API_URL": self.api_url, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(storage)}
+        threads = 2 * chunks_per_process(chunks_at_once, self.max_workers)  # as a local worker
+        return runner_class(
+            cluster_class="dask_jobqueue.SLURMCluster",
+            cluster_kwargs=cluster_kwargs(self.shape, self.run_id, threads, self.log_dir, env),
+            adapt_kwargs={"minimum_jobs": 1, "maximum_jobs": self.jobs},
+        )
+
+    @contextlib.contextmanager
+    def scheduler_settings(self) -> Iterator[None]:
+        """While the cluster lives (its scheduler reads them when it starts), then restored."""
+        import dask
+
+        # Until a chunk has finished, Dask guesses a task's duration (0.5 s): the adaptive
+        # cluster would see a few seconds of work and ask for one job. A chunk takes minutes.
+        # dask-jobqueue's cluster logs through the `distributed` logger, which Prefect's
+        # console handler shows at INFO: workers joining and leaving are not the run's news.
+        cluster_log = logging.getLogger("distributed")
+        level = cluster_log.level
+        cluster_log.setLevel(logging.ERROR)
+        try:
+            with dask.config.set({"distributed.scheduler.unknown-task-duration": "10m"}):
+                yield
+        finally:
+            cluster_log.setLevel(level)
+
+    def wait_for_first_worker(self, client: Any) -> None:
+        """The checks need a worker: wait for the first job, or say why Slurm keeps it."""
+        timeout = self.settings.slurm_start_timeout_s
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            jobs = run_jobs(self.run_dir) or []
+            states = "; ".join(f"job {j.job_id} {j.state} ({j.node})" for j in jobs)
+            raise WorkersUnavailable(
+                f"no Slurm worker job of {job_name(self.run_id)} started within {timeout:g} s "
+                f"(ROLLOUTS_SLURM_START_TIMEOUT_S): {states or 'squeue lists none'}; job logs "
+                f"in {self.log_dir}. Nothing was sent; rerun the same command to resume."
+            ) from None
+

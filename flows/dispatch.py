@@ -36,7 +36,7 @@ async def collect_chunks(
         # come from the cache nor be stored as the chunk's result (tasks/collect.py).
         chunk_task = chunk_task.with_options(cache_policy=NO_CACHE)
     limit_store = await apply_agent_limits(plan, split, settings)
-    if dask_enabled(settings, processes):
+    if dask_enabled(settings, processes, config.slurm_jobs):
         states = await asyncio.to_thread(
             collect_on_dask, chunk_task, split.chunks, plan, split.run_id, run_dir, settings,
             config, processes, stop,

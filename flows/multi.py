@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from flows.artifacts import DatasetsProgress, publish_mix, publish_multi_summary
 from flows.collect import collect_rollouts
+from flows.stopping import stop_signals
 from flows.ui import output_label, run_name, title
 from rollouts.errors import (
     STOP_EXIT_CODES,
@@ -119,8 +120,9 @@ async def collect_datasets(config: MultiDatasetConfig) -> dict[str, CollectSumma
     # Prefect 3 runs async subflows awaited together one after another (PrefectHQ/prefect
     # #15415). Each subflow is called from its own submitted task instead: its own thread and
     # event loop, so datasets collect concurrently, each with its own HTTP client and budget.
-    futures = [collect_dataset_task.submit(d) for d in config.datasets]
-    await asyncio.to_thread(wait, futures)
+    with stop_signals():  # SIGINT / SIGTERM stop every dataset's subflow, as a single run
+        futures = [collect_dataset_task.submit(d) for d in config.datasets]
+        await asyncio.to_thread(wait, futures)
     failed = [f.state for f in futures if not f.state.is_completed()]
     if failed:
         causes = [await s.aresult(raise_on_failure=False) for s in failed]

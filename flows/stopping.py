@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from prefect import State
@@ -26,52 +26,72 @@ from prefect.context import FlowRunContext
 from prefect.states import Cancelled, Crashed
 
 from rollouts.errors import STOP_EXIT_CODES, RunStopped
-from rollouts.stopping import Stopper, StopReason
+from rollouts.stopping import Stopper, StopPlan, StopReason
 
 CANCEL_POLL_S = 1.0  # how often a run checks whether it was cancelled
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CANCEL_STATES = (StateType.CANCELLING, StateType.CANCELLED)
 
 
+# Every stopper of this process whose run is working, with the loop it lives on: a signal
+# stops them all. A multi-dataset run's subflows each have one, on threads of their own, where
+# no signal handler can be installed; the multi flow installs the handlers (`stop_signals`).
+_stoppers: dict[int, tuple[Stopper, asyncio.AbstractEventLoop]] = {}
+_signalled: list[StopReason] = []  # the first stop signal this process received
+
+
 @contextlib.asynccontextmanager
 async def stop_controls(stop: Stopper) -> AsyncIterator[None]:
     """While the block runs, SIGINT, SIGTERM and a cancellation of this flow run stop it."""
-    restore = _on_stop_signals(stop, asyncio.get_running_loop())
+    key = id(stop)
+    _stoppers[key] = (stop, asyncio.get_running_loop())
+    if _signalled:  # a signal came before this run started (a dataset of a multi run)
+        stop.request(_signalled[0])
     watcher = asyncio.create_task(_watch_cancellation(stop))
     try:
-        yield
+        with stop_signals():
+            yield
     finally:
+        _stoppers.pop(key, None)
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        restore()
 
 
-def _on_stop_signals(stop: Stopper, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
-    """Install the handlers (only the main thread can); return what restores the previous."""
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM stop every run of this process (installed in
+    the main thread only, the one place Python delivers signals; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    received: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        received.append(signum)
-        if len(received) > 1:  # the second one: now
-            os.write(2, f"\nrollouts: {name} again: stopped at once. Nothing written is lost; "
-                        "rerun the same command to continue.\n".encode())  # fmt: skip
-            os._exit(STOP_EXIT_CODES[name])
-        os.write(2, f"\nrollouts: {name}: stopping. No new rollouts; those in flight get "
-                    f"{stop.grace_s():g} s. Press Ctrl-C again to stop at once.\n".encode())  # fmt: skip
-        reason: StopReason = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-        loop.call_soon_threadsafe(stop.request, reason)
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-
-    def restore() -> None:
+        yield
+        return
+    previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if previous[signal.SIGINT] is not _on_stop_signal:  # the outermost block: the
+            _signalled.clear()  # process's next run starts unsignalled
 
-    return restore
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    # No lock here: the handler runs between two bytecodes of the main thread, which may hold
+    # it. Appending and copying are atomic under the GIL; a run that registers meanwhile sees
+    # `_signalled` itself.
+    name = signal.Signals(signum).name
+    if _signalled:  # the second one: now
+        os.write(2, f"\nrollouts: {name} again: stopped at once. Nothing written is lost; "
+                    "rerun the same command to continue.\n".encode())  # fmt: skip
+        os._exit(STOP_EXIT_CODES[name])
+    reason: StopReason = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+    _signalled.append(reason)
+    stoppers = list(_stoppers.values())
+    grace = max((s.grace_s() for s, _ in stoppers), default=StopPlan(0.0).grace_s)
+    os.write(2, f"\nrollouts: {name}: stopping. No new rollouts; those in flight get "
+                f"{grace:g} s. Press Ctrl-C again to stop at once.\n".encode())  # fmt: skip
+    for stop, loop in stoppers:
+        loop.call_soon_threadsafe(stop.request, reason)
 
 
 async def _watch_cancellation(stop: Stopper) -> None:

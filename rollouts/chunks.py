@@ -41,6 +41,7 @@ class ChunkFiles:
     status: Path
     retry: Path
     reopened: Path
+    writer_lock: Path
 
     @classmethod
     def at(cls, chunks_dir: Path, index: int) -> ChunkFiles:
@@ -55,6 +56,7 @@ class ChunkFiles:
             status=stem.with_name(stem.name + ".status.json"),
             retry=stem.with_name(stem.name + ".retry.json"),
             reopened=stem.with_name(stem.name + ".reopened"),
+            writer_lock=stem.with_name(stem.name + ".lock"),
         )
 
     @classmethod

@@ -45,8 +45,9 @@ from rollouts.nemo_gym import (
 )
 from rollouts.replicas import ReplicaRouter
 from rollouts.retry import retry_attempts
-from rollouts.run_state import worker_id
+from rollouts.run_state import chunk_writer_lock, worker_id
 from rollouts.settings import RolloutsSettings
+from rollouts.slurm import this_job_id
 from rollouts.stopping import Stopper, StopPlan
 from rollouts.urls import AgentCredentials
 
@@ -281,20 +282,23 @@ async def collect_chunk(
     async with dispatcher.publication.collecting(run_dir, run_started_at):
         files = ChunkFiles.of(spec)
         client = dispatcher.client
-        async with dispatcher.chunk_slot():
-            _write_status(files, spec, spec.expected(plan.num_repeats))
-            if client.replicas is not None:  # replicated agents: route them
-                client.replicas.use(plan.agent_urls)
-            resume = _Resume.scan(files, retry)
-            rollouts = _ChunkRollouts(client, stop, _ResultWriter(*files.outputs), resume.earlier)
-            try:
-                await rollouts.dispatch(plan, resume.pending(spec, plan.num_repeats))
-            except BaseException:
-                await rollouts.abort()
-                raise
-        # Everything is dispatched: the chunk slot is released while stragglers finish here,
-        # so the next chunk can start filling the agent.
-        await rollouts.finish()
+        async with chunk_writer_lock(files, lambda: stop.reason):
+            async with dispatcher.chunk_slot():
+                _write_status(files, spec, spec.expected(plan.num_repeats))
+                if client.replicas is not None:  # replicated agents: route them
+                    client.replicas.use(plan.agent_urls)
+                resume = _Resume.scan(files, retry)
+                rollouts = _ChunkRollouts(
+                    client, stop, _ResultWriter(*files.outputs), resume.earlier
+                )
+                try:
+                    await rollouts.dispatch(plan, resume.pending(spec, plan.num_repeats))
+                except BaseException:
+                    await rollouts.abort()
+                    raise
+            # Everything is dispatched: the chunk slot is released while stragglers finish
+            # here, so the next chunk can start filling the agent.
+            await rollouts.finish()
         return _recount(spec, files, plan.num_repeats, resume, rollouts.requests, stop, client)
 
 
@@ -312,7 +316,7 @@ def _write_status(files: ChunkFiles, spec: ChunkSpec, expected: int) -> None:
     write_json_atomic(
         files.status,
         {"index": spec.index, "expected": expected, "worker": worker_id(),
-         "started_at": time.time()},
+         "slurm_job": this_job_id(), "started_at": time.time()},
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -102,6 +103,15 @@ class WorkerPlan:
     budgets: dict[str, int]  # worker name -> its share of the run's requests in flight
     chunks_at_once: int | None = None  # chunks dispatching at once there; None: its threads
     adaptive: bool = False  # each share is a ceiling, the limit found at run time
+    # The share of a worker not in ``budgets``: one that replaced a lost worker under another
+    # name, or any Slurm worker (they come and go). None: the smallest share.
+    other_workers: int | None = None
+
+    def budget_of(self, worker_name: str) -> int:
+        """This worker's share; the run's total is never exceeded by a newcomer."""
+        if worker_name in self.budgets:
+            return self.budgets[worker_name]
+        return self.other_workers or min(self.budgets.values())
 
 
 def worker_dispatcher(
@@ -142,6 +152,31 @@ def request_worker_stop(run_id: str, plan: StopPlan, reason: StopReason) -> None
         dispatcher = _worker_dispatchers.get(run_id)
         if dispatcher is not None and _worker_loop is not None:
             _worker_loop.call_soon_threadsafe(_stop, dispatcher, plan, reason)
+
+
+def request_stop_everywhere() -> list[Dispatcher]:
+    """Stop every run's dispatcher in this process as on SIGTERM (safe in a signal handler:
+    it only schedules the stops on their loop); those dispatchers. No lock: a handler that
+    interrupted its own thread holding it would wait forever; a copy is atomic under the GIL."""
+    dispatchers = list(_worker_dispatchers.values())
+    loop = _worker_loop
+    if loop is None:
+        return []
+    for dispatcher in dispatchers:
+        loop.call_soon_threadsafe(dispatcher.stop.request, "SIGTERM")
+    return dispatchers
+
+
+def stop_worker_dispatchers(extra_wait_s: float = 5.0) -> None:
+    """On a Dask worker that is closing: stop every run's dispatcher in this process as on
+    SIGTERM and wait (up to each one's grace, plus ``extra_wait_s`` to write) until none of
+    their chunks is collecting any more."""
+    dispatchers = request_stop_everywhere()
+    if not dispatchers:
+        return
+    deadline = time.monotonic() + max(d.stop.grace_s() for d in dispatchers) + extra_wait_s
+    while time.monotonic() < deadline and any(d.publication.collecting_now for d in dispatchers):
+        time.sleep(0.1)
 
 
 def _stop(dispatcher: Dispatcher, plan: StopPlan, reason: StopReason) -> None:

@@ -121,6 +121,12 @@ class SharedStorageError(RolloutsError):
     """A Dask worker cannot see the run's work directory or result storage."""
 
 
+class WorkersUnavailable(RolloutsError):
+    """No worker job started in time (a busy queue): nothing was sent; rerun later."""
+
+    exit_code = ExitCode.INCOMPLETE
+
+
 def validation_message(
     error: ValidationError,
     top: str = "parameters",

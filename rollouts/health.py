@@ -209,6 +209,11 @@ class Publication:
         self._chunks = 0  # chunks collecting now, in this process
         self._writer: asyncio.Task[None] | None = None
 
+    @property
+    def collecting_now(self) -> bool:
+        """Whether a chunk of this process is collecting (read from any thread)."""
+        return self._chunks > 0
+
     @contextlib.asynccontextmanager
     async def collecting(
         self, run_dir: Path, run_started_at: float | None = None

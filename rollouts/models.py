@@ -196,6 +196,13 @@ class CollectionParameters(BaseModel):
         'extra), each with its own HTTP client and a share of the requests in flight; "auto": '
         "one per core.",
     )  # fmt: skip
+    slurm_jobs: int | None = Field(
+        default=None, title="Slurm worker jobs",
+        description="Collect chunks on Dask workers that are Slurm jobs (the [slurm] extra), "
+        "scaled between 1 and this many jobs as chunks wait; job shape from ROLLOUTS_SLURM_* "
+        "settings (docs/slurm.md).",
+        json_schema_extra={"minimum": 1},
+    )  # fmt: skip
     max_duration: MaxDuration = Field(
         default=None, title="Max duration",
         description="End the run on time: 2h, 90m, 45s or seconds from its "
@@ -211,10 +218,12 @@ class CollectionParameters(BaseModel):
             raise ValueError(f"limit must be a positive number of rows, got {v}")
         return v
 
-    @field_validator("num_repeats", "max_in_flight", "chunk_size", "max_parallel_chunks")
+    @field_validator(
+        "num_repeats", "max_in_flight", "chunk_size", "max_parallel_chunks", "slurm_jobs"
+    )
     @classmethod
-    def _at_least_one(cls, v: int, info: ValidationInfo) -> int:
-        if v < 1:
+    def _at_least_one(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"{info.field_name} must be at least 1, got {v}")
         return v
 

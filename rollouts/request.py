@@ -81,6 +81,16 @@ def collecting_processes(config: CollectConfig, settings: RolloutsSettings) -> i
             f"processes={config.processes} starts a local cluster, but ROLLOUTS_DASK_ADDRESS "
             f"(--dask-address) names one to use ({settings.dask_address}): choose one"
         )
+    if config.slurm_jobs is not None:
+        if processes > 1 or settings.dask_address:
+            raise ConfigError(
+                f"slurm_jobs={config.slurm_jobs} collects in Slurm jobs, but "
+                + (f"processes={config.processes} asks for local processes"
+                   if processes > 1 else
+                   f"ROLLOUTS_DASK_ADDRESS names a Dask cluster ({settings.dask_address})")
+                + ": choose one"
+            )  # fmt: skip
+        settings.slurm_job_shape()  # a bad ROLLOUTS_SLURM_WALLTIME, before anything starts
     return processes
 
 

@@ -6,15 +6,17 @@ cache key, so deleting the directory (or ``--fresh``) can never resurrect stale 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +27,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from rollouts.chunks import ChunkFiles
-from rollouts.errors import RunConflict, RunLocked
+from rollouts.errors import IncompleteRun, RunConflict, RunLocked, RunStopped
 from rollouts.fileio import ensure_writable_dir, write_json_atomic
 from rollouts.models import ChunkSpec, CollectConfig, RecordedChunk
 
@@ -111,6 +113,60 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+CHUNK_LOCK_POLL_S = 0.2
+# How long a chunk waits for the writer before it: a draining worker needs its grace and a
+# moment to write; a dead one's lock goes with it (on NFSv4, when its lease expires: 90 s).
+CHUNK_LOCK_MAX_WAIT_S = 300.0
+
+_log = logging.getLogger("rollouts.chunks")
+
+
+@contextlib.asynccontextmanager
+async def chunk_writer_lock(
+    files: ChunkFiles, stop_reason: Callable[[], str | None],
+    max_wait_s: float = CHUNK_LOCK_MAX_WAIT_S,
+) -> AsyncIterator[None]:  # fmt: skip
+    """One writer per chunk, across processes and hosts (flock; the kernel drops it when the
+    holder dies). A Dask scheduler reschedules the chunk of a worker it lost (a Slurm job
+    cancelled or at its walltime) while that worker may still be draining its requests in
+    flight: the new attempt waits here until the old one has written its last row, so it
+    resumes from every row and never writes beside it. A stop of this run ends the wait
+    (RunStopped), and so does ``max_wait_s`` (IncompleteRun: the chunk task retries)."""
+    fd = os.open(files.writer_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waited_since: float | None = None
+        while not _flock_now(fd):
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "?"
+            now = time.monotonic()
+            if waited_since is None:
+                _log.warning("chunk %05d is still written by %s (stopping); waiting for it",
+                             files.index, holder)  # fmt: skip
+                waited_since = now
+            reason = stop_reason()
+            if reason is not None:
+                raise RunStopped(f"chunk {files.index:05d}: stopped ({reason}) while waiting "
+                                 f"for {holder} to let go of it", reason)  # fmt: skip
+            if now - waited_since > max_wait_s:
+                raise IncompleteRun(
+                    f"chunk {files.index:05d} is still written by {holder} after "
+                    f"{max_wait_s:g} s (lock {files.writer_lock}); it is tried again"
+                )
+            await asyncio.sleep(CHUNK_LOCK_POLL_S)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, worker_id().encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _flock_now(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _flock_soon(fd: int, tries: int = 20, pause_s: float = 0.005) -> bool:

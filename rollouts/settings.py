@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rollouts.errors import ConfigError
+from rollouts.slurm import JobShape, walltime_s
 from rollouts.urls import AgentCredentials, redact
 
 # Set by the `rollouts` command to the URL of the temporary Prefect API it started for itself
@@ -120,6 +121,66 @@ class RolloutsSettings(BaseSettings):
         description="Requests in flight per Dask worker process. Default: the run's "
         "num_samples_in_parallel divided over the workers.",
     )
+
+    slurm_partition: str | None = Field(
+        default=None, description="--slurm-jobs: the worker jobs' partition (#SBATCH -p)."
+    )
+    slurm_account: str | None = Field(
+        default=None, description="--slurm-jobs: the account charged (#SBATCH -A)."
+    )
+    slurm_walltime: str = Field(
+        default="01:00:00",
+        description="--slurm-jobs: each worker job's time limit (#SBATCH -t). Workers retire "
+        "10% of it before (30 s to 10 min) and the cluster submits new jobs while chunks wait.",
+    )
+    slurm_cores: int = Field(
+        default=1, ge=1, description="--slurm-jobs: CPUs per worker job (--cpus-per-task)."
+    )
+    slurm_memory: str = Field(
+        default="2GB", description="--slurm-jobs: memory per worker job (#SBATCH --mem)."
+    )
+    slurm_processes: int = Field(
+        default=1, ge=1,
+        description="--slurm-jobs: Dask worker processes per job, each with its own HTTP "
+        "client and share of the requests in flight.",
+    )  # fmt: skip
+    slurm_job_extra: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='--slurm-jobs: extra #SBATCH lines, one per line or a JSON list '
+        '(["--qos=high", "--constraint=cpu"]).',
+    )
+    slurm_python: str | None = Field(
+        default=None,
+        description="--slurm-jobs: the workers' Python (with this package installed), as "
+        "the compute nodes see it. Default: the one running the flow.",
+    )
+    slurm_start_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="--slurm-jobs: how long the run waits for its first worker job to start "
+        "before it gives up (nothing sent by then).",
+    )  # fmt: skip
+
+    @field_validator("slurm_job_extra", mode="before")
+    @classmethod
+    def _job_extra_lines(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise ConfigError(
+                        f"ROLLOUTS_SLURM_JOB_EXTRA is not a JSON list: {text}"
+                    ) from None
+            return [line.strip() for line in text.splitlines() if line.strip()]
+        return value
+
+    def slurm_job_shape(self) -> JobShape:
+        walltime_s(self.slurm_walltime)  # refused here, before any job is submitted
+        return JobShape(
+            self.slurm_partition, self.slurm_account, self.slurm_walltime, self.slurm_cores,
+            self.slurm_memory, self.slurm_processes, self.slurm_job_extra, self.slurm_python,
+        )  # fmt: skip
 
     @field_validator("agents", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ only the bytes appended since the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from rollouts.health import ReplicaStatus, RunHealth, read_published
 from rollouts.models import ChunkSpec
 from rollouts.nemo_gym import NG_FAILURE_TERMINAL
 from rollouts.run_state import lock_taken_by, read_run_state, recorded_chunks, run_dir_for
+from rollouts.slurm import SlurmJob, run_jobs
 
 
 @dataclass
@@ -27,7 +29,8 @@ class ChunkStatus:
     expected: int
     done: int
     failed: int
-    worker: str | None
+    worker: str | None  # host:pid of the process that (last) started collecting it
+    slurm_job: str | None = None  # the Slurm job that process ran in
 
 
 # Where a run is: "running" while a process holds its lock, "stopped" when none does and
@@ -50,6 +53,7 @@ class RunStatus:
     holder: str | None = None  # while running: the process holding the output's lock
     replicas: list[ReplicaStatus] = field(default_factory=list)  # replicated agents only
     health: RunHealth | None = None  # while collecting: in flight, latency, failures, stalls
+    slurm_jobs: list[SlurmJob] | None = None  # while running on Slurm workers: squeue's list
 
     @property
     def running(self) -> bool:
@@ -150,15 +154,14 @@ class StatusReader:
             expected = spec.expected(repeats) if isinstance(spec, ChunkSpec) else spec * repeats
             done = min(expected, self._counter(files.rollouts))
             failed = self._counter(files.failures, terminal_only=True)
-            worker = None
+            started: dict[str, Any] = {}
             if files.status.exists():
-                try:
-                    worker = orjson.loads(files.status.read_bytes()).get("worker")
-                except orjson.JSONDecodeError:
-                    worker = None
-            status.chunks.append(
-                ChunkStatus(index, expected, done, min(failed, expected - done), worker)
-            )
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    started = orjson.loads(files.status.read_bytes())
+            status.chunks.append(ChunkStatus(
+                index, expected, done, min(failed, expected - done), started.get("worker"),
+                started.get("slurm_job"),
+            ))  # fmt: skip
         status.expected = sum(c.expected for c in status.chunks)
         status.done = sum(c.done for c in status.chunks)
         status.failed = sum(c.failed for c in status.chunks)
@@ -170,6 +173,8 @@ class StatusReader:
             status.phase, status.holder = "running", holder
         else:
             status.phase = "stopped"
+        if status.running:
+            status.slurm_jobs = run_jobs(self.run_dir)
         published = read_published(self.run_dir, running=status.running)
         status.replicas, status.health = published.replicas, published.health
         now = time.monotonic()

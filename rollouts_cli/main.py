@@ -109,6 +109,7 @@ def _add_collect_parser(sub: Any) -> None:
         type=count_or_auto,
         help="the older spelling of --processes",
     )
+    add_parameter_flag(p, "slurm_jobs")
     flagged = {a.dest for a in p._actions}
     for name in CollectConfig.model_fields:  # a parameter not placed above: its flag, last
         if name in PLUS_KEYS and name not in flagged:

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rollouts.health import clock_text, describe_attempt, rate_number, seconds_text
+from rollouts.slurm import SlurmJob
 from rollouts.status import RunStatus
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ def status_view(status: RunStatus) -> RenderableType:
     if status.phase == "not started":
         return Text(f"no collection state for {status.output} (looked in {status.run_dir})")
     parts: list[RenderableType] = [chunk_table(status)]
+    if status.slurm_jobs is not None:
+        parts.append(slurm_jobs_table(status.slurm_jobs))
     live: set[tuple[str, str | None]] = set()
     if status.health is not None:
         parts += health_view(status.health, status.replicas)
@@ -126,8 +129,18 @@ def chunk_table(status: RunStatus) -> Table:
     for col in ("chunk", "expected", "done", "failed", "worker"):
         table.add_column(col, justify="left" if col == "worker" else "right")
     for c in chunks:
-        table.add_row(f"{c.index:05d}", str(c.expected), str(c.done), str(c.failed),
-                      c.worker or "-")  # fmt: skip
+        worker = (c.worker or "-") + (f" (Slurm job {c.slurm_job})" if c.slurm_job else "")
+        table.add_row(f"{c.index:05d}", str(c.expected), str(c.done), str(c.failed), worker)
+    return table
+
+
+def slurm_jobs_table(jobs: list[SlurmJob]) -> Table:
+    """The run's worker jobs as squeue lists them (running, waiting, completing)."""
+    table = Table(title=f"Slurm worker jobs: {len(jobs)}")
+    for col in ("job", "state", "node (or why waiting)", "time"):
+        table.add_column(col)
+    for j in jobs:
+        table.add_row(j.job_id, j.state, j.node, j.elapsed)
     return table
 
 

@@ -18,7 +18,10 @@ early connections wait in the backlog), then points Prefect at it. What this cha
 - the server runs without what a collection never uses: automations (triggers, actions), the
   block types' registration, telemetry;
 - its console goes to a log file (named in any failure) instead of the user's terminal;
-- it stops with the command, and by itself if the command is killed (-9 included).
+- it stops with the command, and by itself if the command is killed (-9 included);
+- a SIGTERM sent to every process of the command at once (Slurm ending or requeueing a job,
+  systemd stopping a unit) leaves it running while the command stops gracefully and writes its
+  run's final state through it; the command then stops it (SIGINT).
 
 Subprocesses of the command (`--processes`, a local Dask cluster) inherit PREFECT_API_URL and
 use this one server too. TEMPORARY_API_ENV names it for code that must know a URL is only this
@@ -38,6 +41,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 
 from rollouts.settings import TEMPORARY_API_ENV
 
@@ -125,7 +129,7 @@ class TemporaryApi:
     def stop(self) -> None:
         process = self._process
         if process.poll() is None:
-            process.terminate()
+            process.send_signal(signal.SIGINT)  # a SIGTERM it ignores while this command lives
             try:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -192,12 +196,22 @@ def _watch_parent(parent_pid: int) -> None:
 def serve(fd: int, parent_pid: int) -> None:
     import uvicorn
 
+    class CommandServer(uvicorn.Server):
+        """Uvicorn that stops when its command says so (SIGINT) or is gone, not at a
+        SIGTERM that reached every process of the command: the command, stopping gracefully on
+        the same signal, still reports its run's final state here."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if sig == signal.SIGTERM and os.getppid() == parent_pid:
+                return
+            super().handle_exit(sig, frame)
+
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     config = uvicorn.Config(
         "prefect.server.api.server:create_app", factory=True, log_level="error", lifespan="on"
     )
     # The socket the command bound (uvicorn's own `fd=` would take it for a Unix socket).
-    uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
+    CommandServer(config).run(sockets=[socket.socket(fileno=fd)])
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ async def collect_chunk_task(
     if isinstance(dispatch, Dispatcher):
         result = await collect_chunk(spec, plan, dispatch, stop_plan, retry)
     else:
-        budget = this_worker_budget(dispatch.budgets)
+        budget = this_worker_budget(dispatch)
         loop, dispatcher = worker_dispatcher(
             RolloutsSettings(), budget, dispatch, PrefectLimitStore
         )
@@ -110,14 +110,12 @@ def raise_if_stopped(result: ChunkResult, stop_plan: StopPlan | None) -> None:
         )
 
 
-def this_worker_budget(budgets: dict[str, int]) -> int:
-    """This Dask worker's share, by its name. A worker the run did not start with (one that
-    replaced a lost worker under another name) takes the smallest share, so the run's total
-    is never exceeded."""
+def this_worker_budget(plan: WorkerPlan) -> int:
+    """This Dask worker's share of the run's requests in flight, by its name."""
     from distributed import get_worker
 
     try:
         name = str(get_worker().name)
     except ValueError:  # not inside a Dask task
         name = ""
-    return budgets.get(name, min(budgets.values()))
+    return plan.budget_of(name)

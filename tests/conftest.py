@@ -26,6 +26,7 @@ import orjson
 import pytest
 from pg_prefect import PgPrefectServer, pg_prefect_server, postgres_missing
 from prefect.testing.utilities import prefect_test_harness
+from slurm_cluster import SlurmCluster, slurm_cluster_started
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a command run on a Prefect server prints first on stderr: its run's page in the UI.
@@ -61,6 +62,15 @@ def pg_prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgPrefectSe
         pytest.skip(reason)
     with pg_prefect_server(tmp_path_factory.mktemp("pg-prefect")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """The repository's one-node Slurm (scripts/slurm.sh start: installs and starts what is
+    missing), once for the session when a test asks for it; at the end, the daemons that this
+    session started are stopped. Skips those tests where Slurm cannot be set up."""
+    with slurm_cluster_started(tmp_path_factory.mktemp("slurm") / "started") as cluster:
+        yield cluster
 
 
 @pytest.fixture(autouse=True)

@@ -134,7 +134,7 @@ FLAGS = [
     ["--max-in-flight"], ["--chunk-size"], ["--max-parallel-chunks"], ["--temperature"],
     ["--top-p"], ["--max-output-tokens"], ["--responses-create-param"],
     ["--num-repeats-add-seed"], ["--max-duration"], ["--fresh"], ["--retry-failure-class"],
-    ["--dask-address"], ["--processes"], ["--dask-local-workers"], [],
+    ["--dask-address"], ["--processes"], ["--dask-local-workers"], ["--slurm-jobs"], [],
 ]  # fmt: skip
 
 

@@ -55,10 +55,13 @@ class Collection:
         ]  # fmt: skip
         self.env = {**os.environ, "PREFECT_API_URL": api}
 
-    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        self, *extra: str, env: dict[str, str] | None = None, own_group: bool = False
+    ) -> subprocess.Popen[str]:
+        """``own_group``: in a process group of its own, as a batch job's processes are."""
         return subprocess.Popen(
             [*self.cmd, *extra], env={**self.env, **(env or {})}, cwd=self.cwd, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=own_group,
         )  # fmt: skip
 
     def wait_for_written(self, proc: subprocess.Popen[str], n: int) -> None:
@@ -256,3 +259,78 @@ def test_sigterm_stops_chunks_in_several_processes_too(
     assert proc.returncode == 143, stderr[-2000:]
     assert time.monotonic() - signalled < 5.0
     run.rerun_completes_exactly(agent, written_keys(run.run_dir), set(requested(agent)))
+
+
+def test_sigterm_to_every_process_of_the_command_stops_it_in_several_processes(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """As Slurm ends or requeues a batch job, systemd a unit: SIGTERM reaches the command and
+    its Dask worker processes at once. The workers stop their chunks (they do not leave), the
+    flow stops, exit 143 within the grace, and the rerun resends only what was in flight."""
+    pytest.importorskip("prefect_dask")
+    agent = start_agent("--latency-ms", "300", "--latency-sigma", "0.6")
+    run = Collection(tmp_path, agent, prefect_api, 300)
+    proc = run.start("--processes", "2", env={"ROLLOUTS_STOP_GRACE_S": "0.5"}, own_group=True)
+    run.wait_for_written(proc, 20)
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 143, stderr[-2000:]
+    assert time.monotonic() - signalled < 10.0
+    run.rerun_completes_exactly(agent, written_keys(run.run_dir), set(requested(agent)))
+
+
+def test_sigterm_stops_every_dataset_of_a_multi_run_gracefully(
+    tmp_path: Path, start_agent: Any, prefect_api: str
+) -> None:
+    """`rollouts multi` (its datasets' subflows run on threads of their own, where no signal
+    handler can be installed): one SIGTERM stops them all within the grace, exit 143, no mix;
+    the same command then completes both, resending at most what was in flight."""
+    agent = start_agent("--latency-ms", "100")
+    datasets = []
+    for name in ("a", "b"):
+        write_tasks(tmp_path / f"{name}.jsonl", 400, seed=len(datasets))
+        datasets.append({"name": name, "input": str(tmp_path / f"{name}.jsonl"),
+                         "output": str(tmp_path / f"out_{name}.jsonl"), "agent_url": agent.url,
+                         "chunk_size": 100, "num_samples_in_parallel": PARALLEL})  # fmt: skip
+    config = tmp_path / "multi.json"
+    config.write_text(orjson.dumps({"datasets": datasets, "mix": {
+        "output": str(tmp_path / "mixed.jsonl"), "total": 100,
+        "proportions": {"a": 0.5, "b": 0.5}}}).decode())  # fmt: skip
+    cmd = [sys.executable, "-m", "rollouts_cli", "multi", "--config", str(config)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "ROLLOUTS_STOP_GRACE_S": "1"}
+    run_dirs = [run_dir_for(tmp_path / f"out_{n}.jsonl", None) for n in ("a", "b")]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    give_up = time.monotonic() + 60
+    while not all(len(written_keys(d)) >= 20 for d in run_dirs if d.exists()) or not all(
+        d.exists() for d in run_dirs
+    ):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < give_up, "no progress"
+        time.sleep(0.05)
+
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 143, stderr[-3000:]
+    assert time.monotonic() - signalled < 15, "the datasets kept collecting after SIGTERM"
+    assert "SIGTERM: stopping" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not (tmp_path / "mixed.jsonl").exists()
+    written = sum(len(written_keys(d)) for d in run_dirs)
+    assert written < 800
+    sent = len(agent.requests())
+    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120, check=False)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name in ("a", "b"):
+        rows = read_jsonl(tmp_path / f"out_{name}.jsonl")
+        assert [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in rows] == [
+            (t, 0) for t in range(400)
+        ]
+    # Sent in all: each rollout once, plus at most what each dataset had in flight.
+    assert len(agent.requests()) - 800 <= 2 * PARALLEL
+    assert sent <= written + 2 * PARALLEL

@@ -154,3 +154,40 @@ def test_the_server_does_not_outlive_a_killed_command(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_sigterm_to_every_process_of_the_command_stops_it_gracefully(
+    tmp_path: Path, start_agent: Callable[..., AgentServer]
+) -> None:
+    """As Slurm ends or requeues a job (and systemd stops a unit): the command and its
+    temporary API get SIGTERM at once. The API stays up until the command has written its
+    run's final state through it; the command exits 143 at once, with no error."""
+    agent = start_agent("--latency-ms", "50")
+    write_tasks(tmp_path / "in.jsonl", 2000)
+    home = tmp_path / "home"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollouts_cli", "collect", f"+agent_url={agent.url}",
+         "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out.jsonl"],
+        env=clean_env(home), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(agent.requests()) < 50:
+            assert proc.poll() is None, "the command ended before it could be stopped"
+            assert time.monotonic() < deadline, "no requests reached the agent in 120 s"
+            time.sleep(0.1)
+        (api_pid,) = temporary_api_pids(home)
+        stopped_at = time.monotonic()
+        for pid in (proc.pid, api_pid):
+            os.kill(pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        took_s = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    console = stderr.decode()
+    assert proc.returncode == 143, console[-3000:]
+    assert "stopped by SIGTERM" in console
+    assert "ERROR" not in console and "Unable to connect" not in console, console[-3000:]
+    assert took_s < 20, f"{took_s:.1f} s from SIGTERM to exit"  # without it: over 60 s, retrying the gone API
+    assert temporary_api_pids(home) == []
