@@ -323,15 +323,21 @@ class SlurmWorkers:
         """While the cluster lives (its scheduler reads them when it starts), then restored."""
         import dask
 
-        # Until a chunk has finished, Dask guesses a task's duration (0.5 s): the adaptive
-        # cluster would see a few seconds of work and ask for one job. A chunk takes minutes.
+        # The adaptive cluster asks for as many workers as finish the waiting work in its
+        # target duration (5 s by default) and, until a chunk has finished, guesses a task
+        # takes 0.5 s: it would see a few seconds of work and ask for one job. Chunks take
+        # minutes, and every chunk that waits is worth a worker (up to --slurm-jobs).
         # dask-jobqueue's cluster logs through the `distributed` logger, which Prefect's
         # console handler shows at INFO: workers joining and leaving are not the run's news.
         cluster_log = logging.getLogger("distributed")
         level = cluster_log.level
         cluster_log.setLevel(logging.ERROR)
         try:
-            with dask.config.set({"distributed.scheduler.unknown-task-duration": "10m"}):
+            # A worker gone (its job cancelled) is given up after this (15 s by default), and
+            # its job replaced while chunks wait.
+            with dask.config.set({"distributed.scheduler.unknown-task-duration": "10m",
+                                  "distributed.adaptive.target-duration": "1s",
+                                  "distributed.deploy.lost-worker-timeout": "5s"}):  # fmt: skip
                 yield
         finally:
             cluster_log.setLevel(level)

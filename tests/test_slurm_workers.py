@@ -46,6 +46,11 @@ def chunk_jobs(run_dir: Path) -> dict[int, str | None]:
     return out
 
 
+def chunk_lines(run_dir: Path, index: int) -> int:
+    path = run_dir / "chunks" / f"{index:05d}.rollouts.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 class SlurmRun:
     """`rollouts collect --slurm-jobs N` in the background, watched through squeue."""
 
@@ -106,7 +111,7 @@ class SlurmRun:
 def test_two_worker_jobs_one_cancelled_mid_run_give_the_exact_output(
     tmp_path: Path, start_agent: Any, prefect_api: str
 ) -> None:
-    agent = start_agent("--latency-ms", "40")
+    agent = start_agent("--latency-ms", "120")
     run = SlurmRun(tmp_path, agent.url, 1600, 2, prefect_api)
     try:
         # Both jobs collect (the adaptive cluster asks for the second once chunks wait).
@@ -119,7 +124,10 @@ def test_two_worker_jobs_one_cancelled_mid_run_give_the_exact_output(
         listed = orjson.loads(status.stdout)
         running = {j for j, s in run.poll().items() if s == "RUNNING"}
         assert {j["job_id"] for j in listed["slurm_jobs"]} >= running
+        assert {c["slurm_job"] for c in listed["chunks"] if c["slurm_job"]} <= running
         victim = sorted(j for j in chunk_jobs(run.run_dir).values() if j)[0]
+        cut = {i for i, j in chunk_jobs(run.run_dir).items()
+               if j == victim and chunk_lines(run.run_dir, i) < 100}  # fmt: skip
         subprocess.run(["scancel", victim], check=True)
         assert run.finish(240) == 0, run.log.read_text()[-4000:]
     finally:
@@ -128,14 +136,18 @@ def test_two_worker_jobs_one_cancelled_mid_run_give_the_exact_output(
     assert run.exact()
     per_key = Counter(q["_ng_task_index"] for q in agent.requests())
     assert set(per_key) == set(range(1600))
-    # Resent: at most what the cancelled job had in flight (its share: 8 / 2 jobs).
+    # Resent: at most what the cancelled job had in flight (its share: 8 / 2 jobs); its
+    # worker stops on SIGTERM and writes what finishes within the grace.
     resent = sum(c - 1 for c in per_key.values())
-    print(f"resent after the cancel: {resent}")
+    print(f"resent after the cancel: {resent}; jobs over the run: {sorted(run.seen)}")
     assert resent <= 4
     assert run.most_at_once <= 2
-    # The cancelled job's chunks finished elsewhere: every chunk names the job that did it.
-    finishers = set(chunk_jobs(run.run_dir).values())
-    assert victim in run.seen and None not in finishers
+    # The chunks the cancelled job was collecting were finished by another job, and the
+    # cluster submitted a job in its place.
+    assert cut, "the cancelled job had no chunk in progress"
+    finishers = chunk_jobs(run.run_dir)
+    assert all(finishers[i] not in (None, victim) for i in cut), (cut, finishers)
+    assert len(run.seen) >= 3, run.seen
 
 
 def test_workers_retire_before_a_walltime_shorter_than_the_run_and_lose_nothing(
