@@ -16,8 +16,10 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -30,7 +32,7 @@ from rollouts.dispatchers import WorkerPlan, request_worker_stop, share_budget
 from rollouts.errors import ConfigError, SharedStorageError, WorkersUnavailable
 from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.settings import TEMPORARY_API_ENV, RolloutsSettings
-from rollouts.slurm import check_job_shape, cluster_kwargs, job_name, record_jobs, run_jobs
+from rollouts.slurm import JobShape, cluster_kwargs, job_name, record_jobs, run_jobs
 from rollouts.stopping import Stopper
 
 if TYPE_CHECKING:
@@ -187,7 +189,6 @@ def collect_on_dask(
     the one at ROLLOUTS_DASK_ADDRESS, or ``slurm_jobs`` Slurm jobs. Each worker has its own
     client and budget share.
     Workers enforce the run's deadline themselves; a stop asked of the flow is relayed."""
-    from prefect import get_run_logger
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -197,22 +198,13 @@ def collect_on_dask(
         None if config.slurm_jobs is None
         else SlurmWorkers(settings, config.slurm_jobs, run_id, run_dir, api_url)
     )  # fmt: skip
-    from flows.dask_plugins import StopChunksOnClose
-
     with contextlib.ExitStack() as stack:
         if slurm is not None:
             stack.enter_context(slurm.scheduler_settings())
         runner = stack.enter_context(
             make_task_runner(settings, processes, config.max_parallel_chunks, slurm)
         )
-        if slurm is not None:
-            slurm.wait_for_first_worker(runner.client)
-        workers = check_shared_storage(runner.client, run_dir, run_id, api_url)
-        worker = worker_plan(settings, config, workers, run_id, slurm)
-        runner.client.register_plugin(
-            StopChunksOnClose(close_on_sigterm=slurm is not None), name=StopChunksOnClose.name
-        )
-        get_run_logger().info("collecting %s", placement(settings, slurm, workers, worker))
+        worker = checked_workers(runner.client, settings, config, run_id, run_dir, api_url, slurm)
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "dispatch": worker,
                                                   "stop_plan": stop.plan,
@@ -222,6 +214,27 @@ def collect_on_dask(
         wait_relaying_stop(futures, stop, lambda: runner.client.run(
             request_worker_stop, run_id, stop.plan, stop.reason))  # fmt: skip
         return [future.state for future in futures]
+
+
+def checked_workers(
+    client: Any, settings: RolloutsSettings, config: CollectConfig, run_id: str, run_dir: Path,
+    api_url: str, slurm: SlurmWorkers | None,
+) -> WorkerPlan:  # fmt: skip
+    """Before any chunk is submitted: a worker to check (Slurm: the first job), every worker
+    checked (shared storage, the same API), the stop plugin on each; their plan."""
+    from prefect import get_run_logger
+
+    from flows.dask_plugins import StopChunksOnClose
+
+    if slurm is not None:
+        slurm.wait_for_first_worker(client)
+    workers = check_shared_storage(client, run_dir, run_id, api_url)
+    plan = worker_plan(settings, config, workers, run_id, slurm)
+    client.register_plugin(
+        StopChunksOnClose(close_on_sigterm=slurm is not None), name=StopChunksOnClose.name
+    )
+    get_run_logger().info("collecting %s", placement(settings, slurm, workers, plan))
+    return plan
 
 
 STOPPED_WAIT_MARGIN_S = 30.0  # beyond the grace: for the workers to write and report
@@ -258,6 +271,42 @@ def placement(
     where = f"on Dask at {settings.dask_address}" if settings.dask_address else "locally"
     shares = ", ".join(str(b) for b in plan.budgets.values())
     return f"{where}: {len(workers)} processes, requests in flight each: {shares}"
+
+
+def check_job_shape(shape: JobShape) -> None:
+    """Ask Slurm whether it would take a worker job of this shape (``sbatch --test-only``:
+    nothing is submitted), so that a wrong partition, account or size is refused at once
+    instead of leaving the run waiting for a job that never starts."""
+    if shutil.which("sbatch") is None:
+        raise ConfigError(
+            "slurm_jobs (--slurm-jobs) submits worker jobs with sbatch, which is not on PATH: "
+            "run the command where Slurm's client commands are (a login node)"
+        )
+    from dask.utils import parse_bytes  # the [slurm] extra's, as dask-jobqueue reads it
+
+    try:
+        mem_mib = math.ceil(parse_bytes(shape.memory) / 2**20)
+    except ValueError:
+        raise ConfigError(
+            f"ROLLOUTS_SLURM_MEMORY={shape.memory!r} is not a size (e.g. 2GB, 1536MiB)"
+        ) from None
+    args = ["sbatch", "--test-only", f"--time={shape.walltime}",
+            f"--cpus-per-task={shape.cores}", f"--mem={mem_mib}M", *shape.job_extra]  # fmt: skip
+    if shape.partition:
+        args.append(f"--partition={shape.partition}")
+    if shape.account:
+        args.append(f"--account={shape.account}")
+    try:
+        done = subprocess.run([*args, "--wrap=true"], capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return  # a slow controller is no verdict: the run's own wait reports a job that waits
+    if done.returncode != 0:
+        said = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+        raise ConfigError(
+            f"Slurm refuses the worker jobs' shape (ROLLOUTS_SLURM_*): {said} "
+            f"(checked with: {' '.join(args)})"
+        )
 
 
 def import_dask_jobqueue() -> None:

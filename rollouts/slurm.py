@@ -7,7 +7,6 @@ The cluster itself is dask-jobqueue's ``SLURMCluster`` (flows/dask_runner.py bui
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -68,42 +67,6 @@ class JobShape:
     def worker_lifetime_s(self) -> int:
         total = walltime_s(self.walltime)
         return max(1, total - lifetime_margin_s(total))
-
-
-def check_job_shape(shape: JobShape) -> None:
-    """Ask Slurm whether it would take a worker job of this shape (``sbatch --test-only``:
-    nothing is submitted), so that a wrong partition, account or size is refused at once
-    instead of leaving the run waiting for a job that never starts."""
-    if shutil.which("sbatch") is None:
-        raise ConfigError(
-            "slurm_jobs (--slurm-jobs) submits worker jobs with sbatch, which is not on PATH: "
-            "run the command where Slurm's client commands are (a login node)"
-        )
-    from dask.utils import parse_bytes  # the [slurm] extra's, as dask-jobqueue reads it
-
-    try:
-        mem_mib = math.ceil(parse_bytes(shape.memory) / 2**20)
-    except ValueError:
-        raise ConfigError(
-            f"ROLLOUTS_SLURM_MEMORY={shape.memory!r} is not a size (e.g. 2GB, 1536MiB)"
-        ) from None
-    args = ["sbatch", "--test-only", f"--time={shape.walltime}",
-            f"--cpus-per-task={shape.cores}", f"--mem={mem_mib}M", *shape.job_extra]  # fmt: skip
-    if shape.partition:
-        args.append(f"--partition={shape.partition}")
-    if shape.account:
-        args.append(f"--account={shape.account}")
-    try:
-        done = subprocess.run([*args, "--wrap=true"], capture_output=True, text=True,
-                              timeout=60, check=False)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return  # a slow controller is no verdict: the run's own wait reports a job that waits
-    if done.returncode != 0:
-        said = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
-        raise ConfigError(
-            f"Slurm refuses the worker jobs' shape (ROLLOUTS_SLURM_*): {said} "
-            f"(checked with: {' '.join(args)})"
-        )
 
 
 def job_name(run_id: str) -> str:

@@ -134,7 +134,7 @@ def test_a_job_shape_slurm_would_refuse_is_refused_before_any_job(
 ) -> None:
     """A wrong partition, or more CPUs than a node has: Slurm's own words, at once, instead of
     a run that waits for a job that never starts."""
-    from rollouts.slurm import check_job_shape
+    from flows.dask_runner import check_job_shape
 
     monkeypatch.setenv("ROLLOUTS_SLURM_MEMORY", "1GB")
     check_job_shape(RolloutsSettings().slurm_job_shape())  # the repository's cluster takes it
