@@ -177,6 +177,14 @@ def stop_worker_dispatchers(extra_wait_s: float = 5.0) -> None:
     deadline = time.monotonic() + max(d.stop.grace_s() for d in dispatchers) + extra_wait_s
     while time.monotonic() < deadline and any(d.publication.collecting_now for d in dispatchers):
         time.sleep(0.1)
+    # The slots of agents' shared limits this process holds go back now, not when their
+    # leases expire (about a minute): other processes and runs take them at once.
+    loop = _worker_loop
+    for dispatcher in dispatchers:
+        limits = dispatcher.client.agent_limits
+        if limits is not None and loop is not None:
+            with contextlib.suppress(Exception):  # the server gone: the leases expire anyway
+                asyncio.run_coroutine_threadsafe(limits.aclose(), loop).result(timeout=5)
 
 
 def _stop(dispatcher: Dispatcher, plan: StopPlan, reason: StopReason) -> None:
