@@ -240,6 +240,31 @@ def test_a_small_demand_beside_a_large_one_gets_a_slot() -> None:
 
 
 @pytest.mark.fast
+def test_a_small_run_beside_a_big_one_gets_its_share_of_a_real_sized_limit() -> None:
+    """A limit of 256 (leases of 32 slots) held whole by a run that wants 512: a run that
+    wants 64 gets its share (256 x 64 / 576 = 28), though that is less than one lease."""
+
+    async def main() -> tuple[Fleet, int]:
+        store = _store_with_limit(256)
+        big, small, fleet = Process("big", 512, store), Process("small", 64, store), Fleet()
+        sending = asyncio.create_task(big.send(fleet, 200_000))
+        await _until(lambda: big.slots.held == 256)
+        small_sending = asyncio.create_task(small.send(fleet, 5_000))
+        await _until(lambda: small.slots.held >= 28, timeout_s=20)
+        got = small.slots.held
+        sending.cancel()
+        small_sending.cancel()
+        await asyncio.gather(sending, small_sending, return_exceptions=True)
+        for p in (big, small):
+            await p.slots.aclose()
+        return fleet, got
+
+    fleet, got = asyncio.run(main())
+    assert got >= 28
+    assert fleet.peak <= 256
+
+
+@pytest.mark.fast
 def test_a_demand_that_takes_nothing_leaves_free_slots_to_the_others() -> None:
     """A process that published a demand but takes no slot (slow to start, or killed: its
     demand's lease has not expired yet) does not wait below its share: the others use every
