@@ -108,8 +108,6 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
                 f"{output} is being collected by {holder} right now (lock {lock_path}); "
                 "wait for it to finish or stop it. Two runs never write one output."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, worker_id().encode(), 0)
         yield
     finally:
         os.close(fd)
@@ -138,7 +136,7 @@ async def chunk_writer_lock(
     try:
         waited_since: float | None = None
         while not _flock_now(fd):
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "?"
+            holder = _chunk_holder(files)
             now = time.monotonic()
             if waited_since is None:
                 _log.warning("chunk %05d is still written by %s (stopping); waiting for it",
@@ -154,11 +152,18 @@ async def chunk_writer_lock(
                     f"{max_wait_s:g} s (lock {files.writer_lock}); it is tried again"
                 )
             await asyncio.sleep(CHUNK_LOCK_POLL_S)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, worker_id().encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _chunk_holder(files: ChunkFiles) -> str:
+    """Who holds a chunk: the process its status file names (it writes the file once it holds
+    the lock; the lock file itself stays empty: no disk block, nothing to fail on a full disk)."""
+    try:
+        return str(orjson.loads(files.status.read_bytes()).get("worker") or "?")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return "?"
 
 
 def _flock_now(fd: int) -> bool:

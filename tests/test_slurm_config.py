@@ -98,7 +98,7 @@ def test_a_chunk_has_one_writer_a_second_waits_until_the_first_is_done(tmp_path:
         [sys.executable, "-c",
          "import fcntl, os, sys, time\n"
          f"fd = os.open({str(files.writer_lock)!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'w1:42'); print('held', flush=True)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True)\n"
          "time.sleep(1.0)\n"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -156,11 +156,12 @@ def test_a_stopped_run_does_not_wait_for_a_chunk_another_process_writes(tmp_path
     from rollouts.errors import RunStopped
 
     files = ChunkFiles.at(tmp_path, 4)
+    files.status.write_text('{"worker": "w1:42"}')  # written by the holder once it holds it
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import fcntl, os, time\n"
          f"fd = os.open({str(files.writer_lock)!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'w1:42'); print('held', flush=True)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True)\n"
          "time.sleep(30)\n"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
