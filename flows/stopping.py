@@ -56,6 +56,20 @@ async def stop_controls(stop: Stopper) -> AsyncIterator[None]:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if stop.reason == "cancelled":
+            _ignore_late_sigterm()
+
+
+def _ignore_late_sigterm() -> None:
+    """A cancelled deployed run often sees the cancellation itself (its poll) before its
+    worker's SIGTERM arrives. Arriving once the run has stopped, Prefect's own handler would
+    turn the stopped run into Crashed, and the resume automation would run it again: in a
+    deployed run's process, for the rest of its life (writing the final state, exiting),
+    SIGTERM is ignored."""
+    ctx = FlowRunContext.get()
+    deployed = ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id
+    if deployed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
