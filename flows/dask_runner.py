@@ -12,7 +12,6 @@ lock keeps the two attempts apart: rollouts/run_state.py).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,12 +197,9 @@ def collect_on_dask(
         None if config.slurm_jobs is None
         else SlurmWorkers(settings, config.slurm_jobs, run_id, run_dir, api_url)
     )  # fmt: skip
-    with contextlib.ExitStack() as stack:
-        if slurm is not None:
-            stack.enter_context(slurm.scheduler_settings())
-        runner = stack.enter_context(
-            make_task_runner(settings, processes, config.max_parallel_chunks, slurm)
-        )
+    if slurm is not None:
+        slurm.configure_dask()
+    with make_task_runner(settings, processes, config.max_parallel_chunks, slurm) as runner:
         worker = checked_workers(runner.client, settings, config, run_id, run_dir, api_url, slurm)
         futures = [
             runner.submit(chunk_task, parameters={"spec": spec, "plan": plan, "dispatch": worker,
@@ -364,32 +360,27 @@ class SlurmWorkers:
         return runner_class(
             cluster_class="dask_jobqueue.SLURMCluster",
             cluster_kwargs=cluster_kwargs(self.shape, self.run_id, threads, self.log_dir, env),
-            adapt_kwargs={"minimum_jobs": 1, "maximum_jobs": self.jobs},
+            # Every waiting chunk is worth a worker: a short target duration (5 s by default:
+            # as many workers as finish the waiting work in it).
+            adapt_kwargs={"minimum_jobs": 1, "maximum_jobs": self.jobs, "target_duration": "1s"},
         )
 
-    @contextlib.contextmanager
-    def scheduler_settings(self) -> Iterator[None]:
-        """While the cluster lives (its scheduler reads them when it starts), then restored."""
+    @staticmethod
+    def configure_dask() -> None:
+        """Dask settings for adaptive job clusters, set for the process and never restored:
+        several datasets' clusters live at once on threads of one process, and a setting
+        restored under a living cluster breaks it (Dask reads some of them late)."""
         import dask
 
-        # The adaptive cluster asks for as many workers as finish the waiting work in its
-        # target duration (5 s by default) and, until a chunk has finished, guesses a task
-        # takes 0.5 s: it would see a few seconds of work and ask for one job. Chunks take
-        # minutes, and every chunk that waits is worth a worker (up to --slurm-jobs).
+        # Until a chunk has finished, Dask guesses a task takes 0.5 s: the adaptive cluster
+        # would see a few seconds of work and ask for one job. A chunk takes minutes. A
+        # worker gone (its job cancelled) is given up after 5 s (15 by default), and its job
+        # replaced while chunks wait.
+        dask.config.set({"distributed.scheduler.unknown-task-duration": "10m",
+                         "distributed.deploy.lost-worker-timeout": "5s"})  # fmt: skip
         # dask-jobqueue's cluster logs through the `distributed` logger, which Prefect's
         # console handler shows at INFO: workers joining and leaving are not the run's news.
-        cluster_log = logging.getLogger("distributed")
-        level = cluster_log.level
-        cluster_log.setLevel(logging.ERROR)
-        try:
-            # A worker gone (its job cancelled) is given up after this (15 s by default), and
-            # its job replaced while chunks wait.
-            with dask.config.set({"distributed.scheduler.unknown-task-duration": "10m",
-                                  "distributed.adaptive.target-duration": "1s",
-                                  "distributed.deploy.lost-worker-timeout": "5s"}):  # fmt: skip
-                yield
-        finally:
-            cluster_log.setLevel(level)
+        logging.getLogger("distributed").setLevel(logging.ERROR)
 
     def wait_for_first_worker(self, client: Any) -> None:
         """The checks need a worker: wait for the first job, or say why Slurm keeps it."""

