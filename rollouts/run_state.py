@@ -108,6 +108,8 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
                 f"{output} is being collected by {holder} right now (lock {lock_path}); "
                 "wait for it to finish or stop it. Two runs never write one output."
             ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, worker_id().encode(), 0)
         yield
     finally:
         os.close(fd)
