@@ -66,9 +66,7 @@ def _ignore_late_sigterm() -> None:
     turn the stopped run into Crashed, and the resume automation would run it again: in a
     deployed run's process, for the rest of its life (writing the final state, exiting),
     SIGTERM is ignored."""
-    ctx = FlowRunContext.get()
-    deployed = ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id
-    if deployed and threading.current_thread() is threading.main_thread():
+    if _deployed(FlowRunContext.get()) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -130,10 +128,14 @@ async def stopped_state(error: RunStopped) -> State[Any]:
     reschedules it (rollouts_cli/prefect_setup.py). A worker delivers a cancellation as a
     SIGTERM too, often before this run's own poll has seen it: the server's state decides."""
     ctx = FlowRunContext.get()
-    deployed = ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id
-    if error.reason == "SIGTERM" and deployed and not await _is_cancelled(ctx):
+    if error.reason == "SIGTERM" and _deployed(ctx) and not await _is_cancelled(ctx):
         return Crashed(message=str(error), data=error)
     return Cancelled(message=str(error), data=error)
+
+
+def _deployed(ctx: FlowRunContext | None) -> bool:
+    """Whether this flow run is a deployment's (a worker started it and signals it)."""
+    return ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id is not None
 
 
 async def _is_cancelled(ctx: FlowRunContext | None) -> bool:
