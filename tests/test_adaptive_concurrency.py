@@ -1,7 +1,8 @@
 """The in-flight limit and the adaptive controller, against a simulated agent in this loop.
 
 The simulated agent has the reference agent's capacity model: latency grows in proportion once
-more than K requests are in flight; above ``reject_above`` it answers 429 at once.
+more than K requests are in flight; above ``reject_above`` it answers 429 at once. The closed-loop
+tests run the controller in real time for 4-6 s each, so they are not in the fast tier.
 """
 
 from __future__ import annotations
@@ -96,7 +97,6 @@ def settled_limit(samples: list[tuple[float, int]], t0: float, t1: float) -> flo
     return weighted / total
 
 
-@pytest.mark.fast
 def test_the_limit_finds_the_agents_capacity_and_follows_it_when_it_halves() -> None:
     agent = SimulatedAgent(capacity=64, latency_s=0.02)
     controller = AdaptiveConcurrency(InFlightLimit(1), ceiling=1024)
@@ -113,7 +113,6 @@ def test_the_limit_finds_the_agents_capacity_and_follows_it_when_it_halves() -> 
     assert 32 <= settled_limit(samples, 4.5, 6.0) <= 32 * 1.6, samples
 
 
-@pytest.mark.fast
 def test_429s_halve_the_limit_and_stay_rare() -> None:
     agent = SimulatedAgent(capacity=1000, latency_s=0.02, reject_above=48)
     controller = AdaptiveConcurrency(InFlightLimit(1), ceiling=1024)
@@ -124,7 +123,6 @@ def test_429s_halve_the_limit_and_stay_rare() -> None:
     assert max(limits_after(samples, 2.0, 4.0)) <= 64
 
 
-@pytest.mark.fast
 def test_latency_that_does_not_follow_load_does_not_starve_the_agent() -> None:
     """Harder tasks later in a dataset take longer at any load: that is no reason to send
     fewer of them."""
