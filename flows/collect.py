@@ -106,7 +106,7 @@ async def collect_rollouts(
 
 def finished_state(summary: CollectSummary) -> CollectSummary | State:
     """A run its deadline cut ends Completed, named StoppedAtDeadline, with the summary of
-    what it wrote: not a failure, and the CLI exits 3."""
+    what it wrote: not a failure, and the CLI exits ``ExitCode.DEADLINE``."""
     message = deadline_outcome(summary)
     if message is None:
         return summary

@@ -37,8 +37,8 @@ __all__ = ["MultiSummary", "collect_multi_dataset"]
 
 class DatasetFailed(RolloutsError):
     """One dataset's collection did not complete; its subflow's message says why, and its exit
-    code is the subflow's own: 3 for a deadline, 1 where a rerun is the fix, 2 where the user
-    must change something first."""
+    code is the subflow's own (rollouts/errors.py ``ExitCode``: DEADLINE, INCOMPLETE where a
+    rerun is the fix, USAGE where the user must change something first)."""
 
     def __init__(self, message: str, exit_code: int = RolloutsError.exit_code) -> None:
         super().__init__(message)

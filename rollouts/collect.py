@@ -82,16 +82,18 @@ class DispatchPlan:
 
     @classmethod
     def for_run(
-        cls, config: CollectConfig, row_agents: list[str], settings: RolloutsSettings
-    ) -> DispatchPlan:
+        cls, config: CollectConfig, row_agents: list[str], settings: RolloutsSettings,
+        http: httpx.Client | None = None,
+    ) -> DispatchPlan:  # fmt: skip
         """The plan of a collection: its agents resolved to URLs (a run-level URL, a run-level
-        name, or else the agents the rows name), repeats and sampling overrides."""
+        name, or else the agents the rows name), repeats and sampling overrides. ``http``: the
+        client that asks a head server for agent addresses (None: one of its own)."""
         if config.agent_url:
             names: list[str] = []
         else:
             names = [config.agent_name] if config.agent_name else row_agents
         return cls(
-            agent_urls=resolve_agent_urls(names, settings),
+            agent_urls=resolve_agent_urls(names, settings, http),
             agent_name=config.agent_name,
             agent_url=config.agent_url,
             num_repeats=config.num_repeats,

@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import httpx
+
 from rollouts import gctune
 from rollouts.agent_client import RetryPolicy
 from rollouts.agent_limits import AgentLimits, LimitStore
@@ -42,6 +44,7 @@ LimitStoreFactory = Callable[[], LimitStore]
 def _new_dispatcher(
     settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
     adaptive: bool, limit_store: LimitStoreFactory | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> Dispatcher:  # fmt: skip
     api_key = settings.agent_api_key.get_secret_value() if settings.agent_api_key else None
     agent_limits = (
@@ -51,7 +54,7 @@ def _new_dispatcher(
     return Dispatcher(
         RetryPolicy.from_settings(settings), max_in_flight, max_parallel_chunks, api_key,
         adaptive, ReplicaRouter.from_settings(settings), settings.stall_warn_s,
-        settings.agent_credentials(), agent_limits=agent_limits,
+        settings.agent_credentials(), agent_limits=agent_limits, transport=transport,
     )  # fmt: skip
 
 
@@ -59,15 +62,17 @@ def _new_dispatcher(
 async def open_dispatcher(
     settings: RolloutsSettings, max_in_flight: int, max_parallel_chunks: int | None,
     adaptive: bool = False, limit_store: LimitStoreFactory | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Dispatcher]:  # fmt: skip
     """A run's dispatcher in this process, closed on leaving, when the process's GC thresholds
     come back too. ``adaptive``: ``max_in_flight`` is a ceiling, the limit is found at run
     time. ``limit_store``: where the agents' shared limits (ROLLOUTS_AGENT_LIMITS) are held;
-    None: they are not applied."""
+    None: they are not applied. ``transport``: what carries the requests (None: aiohttp; tests
+    pass an ``httpx.MockTransport``)."""
     _prepare_process(max_in_flight)
     try:
         dispatcher = _new_dispatcher(
-            settings, max_in_flight, max_parallel_chunks, adaptive, limit_store
+            settings, max_in_flight, max_parallel_chunks, adaptive, limit_store, transport
         )
         try:
             yield dispatcher

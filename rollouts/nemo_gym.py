@@ -1,5 +1,5 @@
 """NeMo Gym's names: the fields of its rows and answers that the collector and the reference
-agent read or write (shared/docs/nemo-gym-protocol.md). They are the wire format, shared with
+agent read or write (the rows of NeMo Gym's ``ng_collect_rollouts`` and its agents' ``/run``). They are the wire format, shared with
 NeMo Gym's own tools and NeMo RL: never change a value. A constant is its field's name in upper
 case (without the leading underscore), so ``row[NG_TASK_INDEX]`` reads as the row's
 ``_ng_task_index``. Messages and help texts spell the fields out, as users read and search them.

@@ -321,7 +321,7 @@ def stopped_at_deadline(reason: StopReason | None, missing: int) -> str | None:
 
 
 def deadline_outcome(summary: CollectSummary) -> str | None:
-    """The message a run its deadline cut ends with (not a failure: the command exits 3);
+    """The message a run its deadline cut ends with (not a failure: the command exits ``ExitCode.DEADLINE``);
     None for any other run."""
     return deadline_message(summary) if summary.stopped == "deadline" else None
 

@@ -12,6 +12,7 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BeforeValidator
 from pydantic.fields import FieldInfo
 
+from rollouts.errors import ExitCode
 from rollouts.models import CollectConfig, count_or_auto
 
 FIELDS: dict[str, FieldInfo] = CollectConfig.model_fields
@@ -24,7 +25,7 @@ _FLAG_NAMES = {
 }
 _METAVARS = {"retry_failure_classes": "CLASS"}
 # What a flag's help adds to its field's description: what the command does about it.
-_COMMAND_NOTES = {"max_duration": "exit status 3"}
+_COMMAND_NOTES = {"max_duration": f"exit status {int(ExitCode.DEADLINE)}"}
 
 
 def _non_none(annotation: Any) -> Any:

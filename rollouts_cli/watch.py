@@ -13,6 +13,7 @@ import orjson
 from rich.console import Console
 from rich.live import Live
 
+from rollouts.errors import ExitCode
 from rollouts.status import StatusReader
 from rollouts_cli.report import status_view
 
@@ -31,7 +32,7 @@ def watch_status(output: str, work_dir: Path | None, interval_s: float, as_json:
             _redraw_forever(reader, interval_s)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends: not an error, no traceback
-    return 0
+    return ExitCode.OK
 
 
 def _redraw_forever(reader: StatusReader, interval_s: float) -> None:

@@ -15,7 +15,7 @@ import yaml
 from rollouts.agent_client import RetryPolicy, resolve_agent_urls
 from rollouts.collect import Dispatcher, DispatchPlan, collect_chunk
 from rollouts.health import read_published, read_run_latency
-from rollouts.models import ChunkSpec
+from rollouts.models import ChunkSpec, CollectConfig
 from rollouts.replicas import ReplicaRouter
 from rollouts.settings import RolloutsSettings
 from rollouts.split import split_input
@@ -83,7 +83,7 @@ def test_a_chunk_through_an_injected_transport_is_counted_once_and_read_everywhe
 
 
 def test_agent_names_resolve_through_the_http_client_given(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     asked: list[str] = []
 
@@ -93,7 +93,10 @@ def test_agent_names_resolve_through_the_http_client_given(
         return httpx.Response(200, json=yaml.safe_dump(config))  # a JSON string of YAML
 
     monkeypatch.setenv("ROLLOUTS_HEAD_SERVER_URL", "http://head.test:9")
+    config = CollectConfig(input_jsonl_fpath=str(tmp_path / "in.jsonl"),
+                           output_jsonl_fpath=str(tmp_path / "out.jsonl"), agent_name="calc")  # fmt: skip
     with httpx.Client(transport=httpx.MockTransport(head_server)) as http:
         urls = resolve_agent_urls(["calc"], RolloutsSettings(), http)
-    assert urls == {"calc": "http://h:7"}
-    assert asked == ["http://head.test:9/global_config_dict_yaml"]
+        plan = DispatchPlan.for_run(config, [], RolloutsSettings(), http)  # a run's plan
+    assert urls == plan.agent_urls == {"calc": "http://h:7"}
+    assert asked == ["http://head.test:9/global_config_dict_yaml"] * 2

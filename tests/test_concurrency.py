@@ -137,6 +137,23 @@ def test_dispatchers_restore_the_gc_thresholds_once_the_last_one_closes() -> Non
 
 
 @pytest.mark.fast
+def test_a_dispatcher_opened_with_a_transport_sends_through_it() -> None:
+    seen: list[str] = []
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, content=b'{"reward": 1.0}')
+
+    async def scenario() -> str | None:
+        transport = httpx.MockTransport(agent)
+        async with open_dispatcher(RolloutsSettings(), 8, None, transport=transport) as d:
+            return (await d.client.run("http://agent.test/run", b"{}")).failure_class
+
+    assert asyncio.run(scenario()) is None
+    assert seen == ["http://agent.test/run"]
+
+
+@pytest.mark.fast
 def test_answers_are_freed_when_their_rollout_ends_not_at_a_gc_pass() -> None:
     """Thousands in flight make every cyclic-GC pass expensive: a finished rollout must leave
     no reference cycle (httpx binds each answer to its stream) holding its answer's body."""

@@ -7,7 +7,9 @@ moves it, before a run misbehaves quietly.
 * Prefect: ``TaskRunContext.__var__`` (flows/ui.py ``own_run_context``: a subflow's artifacts
   and logs on its own run);
 * coolname: its bundled word lists and config layout (flows/ui.py ``is_generated_run_name``:
-  the names the Prefect server makes up).
+  the names the Prefect server makes up);
+* dask-jobqueue: the SIGINT handler its runner module installs when imported
+  (flows/dask_runner.py ``import_dask_jobqueue`` keeps it out).
 """
 
 from __future__ import annotations
@@ -123,4 +125,39 @@ def test_coolname_word_lists_tell_prefect_made_up_run_names() -> None:
     missed = [s for s in (generate_slug(2) for _ in range(500)) if not is_generated_run_name(s)]
     assert missed == [], (
         f"coolname: names Prefect makes up that flows/ui.py takes for given ones: {missed[:5]}"
+    )
+
+
+_SIGINT_AFTER_IMPORT = """
+import signal, sys, threading
+before = signal.getsignal(signal.SIGINT)
+{how}
+print(signal.getsignal(signal.SIGINT) is before)
+"""
+
+
+def _sigint_kept(how: str) -> bool:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SIGINT_AFTER_IMPORT.format(how=how)],
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_dask_jobqueue_installs_a_sigint_handler_at_import_which_we_keep_out() -> None:
+    import dask_jobqueue
+
+    # Plain import: its handler (sys.exit) replaces Python's KeyboardInterrupt, and so our
+    # graceful Ctrl-C. If this starts passing, the guard has nothing left to guard.
+    assert not _sigint_kept("import dask_jobqueue"), (
+        f"dask-jobqueue {dask_jobqueue.__version__} no longer installs a SIGINT handler when "
+        "imported: flows/dask_runner.py import_dask_jobqueue can go"
+    )
+    # Through the guard, from a thread other than the main one, as a multi run's subflow does
+    # (a plain import there raises: signal only works in the main thread).
+    assert _sigint_kept(
+        "from flows.dask_runner import import_dask_jobqueue\n"
+        "t = threading.Thread(target=import_dask_jobqueue); t.start(); t.join()\n"
+        "import dask_jobqueue"
     )
