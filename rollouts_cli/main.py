@@ -14,12 +14,12 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import yaml
 
 from rollouts.errors import ExitCode, RolloutsError, validation_message
-from rollouts.models import CollectConfig, count_or_auto
+from rollouts.models import CollectConfig, MixConfig, count_or_auto
 from rollouts_cli import run_link
 from rollouts_cli.parameter_flags import TEXT_KEYS, add_parameter_flag
 
@@ -110,6 +110,8 @@ def _add_collect_parser(sub: Any) -> None:
         help="the older spelling of --processes",
     )
     add_parameter_flag(p, "slurm_jobs")
+    # argparse has no public list of a parser's actions; `_actions` has held them since
+    # Python 2.7, and test_parameters fails (the flags' check) if it ever moves.
     flagged = {a.dest for a in p._actions}
     for name in CollectConfig.model_fields:  # a parameter not placed above: its flag, last
         if name in PLUS_KEYS and name not in flagged:
@@ -474,16 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", action="append", type=_parse_source, required=True,
         metavar="NAME=PATH:PROPORTION", help="a source (repeat for each)",
     )  # fmt: skip
-    mix.add_argument("--total", type=int, required=True, help="rollouts to write")
-    mix.add_argument("--seed", type=int, default=0)
-    mix.add_argument("--output", required=True)
+    # The mix's own settings: defaults, choices and wording from MixConfig, declared once.
+    mix_field = MixConfig.model_fields
+    mix.add_argument("--total", type=int, required=True, help=mix_field["total"].description)
+    mix.add_argument("--seed", type=int, default=mix_field["seed"].default,
+                     help=f"{mix_field['seed'].description} (default: %(default)s)")  # fmt: skip
+    mix.add_argument("--output", required=True, help=mix_field["output"].description)
     mix.add_argument(
         "--keep-groups", action=argparse.BooleanOptionalAction, default=None,
-        help="select all rollouts of a task together (default: when a source has repeats)",
+        help=mix_field["keep_groups"].description,
     )  # fmt: skip
     mix.add_argument(
-        "--shortfall", choices=["error", "redistribute", "allow_short"], default="error",
-        help="when a source has fewer rows than its quota (default: error)",
+        "--shortfall", choices=get_args(mix_field["shortfall"].annotation),
+        default=mix_field["shortfall"].default,
+        help=f"{mix_field['shortfall'].description} (default: %(default)s)",
     )  # fmt: skip
     mix.set_defaults(func=cmd_mix)
 

@@ -24,6 +24,8 @@ BEGIN, END = "<!-- parameters:begin -->", "<!-- parameters:end -->"
 def collect_parser() -> argparse.ArgumentParser:
     """The parser of `rollouts collect`."""
     parser = build_parser()
+    # argparse's `_actions` and `_SubParsersAction`: no public way to reach a subparser; both
+    # unchanged since Python 2.7, and test_parameters (the page current) fails if they move.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             found: argparse.ArgumentParser = action.choices["collect"]
