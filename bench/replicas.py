@@ -110,7 +110,12 @@ async def collect(
     for t in side:
         t.cancel()
     await asyncio.gather(*side, return_exceptions=True)
-    counts = router.snapshot()["replicas"] if router is not None else []
+    counts = [] if router is None else [
+        {"agent": r.agent, "url": r.url, "sent": r.sent, "answered": r.answered,
+         "failed": dict(r.failed), "in_flight": r.in_flight, "ejected": r.ejected,
+         "ejections": r.ejections}
+        for group in router._groups.values() for r in group.replicas
+    ]  # fmt: skip
     await client.aclose()
     if router is not None:
         await router.aclose()

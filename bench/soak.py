@@ -13,7 +13,7 @@ runs out: it is cut by `--max-duration` (exit status 3). Every --every-s seconds
   incremental StatusReader at the same instant; per window the rollouts/s and the collector's
   ms of CPU per rollout;
 - the total size of the run dir's small state files: every file in it that is not a chunk's
-  tasks / rollouts / failures JSONL (run.json, chunks/*.status.json, replicas.*.json, whatever
+  tasks / rollouts / failures JSONL (run.json, chunks/*.status.json, health.*.json, whatever
   a newer version adds), and how many there are;
 - `rollouts status --json OUTPUT --sample-s 0` run as a user would: its wall time and the
   size of its output.

@@ -5,9 +5,9 @@ The client (rollouts/agent_client.py) tells its ``AttemptObserver`` when each at
 answered, or failed with its class), and when each rollout ends. What the rest needs is read
 from here, never counted again:
 
-- per agent and URL (``Target``): requests in flight, sent, answered, failed by class, and the
-  latencies of the recent answers, whence the live health file (``snapshot``, published by
-  rollouts/health.py);
+- per agent and URL (``Target``): requests in flight, sent, answered, failed by class, the
+  latencies of the recent answers and, for a replica, whether the router took it out, whence
+  the health file (``snapshot``, published by rollouts/health.py);
 - the replica router (rollouts/replicas.py): a replica *is* its URL's ``Target``; it picks the
   one with the fewest in flight, and decides from each attempt's end whether to take it out;
 - the adaptive concurrency controller (rollouts/concurrency.py): ``end`` returns the attempt's
@@ -27,7 +27,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from rollouts.health import (
     OLDEST_SHOWN,
@@ -66,6 +66,12 @@ class Target:
     __slots__ = ("agent", "answered", "failed", "in_flight", "latencies", "marks", "n_failed",
                  "n_latencies", "run_base", "run_folded", "run_hist", "sent",
                  "url")  # fmt: skip
+    # What the health file says of a replica of a replicated agent (rollouts/replicas.py: a
+    # ``Replica`` sets ``replica`` and holds ``ejected`` and ``ejections`` in its own slots);
+    # a plain URL is never one, nor taken out. Read at each snapshot, never on the request path.
+    replica: ClassVar[bool] = False
+    ejected: bool = False  # taken out by the router now
+    ejections: int = 0  # times taken out
 
     def __init__(self, agent: str, url: str, now: float = 0.0) -> None:
         self.agent, self.url = agent, url  # url: the agent's base URL, as configured
@@ -156,7 +162,6 @@ class AttemptObserver:
         self.stall_after_s = stall_after_s
         self._clock = clock
         self._targets: dict[tuple[str, str], Target] = {}
-        self.replicas: list[Replica] = []  # the routed replicas (``adopt``), in their order
         self._in_flight: dict[int, _InFlight] = {}  # insertion order: oldest first
         self._next_id = 0
         self.run_started_at: float | None = None  # the flow run the run_* figures are of
@@ -199,7 +204,6 @@ class AttemptObserver:
         if self._targets.get(key) is not replica:
             replica.mark_from(self._clock())
             self._targets[key] = replica
-            self.replicas.append(replica)
 
     # Whole rollouts (every attempt, and the backoffs between): the stopper's drain margin.
 
@@ -242,6 +246,7 @@ class AttemptObserver:
                 "run_answered": t.answered - t.run_base[0],
                 "run_failed": t.n_failed - t.run_base[1],
                 "run_latency_hist": histogram_record(t.run_hist),
+                "replica": t.replica, "ejected": t.ejected, "ejections": t.ejections,
             })  # fmt: skip
         oldest: list[InFlightAttempt] = []
         stalled: list[InFlightAttempt] = []

@@ -1,25 +1,22 @@
-"""The live health of a collection, published: one document per process, one schema, one reader.
+"""The health of a collection, published: one document per process, one schema, one reader.
 
 Each collecting process has one ``AttemptObserver`` (rollouts/attempts.py: what is in flight,
 how fast, how long answers take, what fails, per agent URL). While its chunks collect, its
-``Publication`` rewrites the process's files in the run directory every ``PUBLISH_EVERY_S``
-from one snapshot:
+``Publication`` rewrites the process's one file in the run directory every ``PUBLISH_EVERY_S``
+from one snapshot, ``health.<host>_<pid>.json`` (``HealthFile``): per agent and URL (an agent
+with replicas has one entry per replica, with whether the router took it out and how often)
+requests in flight now, sent, answered, failed attempts by class since the process started,
+answers and failed attempts in the last minute, and a latency histogram of the recent answers
+(the last ``WINDOW_S``), so that several processes' percentiles can be merged; the oldest
+attempts in flight and those in flight longer than the stall threshold. It also holds the
+histogram of every answer of the flow run (``run_started_at``). When its last chunk ends, a
+process marks its file closed (no longer live): the flow reads the run's figures from the
+files (``read_run_latency``), and the file stays, the run's lasting record, so that ``status``
+sums the replicas' counts of every process that ever collected into the run, earlier
+interrupted invocations too.
 
-- ``health.<host>_<pid>.json`` (``HealthFile``): per agent and URL (an agent with replicas has
-  one entry per replica) requests in flight now, answers and failed attempts in the last
-  minute, failed attempts by class since the process started, and a latency histogram of the
-  recent answers (the last ``WINDOW_S``), so that several processes' percentiles can be merged;
-  the oldest attempts in flight and those in flight longer than the stall threshold. It also
-  holds the histogram of every answer of the flow run (``run_started_at``): when its last chunk
-  ends, a process marks its file closed (no longer live), and the flow reads the run's figures
-  from the closed files (``read_run_latency``) and removes them.
-- ``replicas.<host>_<pid>.json`` (``ReplicasFile``), where the process routes replicated
-  agents: the same snapshot's counts per replica, and whether the router took it out. It
-  stays after the process (the health file does not), so ``status`` sums every process that
-  ever collected into the run, earlier interrupted invocations too.
-
-Both are read here alone (``read_published``, for ``rollouts status``, the CLI's ``--watch``
-and the Prefect UI), with one freshness rule (``is_fresh``): a document older than
+The files are read here alone (``read_published``, for ``rollouts status``, the CLI's
+``--watch`` and the Prefect UI), with one freshness rule (``is_fresh``): a document older than
 ``FRESH_S`` is a process gone (killed), not collecting now. Their sizes are bounded (histogram
 buckets, ``OLDEST_SHOWN``, ``STALLED_SHOWN``) however long the run.
 """
@@ -34,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pydantic
@@ -45,7 +42,6 @@ from rollouts.run_state import worker_id
 
 if TYPE_CHECKING:
     from rollouts.attempts import AttemptObserver
-    from rollouts.replicas import Replica
 
 PUBLISH_EVERY_S = 2.0
 WINDOW_S = 60.0
@@ -53,7 +49,6 @@ OLDEST_SHOWN = 5
 STALLED_SHOWN = 50
 FRESH_S = 10.0  # an older document is a process gone (killed): not collecting now
 HEALTH_PREFIX = "health."
-REPLICAS_PREFIX = "replicas."
 # Latency histogram: buckets 2 % wide (a percentile read from it is within 1 % of the exact one).
 _BUCKET_RATIO = math.log(1.02)
 _MIN_LATENCY_S = 1e-5
@@ -87,7 +82,7 @@ def histogram_record(histogram: dict[int, int]) -> dict[str, int]:
     return {str(b): n for b, n in sorted(histogram.items())}
 
 
-# The schema of the files, shared by the writer (rollouts/attempts.py) and the reader below.
+# The schema of the file, shared by the writer (rollouts/attempts.py) and the reader below.
 
 
 class TargetRecord(TypedDict):
@@ -106,6 +101,9 @@ class TargetRecord(TypedDict):
     run_answered: int  # the flow run's (run_started_at), in this process
     run_failed: int
     run_latency_hist: dict[str, int]
+    replica: bool  # one of a replicated agent's URLs, routed by this process
+    ejected: bool  # a replica taken out by the router now
+    ejections: int  # times the router took it out
 
 
 @dataclass
@@ -134,42 +132,13 @@ class HealthFile(TypedDict):
     stalled: list[InFlightAttempt]
     stalled_total: int
     run_started_at: float | None
-    closed: bool  # the process's last chunk ended: not live, kept for the run's figures
+    closed: bool  # the process's last chunk ended: not live, kept as the run's record
 
 
-class ReplicaRecord(TypedDict):
-    """One replica in one process's replicas file."""
-
-    agent: str
-    url: str
-    sent: int
-    answered: int
-    failed: dict[str, int]  # failed attempts by class
-    in_flight: int
-    ejected: bool  # taken out by the router now
-    ejections: int  # times taken out
-
-
-class ReplicasFile(TypedDict):
-    """``replicas.<worker>.json``."""
-
-    worker: str
-    updated_at: float
-    replicas: list[ReplicaRecord]
-
-
-_Doc = TypeVar("_Doc", HealthFile, ReplicasFile)
-
-
-# Built on first read (a few ms each), not when a command that reads nothing imports this.
+# Built on first read (a few ms), not when a command that reads nothing imports this.
 @functools.cache
 def _health_schema() -> pydantic.TypeAdapter[HealthFile]:
     return pydantic.TypeAdapter(HealthFile)
-
-
-@functools.cache
-def _replicas_schema() -> pydantic.TypeAdapter[ReplicasFile]:
-    return pydantic.TypeAdapter(ReplicasFile)
 
 
 def is_fresh(updated_at: float, now: float) -> bool:
@@ -178,27 +147,16 @@ def is_fresh(updated_at: float, now: float) -> bool:
     return now - updated_at <= FRESH_S
 
 
-def file_name(prefix: str) -> str:
-    """This process's file of a kind (``HEALTH_PREFIX``, ``REPLICAS_PREFIX``)."""
-    return f"{prefix}{worker_id().replace(':', '_')}.json"
-
-
-def replica_record(r: Replica) -> ReplicaRecord:
-    return {"agent": r.agent, "url": r.url, "sent": r.sent, "answered": r.answered,
-            "failed": dict(r.failed), "in_flight": r.in_flight, "ejected": r.ejected,
-            "ejections": r.ejections}  # fmt: skip
-
-
-def replicas_file(observer: AttemptObserver, updated_at: float) -> ReplicasFile:
-    return {"worker": worker_id(), "updated_at": updated_at,
-            "replicas": [replica_record(r) for r in observer.replicas]}  # fmt: skip
+def file_name() -> str:
+    """This process's health file."""
+    return f"{HEALTH_PREFIX}{worker_id().replace(':', '_')}.json"
 
 
 # Writing: one background task on the dispatcher's event loop, while chunks collect.
 
 
 class Publication:
-    """Publishes one observer's files in the run directory while any chunk is inside
+    """Publishes one observer's file in the run directory while any chunk is inside
     ``collecting`` (every chunk enters it); the last one out stops it and marks the health
     file closed, so a process that collects nothing now (a long-lived Dask worker) shows
     nothing in flight, while the flow run's figures stay for its summary."""
@@ -236,13 +194,9 @@ class Publication:
                 await self.write(closed=True)
 
     async def write(self, closed: bool = False) -> None:
-        """Write this process's files now, from one snapshot."""
-        doc = self.observer.snapshot(closed=closed)
-        files = [(self._run_dir / file_name(HEALTH_PREFIX), orjson.dumps(doc))]
-        if self.observer.replicas:
-            files.append((self._run_dir / file_name(REPLICAS_PREFIX),
-                          orjson.dumps(replicas_file(self.observer, doc["updated_at"]))))  # fmt: skip
-        await asyncio.to_thread(_replace_all, files)
+        """Write this process's file now, from a snapshot."""
+        data = orjson.dumps(self.observer.snapshot(closed=closed))
+        await asyncio.to_thread(replace_file_quietly, self._run_dir / file_name(), data)
 
     async def _publish_forever(self) -> None:
         while True:
@@ -250,28 +204,16 @@ class Publication:
             await self.write()
 
 
-def _replace_all(files: list[tuple[Path, bytes]]) -> None:
-    for path, data in files:
-        replace_file_quietly(path, data)
+# Reading: every process's file, merged (rollouts status, --watch, the Prefect UI).
 
 
-async def write_replicas_file(run_dir: Path, observer: AttemptObserver) -> None:
-    """The replicas file alone, now (a router used without a dispatcher's publication)."""
-    data = orjson.dumps(replicas_file(observer, time.time()))
-    await asyncio.to_thread(replace_file_quietly, Path(run_dir) / file_name(REPLICAS_PREFIX), data)
-
-
-# Reading: every process's files, merged (rollouts status, --watch, the Prefect UI).
-
-
-def _documents(
-    run_dir: Path, prefix: str, schema: pydantic.TypeAdapter[_Doc]
-) -> Iterator[tuple[Path, _Doc]]:
-    """Every document of a kind in ``run_dir`` (in name order); one being replaced or not of
-    the schema is skipped (the next read has it)."""
-    for path in sorted(Path(run_dir).glob(f"{prefix}*.json")):
+def _documents(run_dir: Path) -> Iterator[HealthFile]:
+    """Every health file in ``run_dir`` (in name order), closed ones too; one being replaced or
+    not of the schema is skipped (the next read has it)."""
+    schema = _health_schema()
+    for path in sorted(Path(run_dir).glob(f"{HEALTH_PREFIX}*.json")):
         try:
-            yield path, schema.validate_json(path.read_bytes())
+            yield schema.validate_json(path.read_bytes())
         except (OSError, pydantic.ValidationError):
             continue
 
@@ -409,7 +351,7 @@ def read_published(run_dir: Path, running: bool, now: float | None = None) -> Pu
 def read_health(run_dir: Path, now: float | None = None) -> RunHealth | None:
     """The merged health files of the processes publishing into ``run_dir`` now; None if none."""
     now = time.time() if now is None else now
-    docs = [doc for _, doc in _documents(run_dir, HEALTH_PREFIX, _health_schema())
+    docs = [doc for doc in _documents(run_dir)
             if not doc["closed"] and is_fresh(doc["updated_at"], now)]  # fmt: skip
     if not docs:
         return None
@@ -454,26 +396,29 @@ def _add_histogram(hist: dict[int, int], record: dict[str, int]) -> None:
 def read_replica_stats(
     run_dir: Path, running: bool, now: float | None = None
 ) -> list[ReplicaStatus]:
-    """Every process's replica counts of a run, summed per replica (in the configured order).
+    """Every process's replica counts of a run (the targets of its health files that are
+    replicas), summed per replica (in the configured order).
 
     ``running``: whether the run is collecting now. Counts cover every process that ever
-    collected into the run dir (earlier, interrupted invocations too); in flight and out only
-    those of fresh documents (``is_fresh``), while the run is going.
+    collected into the run dir (closed files too, earlier interrupted invocations too); in
+    flight and out only those of fresh documents (``is_fresh``), while the run is going.
     """
     now = time.time() if now is None else now
     merged: dict[tuple[str, str], ReplicaStatus] = {}
-    for _, doc in _documents(run_dir, REPLICAS_PREFIX, _replicas_schema()):
+    for doc in _documents(run_dir):
         fresh = running and is_fresh(doc["updated_at"], now)
-        for r in doc["replicas"]:
-            s = merged.setdefault((r["agent"], r["url"]), ReplicaStatus(r["agent"], r["url"]))
-            s.sent += r["sent"]
-            s.answered += r["answered"]
-            s.ejections += r["ejections"]
-            for cls, n in r["failed"].items():
+        for t in doc["targets"]:
+            if not t["replica"]:
+                continue
+            s = merged.setdefault((t["agent"], t["url"]), ReplicaStatus(t["agent"], t["url"]))
+            s.sent += t["sent"]
+            s.answered += t["answered"]
+            s.ejections += t["ejections"]
+            for cls, n in t["failures"].items():
                 s.failed[cls] = s.failed.get(cls, 0) + n
             if fresh:
-                s.in_flight += r["in_flight"]
-                s.ejected = s.ejected or r["ejected"]
+                s.in_flight += t["in_flight"]
+                s.ejected = s.ejected or t["ejected"]
     return list(merged.values())
 
 
@@ -490,20 +435,18 @@ class RunLatency:
 
 def read_run_latency(run_dir: Path, run_started_at: float) -> RunLatency | None:
     """The figures of the flow run started at ``run_started_at`` from every process's health
-    file (closed or not); None if no process sent anything in it. Closed files are removed."""
+    file of it (closed or not; those of other runs are not counted); None if no process sent
+    anything in it. The files stay: the run's record (``read_replica_stats``)."""
     hist: dict[int, int] = {}
     answered = failed = 0
     found = False
-    for path, doc in _documents(run_dir, HEALTH_PREFIX, _health_schema()):
+    for doc in _documents(run_dir):
         if doc["run_started_at"] == run_started_at:
             found = True
             for t in doc["targets"]:
                 answered += t["run_answered"]
                 failed += t["run_failed"]
                 _add_histogram(hist, t["run_latency_hist"])
-        if doc["closed"]:
-            with contextlib.suppress(OSError):
-                path.unlink()
     if not found:
         return None
     p50, p95, p99 = (_rounded(percentile(hist, q)) for q in (0.5, 0.95, 0.99))

@@ -15,9 +15,9 @@ replicated name to its first replica's URL; the router recognizes that URL and s
 
 The router counts nothing of its own: a ``Replica`` is its URL's ``Target`` in the process's
 ``AttemptObserver`` (rollouts/attempts.py), whose counts (in flight, sent, answered, failed by
-class) the router reads to pick, and whose publication (rollouts/health.py) writes, with
-whether each replica is out, ``replicas.<host>_<pid>.json`` in the run directory for ``rollouts
-status`` and the Prefect UI.
+class) the router reads to pick. The observer's one health file (rollouts/health.py) holds
+them, with whether each replica is out and how often it was, for ``rollouts status`` and the
+Prefect UI.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from typing import ClassVar
 
 from rollouts.attempts import CANCELLED, AttemptObserver, Target
-from rollouts.health import ReplicasFile, replicas_file, write_replicas_file
 from rollouts.settings import RolloutsSettings
 
 EJECTING_CLASSES = frozenset({"connection_error", "timeout"})
@@ -43,6 +42,7 @@ class Replica(Target):
     the router took it out."""
 
     __slots__ = ("ejected", "ejections", "errors_in_a_row", "group", "probe_level")
+    replica: ClassVar[bool] = True
 
     def __init__(self, agent: str, url: str, group: ReplicaGroup) -> None:
         super().__init__(agent, url, time.monotonic())  # url: base URL, no final /
@@ -124,7 +124,6 @@ class ReplicaRouter:
         self._groups = {name: ReplicaGroup(name, urls, self) for name, urls in agents.items()}
         self._by_run_url: dict[str, ReplicaGroup] = {}  # only the run's agents
         self._probes: set[asyncio.Task[None]] = set()
-        self._record_dir: Path | None = None
 
     @classmethod
     def from_settings(cls, settings: RolloutsSettings) -> ReplicaRouter | None:
@@ -137,20 +136,16 @@ class ReplicaRouter:
                    probe_max_s=settings.replica_probe_max_s,
                    connect_timeout_s=settings.connect_timeout_s)  # fmt: skip
 
-    def use(self, plan_agents: dict[str, str], run_dir: Path | None = None) -> None:
+    def use(self, plan_agents: dict[str, str]) -> None:
         """Route the run's agents (a DispatchPlan's ``agent_urls``: name -> the URL it resolved);
         their replicas are counted and published by the observer. Idempotent; every chunk calls
-        it. A run-level ``agent_url`` resolves no name, so it is never routed. ``run_dir``: a
-        router used without a dispatcher (whose publication writes the replicas file) writes
-        it there itself, on ``aclose``."""
+        it. A run-level ``agent_url`` resolves no name, so it is never routed."""
         for name, url in plan_agents.items():
             group = self._groups.get(name)
             if group is not None and group.replicas[0].url == url.rstrip("/"):
                 self._by_run_url[group.replicas[0].run_url] = group
                 for replica in group.replicas:
                     self.observer.adopt(replica)
-        if run_dir is not None:
-            self._record_dir = Path(run_dir)
 
     def group_for(self, url: str) -> ReplicaGroup | None:
         """The replicas behind ``url`` (a plan's ``/run`` URL), if it is a routed agent's."""
@@ -173,17 +168,11 @@ class ReplicaRouter:
                 replica.errors_in_a_row = 0
                 replica.ejected = False
 
-    def snapshot(self) -> ReplicasFile:
-        """The routed replicas' counts, as the replicas file holds them."""
-        return replicas_file(self.observer, time.time())
-
     async def aclose(self) -> None:
         tasks = list(self._probes)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._record_dir is not None and self.observer.replicas:
-            await write_replicas_file(self._record_dir, self.observer)
 
 
 def _tcp_probe(timeout_s: float) -> Probe:

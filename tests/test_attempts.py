@@ -66,11 +66,13 @@ def test_a_chunk_through_an_injected_transport_is_counted_once_and_read_everywhe
     assert margin > 0  # the stopper's margin: the p90 of the rollouts the observer timed
     a, b = router._groups["calc"].replicas
     assert a.answered == 40 and b.ejected and b.failed == {"connection_error": b.sent}
-    # The replicas file and the health file are one snapshot of one account.
+    # One file of one account: the health file holds the replicas' counts and state too.
     (health,) = (orjson.loads(p.read_bytes()) for p in run_dir.glob("health.*.json"))
     assert health["closed"] and health["worker"]
-    counts = {t["url"]: (t["sent"], t["answered"], t["failures"]) for t in health["targets"]}
-    assert counts == {r.url: (r.sent, r.answered, r.failed) for r in (a, b)}
+    counts = {t["url"]: (t["sent"], t["answered"], t["failures"], t["replica"], t["ejected"],
+                         t["ejections"]) for t in health["targets"]}  # fmt: skip
+    assert counts == {r.url: (r.sent, r.answered, r.failed, True, r.ejected, r.ejections)
+                      for r in (a, b)}  # fmt: skip
     published = read_published(run_dir, running=False)
     assert published.health is None  # nothing collects now
     assert [(r.url, r.sent, r.answered, r.failed, r.ejections) for r in published.replicas] == [
@@ -78,8 +80,9 @@ def test_a_chunk_through_an_injected_transport_is_counted_once_and_read_everywhe
     ]
     latency = read_run_latency(run_dir, stop_plan.started_at)
     assert latency is not None and latency.answered == 40 and latency.failed_attempts == b.sent
-    assert list(run_dir.glob("health.*.json")) == []  # closed, read, removed
-    assert len(list(run_dir.glob("replicas.*.json"))) == 1  # kept for status after the run
+    # read, and kept for status after the run: the replicas' counts are still there
+    assert len(list(run_dir.glob("health.*.json"))) == 1
+    assert read_published(run_dir, running=False).replicas == published.replicas
 
 
 def test_agent_names_resolve_through_the_http_client_given(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from rollouts.agent_client import (
 )
 from rollouts.collect import DispatchPlan
 from rollouts.errors import AgentUnreachable, ConfigError
-from rollouts.health import read_replica_stats
+from rollouts.health import Publication, read_health, read_replica_stats
 from rollouts.replicas import Probe, ReplicaRouter, agents_to_check
 from rollouts.settings import RolloutsSettings
 from rollouts.summary import _failure_class_line
@@ -154,8 +153,9 @@ def test_each_attempt_picks_a_replica_so_a_retry_goes_to_a_live_one(tmp_path: Pa
 
     async def go() -> list[str]:
         client = AgentClient(FAST, 8, transport=httpx.MockTransport(agent), replicas=r)
-        r.use({"calc": A}, tmp_path)
-        outcomes = await asyncio.gather(*(client.run(A + "/run", b"{}") for _ in range(30)))
+        r.use({"calc": A})
+        async with Publication(r.observer).collecting(tmp_path):  # as a dispatcher's chunks do
+            outcomes = await asyncio.gather(*(client.run(A + "/run", b"{}") for _ in range(30)))
         await client.aclose()
         await r.aclose()
         return [o.kind for o in outcomes]
@@ -165,26 +165,28 @@ def test_each_attempt_picks_a_replica_so_a_retry_goes_to_a_live_one(tmp_path: Pa
     assert a.ejected and a.sent == a.failed["connection_error"] >= 2
     assert b.answered + c.answered == 30 and b.answered > 5 and c.answered > 5
     assert seen.count(A) == a.sent
-    # the counts reached the run dir, and status reads them
-    (stats,) = tmp_path.glob("replicas.*.json")
+    # the counts reached the run dir, in the process's one health file, and status reads them
+    (health,) = tmp_path.glob("health.*.json")
     summed = {s.url: s for s in read_replica_stats(tmp_path, running=True)}
     assert list(summed) == [A, B, C]
     assert summed[A].ejected and summed[A].failed == {"connection_error": a.sent}
+    assert summed[A].ejections == a.ejections == 1
     assert summed[B].answered + summed[C].answered == 30
-    assert orjson.loads(stats.read_bytes())["worker"]
+    doc = orjson.loads(health.read_bytes())
+    assert doc["worker"] and doc["closed"]
+    targets = [(t["url"], t["replica"], t["ejected"]) for t in doc["targets"]]
+    assert targets == [(A, True, True), (B, True, False), (C, True, False)]
 
 
-def test_a_url_not_of_a_replicated_agent_and_a_run_level_url_are_not_routed(
-    tmp_path: Path,
-) -> None:
+def test_a_url_not_of_a_replicated_agent_and_a_run_level_url_are_not_routed() -> None:
     r = router()
 
     async def go() -> None:
-        r.use({}, tmp_path)  # a run with --agent-url resolves no name
+        r.use({})  # a run with --agent-url resolves no name
         assert r.group_for(A + "/run") is None
-        r.use({"calc": B}, tmp_path)  # not this agent's first replica
+        r.use({"calc": B})  # not this agent's first replica
         assert r.group_for(B + "/run") is None
-        r.use({"calc": A}, tmp_path)
+        r.use({"calc": A})
         assert r.group_for(A + "/run") is r._groups["calc"]
         await r.aclose()
 
@@ -192,21 +194,30 @@ def test_a_url_not_of_a_replicated_agent_and_a_run_level_url_are_not_routed(
 
 
 def test_status_sums_processes_and_ignores_in_flight_of_stale_ones(tmp_path: Path) -> None:
-    def write(name: str, age_s: float, in_flight: int, ejected: bool) -> None:
-        doc = {"worker": name, "updated_at": time.time() - age_s, "replicas": [
-            {"agent": "calc", "url": A, "sent": 10 + in_flight, "answered": 8,
-             "failed": {"timeout": 2}, "in_flight": in_flight, "ejected": ejected,
-             "ejections": 1},
-        ]}  # fmt: skip
-        (tmp_path / f"replicas.{name}.json").write_bytes(orjson.dumps(doc))
+    def target(url: str, in_flight: int, ejected: bool, replica: bool) -> dict[str, object]:
+        return {"agent": "calc" if replica else url, "url": url, "in_flight": in_flight,
+                "sent": 10 + in_flight, "answered": 8, "answers_last_min": 0,
+                "failed_last_min": 0, "window_s": 60.0, "failures": {"timeout": 2},
+                "latency_hist": {}, "run_answered": 0, "run_failed": 0, "run_latency_hist": {},
+                "replica": replica, "ejected": ejected, "ejections": int(replica)}  # fmt: skip
 
-    write("h_1", 0, 3, False)
-    write("h_2", 60, 5, True)  # a process of an earlier, interrupted invocation
-    (s,) = read_replica_stats(tmp_path, running=True)
-    assert (s.sent, s.answered, s.failed, s.ejections) == (28, 16, {"timeout": 4}, 2)
+    def write(name: str, age_s: float, in_flight: int, ejected: bool, closed: bool) -> None:
+        doc = {"worker": name, "updated_at": time.time() - age_s, "window_s": 60.0,
+               "targets": [target(A, in_flight, ejected, True), target(B, 1, False, False)],
+               "oldest": [], "stalled": [], "stalled_total": 0, "run_started_at": None,
+               "closed": closed}  # fmt: skip
+        (tmp_path / f"health.{name}.json").write_bytes(orjson.dumps(doc))
+
+    write("h_1", 0, 3, False, closed=False)
+    write("h_2", 60, 5, True, closed=False)  # a process of an earlier, interrupted invocation
+    write("h_3", 600, 0, False, closed=True)  # one of an earlier invocation that ended
+    live = read_health(tmp_path)
+    assert live is not None and live.processes == 1  # the closed and the stale are not live
+    (s,) = read_replica_stats(tmp_path, running=True)  # B is no replica: not listed
+    assert (s.url, s.sent, s.answered, s.failed, s.ejections) == (A, 38, 24, {"timeout": 6}, 3)
     assert (s.in_flight, s.ejected) == (3, False)
     (done,) = read_replica_stats(tmp_path, running=False)
-    assert (done.in_flight, done.ejected, done.sent) == (0, False, 28)
+    assert (done.in_flight, done.ejected, done.sent) == (0, False, 38)
 
 
 def _listening() -> tuple[socket.socket, str]:
@@ -252,11 +263,10 @@ def test_a_failure_names_the_replica_it_happened_on_and_the_run_message_keeps_it
 
     async def go() -> str | None:
         client = AgentClient(FAST, 2, transport=httpx.MockTransport(refuse), replicas=r)
-        with tempfile.TemporaryDirectory() as d:
-            r.use({"calc": A}, Path(d))
-            outcome = await client.run(A + "/run", b"{}")
-            await client.aclose()
-            await r.aclose()
+        r.use({"calc": A})
+        outcome = await client.run(A + "/run", b"{}")
+        await client.aclose()
+        await r.aclose()
         return outcome.error
 
     error = asyncio.run(go())

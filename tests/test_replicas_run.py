@@ -131,8 +131,8 @@ def test_with_processes_each_counts_its_own_and_status_sums_them(
     run_dir = run_dir_for(out, None)
     workers = {orjson.loads(p.read_bytes())["worker"]
                for p in (run_dir / "chunks").glob("*.status.json")}  # fmt: skip
-    files = {orjson.loads(p.read_bytes())["worker"] for p in run_dir.glob("replicas.*.json")}
-    assert files == workers and len(files) == 2
+    files = {orjson.loads(p.read_bytes())["worker"] for p in run_dir.glob("health.*.json")}
+    assert files == workers and len(files) == 2  # each process's one file, kept after the run
     status = subprocess.run(
         [sys.executable, "-m", "rollouts_cli", "status", str(out), "--json"],
         env=env, cwd=tmp_path, capture_output=True, check=True,

@@ -138,7 +138,7 @@ def test_credentials_in_agent_urls_are_basic_auth_redacted_everywhere_stored_now
     health: dict[str, bytes] = {}  # what the live health files held while it collected
     while proc.poll() is None:
         for p in run_dir.glob("health.*.json") if run_dir.exists() else ():
-            with contextlib.suppress(FileNotFoundError):  # removed as the run ends
+            with contextlib.suppress(FileNotFoundError):  # replaced by a rename: never missing
                 health[f"{p} #{len(health)}"] = p.read_bytes()
         time.sleep(0.05)
     stdout, stderr = proc.communicate()
@@ -167,7 +167,7 @@ def test_credentials_in_agent_urls_are_basic_auth_redacted_everywhere_stored_now
     assert all(f"a {u}" in status for u in shown), status
     assert health and all(any(u.encode() in doc for u in shown) for doc in health.values())
     stats = files_under(run_dir)
-    assert any(shown[0].encode() in data for p, data in stats.items() if "replicas." in p)
+    assert any(shown[0].encode() in data for p, data in stats.items() if "health." in p)
     runs, records = asyncio.run(prefect_records(out))
     assert len(runs) == 1 and any(shown[0] in text for text in records)  # the artifacts
 
