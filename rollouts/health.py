@@ -401,12 +401,13 @@ def read_replica_stats(
 
     ``running``: whether the run is collecting now. Counts cover every process that ever
     collected into the run dir (closed files too, earlier interrupted invocations too); in
-    flight and out only those of fresh documents (``is_fresh``), while the run is going.
+    flight and out only those of processes collecting now (as ``read_health``: fresh and not
+    closed), while the run is going.
     """
     now = time.time() if now is None else now
     merged: dict[tuple[str, str], ReplicaStatus] = {}
     for doc in _documents(run_dir):
-        fresh = running and is_fresh(doc["updated_at"], now)
+        fresh = running and not doc["closed"] and is_fresh(doc["updated_at"], now)
         for t in doc["targets"]:
             if not t["replica"]:
                 continue

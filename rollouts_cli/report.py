@@ -85,7 +85,10 @@ def status_view(status: RunStatus) -> RenderableType:
     totals."""
     if status.phase == "not started":
         return Text(f"no collection state for {status.output} (looked in {status.run_dir})")
-    parts: list[RenderableType] = [chunk_table(status)]
+    # The output and its state on a line of their own: a table's title is cut to the table's
+    # width, and a narrow chunk table (a short host name) cut the output's path.
+    parts: list[RenderableType] = [Text(f"{status.output}: {status.state}", style="italic"),
+                                   chunk_table(status)]  # fmt: skip
     if status.slurm_jobs is not None:
         parts.append(slurm_jobs_table(status.slurm_jobs))
     live: set[tuple[str, str | None]] = set()
@@ -125,7 +128,7 @@ def chunk_table(status: RunStatus) -> Table:
         caption = f"{finished} of {len(status.chunks)} chunks finished" + (
             f"; {len(open_chunks) - len(chunks)} more not shown" if len(open_chunks) > len(chunks)
             else "")  # fmt: skip
-    table = Table(title=f"{status.output}: {status.state}", caption=caption)
+    table = Table(caption=caption)
     for col in ("chunk", "expected", "done", "failed", "worker"):
         table.add_column(col, justify="left" if col == "worker" else "right")
     for c in chunks:

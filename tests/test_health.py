@@ -393,7 +393,7 @@ def test_watch_redraws_in_place_and_ends_cleanly_on_ctrl_c(
     assert "over the last minute" in text and "rollouts/s (last " in text
     # redrawn in place: the cursor moves up over the last frame instead of scrolling a new one
     assert text.count("\x1b[2K") > 10 and "\x1b[1A" in text
-    assert text.count("watched.jsonl: running") >= 3  # redrawn, frame after frame
+    assert text.count("watched.jsonl: running") >= 3, text[-3000:]  # redrawn, frame after frame
     assert screen.rstrip().endswith(b"\x1b[?25h") or b"\x1b[?25h" in screen[-200:]  # cursor back
 
 
