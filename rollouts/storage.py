@@ -202,6 +202,13 @@ def storage_errors(url: str, fs: AbstractFileSystem, path: str) -> Iterator[None
         raise InputError(url, [(None, "no such object")]) from None
     except IsADirectoryError:
         raise InputError(url, [(None, "is a directory (a prefix), expected a JSONL object")]) from None
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        protocol = url.split("://", 1)[0]
+        raise StorageError(  # the option's name, not its value
+            f"cannot read {url}: {STORAGE_OPTIONS_ENV} does not suit {protocol}:// ({_short(e)})"
+        ) from None
     except Exception as e:
         if _no_credentials(e):
             raise StorageError(

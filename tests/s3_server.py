@@ -36,7 +36,7 @@ class S3Server:
         instances by options, and a cached one would hide a change of credentials)."""
         return {
             "key": key, "secret": secret, "skip_instance_cache": True,
-            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            "client_kwargs": {"endpoint_url": self.endpoint},
         }  # fmt: skip
 
     def env(self, key: str = KEY, secret: str = SECRET) -> dict[str, str]:
