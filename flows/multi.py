@@ -26,6 +26,7 @@ from rollouts.errors import (
     combined_exit_code,
 )
 from rollouts.models import DatasetConfig, MultiDatasetConfig
+from rollouts.request import check_multi_storage
 from rollouts.run import must_refresh
 from rollouts.run_state import started_from
 from rollouts.settings import RolloutsSettings
@@ -102,6 +103,7 @@ async def collect_multi_dataset(
             optionally how to mix their rollouts into one training set.
     """
     try:
+        check_multi_storage(config)  # a mix in a bucket: refused before any dataset starts
         work_dir = RolloutsSettings().work_dir
         async with DatasetsProgress(config, work_dir) as progress:
             result = MultiSummary(datasets=await collect_datasets(config))

@@ -60,7 +60,8 @@ class InputError(RolloutsError):
     """The input dataset is unusable. Raised before any request is sent."""
 
     def __init__(self, path: Path | str, problems: list[tuple[int | None, str]], total: int = 0):
-        self.path = Path(path)
+        # A URL (s3://bucket/key) stays as given: Path() would fold its `//`.
+        self.path: Path | str = path if isinstance(path, str) and "://" in path else Path(path)
         self.problems = problems
         shown = "\n".join(
             f"  {self.path}:{line}: {msg}" if line else f"  {self.path}: {msg}"

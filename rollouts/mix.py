@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rollouts.errors import ConfigError, InputError
 from rollouts.fileio import atomic_writers
 from rollouts.nemo_gym import NG_TASK_INDEX
+from rollouts.storage import refuse_output_url
 
 ShortfallPolicy = Literal["error", "redistribute", "allow_short"]
 
@@ -399,6 +400,7 @@ class MixResult:
 
 def mix_sources(request: MixRequest) -> MixResult:
     """Write the mixed file and `<stem>_manifest.json`. See MixRequest for the knobs."""
+    refuse_output_url(request.output, "the mix's output")
     indices = {s.name: index_source(s.name, Path(s.path)) for s in request.sources}
     names = [s.name for s in request.sources]
     weights = {s.name: s.proportion for s in request.sources}

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from rollouts.stopping import parse_duration
+from rollouts.storage import is_url
 from rollouts.urls import has_credentials, redact
 
 if TYPE_CHECKING:
@@ -241,7 +242,7 @@ class CollectionParameters(BaseModel):
     @model_validator(mode="after")
     def _paths_differ(self) -> Self:
         input_field, output_field = self.files
-        paths = [Path(getattr(self, name)).resolve() for name in self.files]
+        paths = [as_given_or_absolute(getattr(self, name)) for name in self.files]
         if paths[0] == paths[1]:
             raise ValueError(f"{output_field} must differ from {input_field}")
         return self
@@ -294,7 +295,7 @@ class CollectConfig(CollectionParameters, _CollectFiles):
         one-offs, with absolute paths so that it may run from any directory."""
         params = self.model_dump(mode="json", exclude={"fresh", "retry_failure_classes"})
         for k in ("input_jsonl_fpath", "output_jsonl_fpath"):
-            params[k] = str(Path(params[k]).resolve())
+            params[k] = as_given_or_absolute(params[k])
         return params
 
     def process_count(self) -> int:
@@ -331,6 +332,11 @@ class CollectConfig(CollectionParameters, _CollectFiles):
             "responses_create_params": self.responses_create_params,
             "num_repeats_add_seed": self.num_repeats_add_seed,
         }
+
+
+def as_given_or_absolute(path: str) -> str:
+    """A URL of object storage as given; a local path made absolute."""
+    return path if is_url(path) else str(Path(path).resolve())
 
 
 def usable_cores() -> int:

@@ -20,9 +20,10 @@ from pydantic import ValidationError
 from rollouts.agent_client import check_agents_reachable
 from rollouts.collect import DispatchPlan
 from rollouts.errors import ConfigError, validation_message
-from rollouts.models import CollectConfig
+from rollouts.models import CollectConfig, MultiDatasetConfig
 from rollouts.replicas import agents_to_check
 from rollouts.settings import RolloutsSettings
+from rollouts.storage import check_readable, is_url, refuse_output_url
 
 # What probes agents: label -> URLs, connect timeout -> the replicas down while others are up;
 # raises AgentUnreachable when every address of an agent is down.
@@ -57,10 +58,32 @@ class RunRequest:
 def check_request(
     params: Mapping[str, Any], settings: RolloutsSettings | None = None
 ) -> RunRequest:
-    """The parameters validated, then where chunks run (ConfigError for either)."""
+    """The parameters validated, then where chunks run (ConfigError for either), then the
+    files in object storage (``check_storage``)."""
     config = validated_config(params)
     processes = collecting_processes(config, settings or RolloutsSettings())
+    check_storage(config.input_jsonl_fpath, [("output", config.output_jsonl_fpath)])
     return RunRequest(dict(params), config, processes)
+
+
+def check_storage(input_path: str, outputs: Sequence[tuple[str, str]]) -> None:
+    """Before any request: an output in object storage refused (not supported yet); an input
+    there read-checked: refused credentials, a missing bucket or object, an endpoint that does
+    not answer, each in one line naming the URL (rollouts/storage.py). ``outputs``: (what,
+    path). A local input is checked by the split, as before."""
+    for what, path in outputs:
+        refuse_output_url(path, what)
+    if is_url(input_path):
+        check_readable(input_path)
+
+
+def check_multi_storage(config: MultiDatasetConfig) -> None:
+    """``check_storage`` of every dataset and of the mix's output, before any dataset starts
+    (a mix in a bucket would otherwise be refused after every dataset was collected)."""
+    if config.mix is not None:
+        refuse_output_url(config.mix.output, "the mix's output")
+    for d in config.datasets:
+        check_storage(d.input, [(f"dataset {d.name}'s output", d.output)])
 
 
 def validated_config(params: Mapping[str, Any]) -> CollectConfig:

@@ -212,7 +212,7 @@ class _Run:
         config, require_agent_ref = self.config, self.config.agent_identity is None
         # With fresh: validate (a streaming pass, writing nothing) before anything is discarded.
         if config.fresh:
-            await asyncio.to_thread(validate_input, Path(config.input_jsonl_fpath),
+            await asyncio.to_thread(validate_input, config.input_jsonl_fpath,
                                     limit=config.limit, require_agent_ref=require_agent_ref)  # fmt: skip
         run_id = prepare_run_dir(config, self.run_dir)
         split = await self.stages.split(config, self.run_dir, run_id)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from rollouts.chunks import ChunkFiles
 from rollouts.errors import IncompleteRun, RunConflict, RunLocked, RunStopped
 from rollouts.fileio import ensure_writable_dir, write_json_atomic
-from rollouts.models import ChunkSpec, CollectConfig, RecordedChunk
+from rollouts.models import ChunkSpec, CollectConfig, RecordedChunk, as_given_or_absolute
 
 RUN_FILE = "run.json"
 
@@ -294,7 +294,7 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
     RunState(
         run_id=run_id,
         created_at=datetime.now(UTC).isoformat(),
-        first_input=str(Path(config.input_jsonl_fpath).resolve()),
+        first_input=as_given_or_absolute(config.input_jsonl_fpath),
         output=str(Path(config.output_jsonl_fpath).resolve()),
         result_params=config.result_params(),
         fingerprint=config.result_fingerprint(),

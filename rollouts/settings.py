@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rollouts.errors import ConfigError
 from rollouts.slurm import JobShape, walltime_s
+from rollouts.storage import is_url
 from rollouts.urls import AgentCredentials, redact
 
 # Set by the `rollouts` command to the URL of the temporary Prefect API it started for itself
@@ -71,6 +72,14 @@ class RolloutsSettings(BaseSettings):
         default=None,
         description="Root of run state (chunks, partial outputs, lock). "
         "Default: `.rollouts/` beside each output file.",
+    )
+    storage_options: SecretStr | None = Field(
+        default=None,
+        description="Options of the object storage that URL inputs (s3://bucket/tasks.jsonl) "
+        'are read from, as JSON passed to fsspec: {"key": ..., "secret": ..., "client_kwargs": '
+        '{"endpoint_url": "http://minio:9000"}}. Default: the storage library\'s own settings '
+        "(for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE). "
+        "Secret: never logged nor stored.",
     )
     result_storage: Path | None = Field(
         default=None,
@@ -159,6 +168,17 @@ class RolloutsSettings(BaseSettings):
         description="--slurm-jobs: how long the run waits for its first worker job to start "
         "before it gives up (nothing sent by then).",
     )  # fmt: skip
+
+    @field_validator("work_dir", mode="before")
+    @classmethod
+    def _local_work_dir(cls, value: Any) -> Any:
+        # Before pydantic makes it a Path (which folds s3:// into s3:/).
+        if isinstance(value, str) and is_url(value):
+            raise ConfigError(
+                f"ROLLOUTS_WORK_DIR in object storage ({value}) is not supported yet: set it "
+                "to a local or shared path"
+            )
+        return value
 
     @field_validator("slurm_job_extra", mode="before")
     @classmethod

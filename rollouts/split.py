@@ -8,6 +8,7 @@ ones are refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -25,6 +26,10 @@ from rollouts.fileio import dumps_line, fsync_dir
 from rollouts.models import ChunkSpec, SplitResult
 from rollouts.nemo_gym import AGENT_REF, NG_TASK_INDEX, RESPONSES_CREATE_PARAMS
 from rollouts.run_state import how_to_start_over, record_chunks
+from rollouts.storage import check_readable, local_or_url, open_lines
+
+# The input: a local path, or a URL of object storage (s3://bucket/tasks.jsonl) as given.
+Input = Path | str
 
 MAX_REPORTED_PROBLEMS = 20
 
@@ -52,7 +57,7 @@ def _check_row(obj: Any, require_agent_ref: bool) -> str | None:
 class _ChunkWriter:
     """Stages one chunk and checks it against the version collected before, line by line."""
 
-    def __init__(self, run_dir: Path, index: int, input_path: Path) -> None:
+    def __init__(self, run_dir: Path, index: int, input_path: Input) -> None:
         self.run_dir = run_dir
         self.index = index
         self.input_path = input_path
@@ -128,12 +133,23 @@ class _ChunkWriter:
         self.staged.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _input_lines(input_path: Input) -> Iterator[Iterator[bytes]]:
+    """The input's lines: a local file's, or streamed from object storage."""
+    if isinstance(input_path, Path):
+        with open(input_path, "rb") as f:
+            yield f
+    else:
+        with open_lines(input_path) as lines:
+            yield lines
+
+
 def _parsed_rows(
-    input_path: Path, limit: int | None, require_agent_ref: bool
+    input_path: Input, limit: int | None, require_agent_ref: bool
 ) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """(line number, row or None, problem or None) for the first ``limit`` rows."""
     rows = 0
-    with open(input_path, "rb") as f:
+    with _input_lines(input_path) as f:
         for number, raw in enumerate(f, start=1):
             if limit is not None and rows >= limit:
                 return
@@ -155,7 +171,7 @@ def _parsed_rows(
             yield number, (obj if problem is None else None), problem
 
 
-def _first_line_with_index(input_path: Path, task_index: int, limit: int | None) -> int | None:
+def _first_line_with_index(input_path: Input, task_index: int, limit: int | None) -> int | None:
     """Only on the error path: find where a duplicated task index first appeared."""
     for position, (number, row, _) in enumerate(_parsed_rows(input_path, limit, False)):
         if row is not None and row.get(NG_TASK_INDEX, position) == task_index:
@@ -163,7 +179,10 @@ def _first_line_with_index(input_path: Path, task_index: int, limit: int | None)
     return None
 
 
-def _check_input_file(input_path: Path) -> None:
+def _check_input_file(input_path: Input) -> None:
+    if not isinstance(input_path, Path):
+        check_readable(input_path)  # a one-line error naming the URL
+        return
     if not input_path.exists():
         raise InputError(input_path, [(None, "file not found")])
     if input_path.is_dir():
@@ -171,7 +190,7 @@ def _check_input_file(input_path: Path) -> None:
 
 
 def _valid_rows(
-    input_path: Path, limit: int | None, require_agent_ref: bool
+    input_path: Input, limit: int | None, require_agent_ref: bool
 ) -> Iterator[tuple[int, dict[str, Any], int]]:
     """(line number, row, task index) of each row while every row so far is valid.
 
@@ -214,7 +233,7 @@ def _valid_rows(
 
 
 def split_input(
-    input_path: Path,
+    input_path: Input,
     run_dir: Path,
     *,
     run_id: str,
@@ -222,12 +241,13 @@ def split_input(
     limit: int | None = None,
     require_agent_ref: bool = False,
 ) -> SplitResult:
-    """Validate ``input_path`` and write its chunks under ``run_dir/chunks``.
+    """Validate ``input_path`` (a local path, or a URL streamed from object storage) and write
+    its chunks under ``run_dir/chunks``.
 
     Task index: the row's own ``_ng_task_index`` when present, else its 0-based row position.
     Raises InputError (file, line, problem) before committing anything when any row is bad.
     """
-    input_path = Path(input_path)
+    input_path = local_or_url(input_path)
     _check_input_file(input_path)
     (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
 
@@ -272,12 +292,12 @@ def split_input(
     )
 
 
-def validate_input(input_path: Path, *, limit: int | None, require_agent_ref: bool) -> None:
+def validate_input(input_path: Input, *, limit: int | None, require_agent_ref: bool) -> None:
     """Check every row, writing nothing (raises InputError exactly like split_input).
 
     Used before `--fresh` discards what was collected: bad input must not cost the old output.
     """
-    input_path = Path(input_path)
+    input_path = local_or_url(input_path)
     _check_input_file(input_path)
     for _ in _valid_rows(input_path, limit, require_agent_ref):
         pass

@@ -297,6 +297,12 @@ def _named_datasets(raw: Any) -> Callable[[tuple[int | str, ...]], str]:
 
 def cmd_multi(args: argparse.Namespace) -> int:
     config = load_multi_config(args.config)
+    from rollouts.request import check_multi_storage
+
+    try:
+        check_multi_storage(config)  # before Prefect starts, as collect's check_request
+    except RolloutsError as e:
+        return _refused("multi", e)
     from flows.multi import collect_multi_dataset
     from rollouts.settings import RolloutsSettings
     from rollouts_cli.progress import cli_multi_progress
@@ -576,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"rollouts {args.command}: {e}", file=sys.stderr)
         return ExitCode.USAGE
+    except RolloutsError as e:  # e.g. a setting refused where a command first reads them
+        return _refused(args.command, e)
 
 
 if __name__ == "__main__":

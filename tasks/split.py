@@ -9,11 +9,16 @@ from typing import Any
 
 from rollouts.models import SplitResult
 from rollouts.split import split_input
+from rollouts.storage import is_url, object_identity
 from tasks.cache_policies import cached_stage
 
 
-def file_identity(path: str | Path) -> tuple[str, int, int, int] | None:
-    """(path, size, mtime_ns, inode), or None when absent: a change means re-read the file."""
+def file_identity(path: str | Path) -> tuple[str, int, int, int] | tuple[str, int, str] | None:
+    """(path, size, mtime_ns, inode), or None when absent: a change means re-read the file.
+    An object in storage: (url, size, its ETag or last modification), or None when it cannot
+    be read."""
+    if is_url(path):
+        return object_identity(str(path))
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -49,7 +54,7 @@ async def split_task(
 ) -> SplitResult:
     return await asyncio.to_thread(
         split_input,
-        Path(input_path),
+        input_path,  # a local path or a URL: split_input tells them apart
         Path(run_dir),
         run_id=run_id,
         chunk_size=chunk_size,

@@ -26,6 +26,7 @@ import orjson
 import pytest
 from pg_prefect import PgPrefectServer, pg_prefect_server, postgres_missing
 from prefect.testing.utilities import prefect_test_harness
+from s3_server import S3Server, s3_server_started
 from slurm_cluster import SlurmCluster, slurm_cluster_started
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,14 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     session started are stopped. Skips those tests where Slurm cannot be set up."""
     with slurm_cluster_started(tmp_path_factory.mktemp("slurm") / "started") as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3-compatible server on 127.0.0.1 (moto's), once for the session when a test asks
+    for it (tests/s3_server.py); each test makes its own buckets."""
+    with s3_server_started(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
