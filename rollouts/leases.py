@@ -71,6 +71,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -202,6 +203,7 @@ class Lease:
         self._output = output
         self._lost_reason: str | None = None
         self._released = False
+        self._writing = threading.Lock()  # one renewal or release at a time
         # Set (on the event loop of ``held``) when the lease is lost; a stopper awaits it.
         self.lost_event = asyncio.Event()
 
@@ -252,6 +254,10 @@ class Lease:
         """Extend the lease by ``ttl_s`` from now. LeaseLost (and ``lost`` set) when another
         run took it or it was deleted; a storage error (unreachable, refused) is raised as
         the one-line error of ``storage_errors`` and the lease is kept: try again."""
+        with self._writing:
+            self._renew()
+
+    def _renew(self) -> None:
         if self._lost_reason is not None:
             raise LeaseLost(self._lost_reason)
         if self._released:
@@ -302,29 +308,44 @@ class Lease:
 
     def release(self) -> None:
         """Delete the lease if it is still ours (idempotent). Another run's lease is left as
-        it is; a lost lease is not touched."""
-        if self._released or self._lost_reason is not None:
+        it is; a lost lease is not touched. Waits for a renewal in flight (``held`` cancels
+        its renewer while a renewal may still run in its thread)."""
+        with self._writing:
+            if self._released or self._lost_reason is not None:
+                self._released = True
+                return
             self._released = True
-            return
-        self._released = True
-        with storage_errors(self.url, self._fs, self._path):
-            if _conditional(self._fs) and self._etag:
+            with storage_errors(self.url, self._fs, self._path):
+                self._delete_if_ours()
+
+    def _delete_if_ours(self) -> None:
+        if _conditional(self._fs):
+            etag = self._etag
+            for _ in range(2):
+                if not etag:
+                    break
                 try:
                     self._fs.call_s3("delete_object", **_bucket_key(self._fs, self._path),
-                                     IfMatch=self._etag)  # fmt: skip
-                    self._fs.invalidate_cache(self._path)
+                                     IfMatch=etag)  # fmt: skip
                     return
                 except FileNotFoundError:
                     return
                 except OSError as e:
-                    if _lost_race(e):
-                        return  # not ours any more
-                    if not _refused(e):
+                    if not _lost_race(e):
+                        if _refused(e):
+                            break  # no conditional delete here: check the token, delete
                         raise
-            current = _read(self._fs, self._path)
-            if current is not None and current[0].token == self.record.token:
-                with contextlib.suppress(FileNotFoundError):
-                    self._fs.rm_file(self._path)
+                finally:
+                    self._fs.invalidate_cache(self._path)
+                # Changed: another's now, or our last renewal landed without its answer.
+                current = _read(self._fs, self._path)
+                if current is None or current[0].token != self.record.token:
+                    return
+                etag = current[1]
+        current = _read(self._fs, self._path)
+        if current is not None and current[0].token == self.record.token:
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(self._path)
 
 
 def _bucket_key(fs: AbstractFileSystem, path: str) -> dict[str, str]:

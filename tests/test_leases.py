@@ -139,29 +139,52 @@ def test_an_unreadable_lease_counts_as_expired(store: Store) -> None:
     lease.release()
 
 
-def test_of_two_concurrent_takers_of_an_expired_lease_exactly_one_wins(store: Store) -> None:
+def _race(store: Store, url: str, names: list[str]) -> tuple[list[Lease], list[RunLocked]]:
+    """``names`` take the lease at ``url`` at once, each in a thread: who won, who was refused."""
+    won: list[Lease] = []
+    refused: list[RunLocked] = []
+    barrier = threading.Barrier(len(names))
+
+    def take(name: str) -> None:
+        holder_of(url, options=store.options)  # this thread's client, made before the race
+        barrier.wait()
+        try:
+            won.append(acquire(url, name, 5, options=store.options, skew_s=0))
+        except RunLocked as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=take, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return won, refused
+
+
+@pytest.mark.parametrize("meeting", ["free", "at the takeover"])
+def test_of_two_concurrent_takers_of_an_expired_lease_exactly_one_wins(
+    store: Store, meeting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10 races each. "at the takeover": both takers have read the expired lease and decided
+    to take it over before either writes (a barrier in front of the write), so every race
+    is decided by the store's conditional write (locally: the rename aside)."""
+    met: list[threading.Barrier] = []
+    if meeting == "at the takeover":
+        take_over = leases._take_over
+
+        def meet_first(*args: Any) -> Any:
+            met[-1].wait(timeout=10)
+            return take_over(*args)
+
+        monkeypatch.setattr(leases, "_take_over", meet_first)
     urls = [store.new_url() for _ in range(10)]
     for url in urls:
         _dead(store, url, ttl_s=0.2)
     time.sleep(0.3)
     for race, url in enumerate(urls):
-        won: list[Lease] = []
-        refused: list[RunLocked] = []
-        barrier = threading.Barrier(2)
-
-        def take(name: str, url: str = url) -> None:
-            holder_of(url, options=store.options)  # this thread's client, made before the race
-            barrier.wait()
-            try:
-                won.append(acquire(url, name, 5, options=store.options, skew_s=0))
-            except RunLocked as e:
-                refused.append(e)
-
-        threads = [threading.Thread(target=take, args=(f"taker{i}:{race}",)) for i in (1, 2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        if meeting != "free":
+            met.append(threading.Barrier(2))
+        won, refused = _race(store, url, [f"taker1:{race}", f"taker2:{race}"])
         assert len(won) == 1 and len(refused) == 1, (race, won, refused)
         winner = won[0].holder
         assert f"is being collected by {winner} right now" in str(refused[0])
@@ -240,6 +263,20 @@ def test_an_unreachable_store_past_the_expiry_is_signalled_lost(
     lease = asyncio.run(main())
     assert "could not be renewed before it expired" in (lease.lost_reason or "")
     assert "does not answer" in (lease.lost_reason or "")
+
+
+def test_a_write_that_landed_without_its_answer_is_told_from_a_theft(store: Store) -> None:
+    """On S3 a renewal whose response was lost leaves the holder an old ETag: its next
+    renewal and its release are refused by If-Match, and the token says the lease is still
+    its own."""
+    url = store.new_url()
+    lease = acquire(url, "hostA:101", 5, options=store.options)
+    lease._etag = '"0123456789abcdef0123456789abcdef"'
+    lease.renew()
+    assert not lease.lost and holder_of(url, options=store.options) == "hostA:101"
+    lease._etag = '"0123456789abcdef0123456789abcdef"'
+    lease.release()
+    assert read_lease(url, options=store.options) is None
 
 
 def test_the_storage_secret_is_in_no_lease_and_no_message(store: Store) -> None:
