@@ -133,11 +133,13 @@ class LeaseRecord:
     def parse(cls, data: bytes) -> LeaseRecord | None:
         try:
             value = json.loads(data)
-            return cls(holder=str(value["holder"]), started_at=str(value["started_at"]),
-                       expires_at=float(value["expires_at"]), ttl_s=float(value["ttl_s"]),
-                       token=str(value["token"]))  # fmt: skip
+            record = cls(holder=str(value["holder"]), started_at=str(value["started_at"]),
+                         expires_at=float(value["expires_at"]), ttl_s=float(value["ttl_s"]),
+                         token=str(value["token"]))  # fmt: skip
         except (ValueError, TypeError, KeyError):
             return None
+        # NaN or infinity would never expire: such a lease is unreadable.
+        return record if math.isfinite(record.expires_at) else None
 
 
 # An unreadable lease: nobody's, expired long ago.

@@ -308,6 +308,28 @@ def test_a_lease_record_round_trips_and_a_bad_ttl_is_refused(tmp_path: Path) -> 
     record = LeaseRecord("h:1", "2026-12-03T19:00:00+00:00", 1.5, 60.0, "a" * 32)
     assert LeaseRecord.parse(record.to_bytes()) == record
     assert LeaseRecord.parse(b"[]") is None and LeaseRecord.parse(b"{") is None
+    never = record.to_bytes().replace(b"1.5", b"Infinity")
+    assert b"Infinity" in never and LeaseRecord.parse(never) is None
     with pytest.raises(ValueError, match="ttl_s"):
         acquire(str(tmp_path / "x.lease"), "h:1", 0)
     assert leases.DEFAULT_TTL_S == 60
+
+
+@pytest.mark.fast
+def test_a_store_without_conditional_writes_takes_the_same_steps() -> None:
+    """memory:// (fsspec's generic create-only and move): taken, refused, renewed, released,
+    taken over when expired. Not exact between concurrent takers (see the module)."""
+    url = f"memory://leases/{uuid.uuid4().hex[:8]}.lease"
+    first = acquire(url, "hostA:101", 5, options={})
+    with pytest.raises(RunLocked, match="hostA:101"):
+        acquire(url, "hostB:202", 5, options={})
+    first.renew()
+    first.release()
+    dead = acquire(url, "deadhost:1", 0.1, options={})
+    time.sleep(0.15)
+    taker = acquire(url, "hostB:202", 5, options={}, skew_s=0)
+    assert holder_of(url, options={}) == "hostB:202"
+    with pytest.raises(LeaseLost, match="hostB:202"):
+        dead.renew()
+    taker.release()
+    assert holder_of(url, options={}) is None
