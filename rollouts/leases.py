@@ -64,6 +64,7 @@ could not renew before its own ``expires_at`` (the store unreachable) signals th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -550,9 +551,24 @@ async def held(
     ``lease.lost_event`` set / ``on_lost(reason)`` called (on this event loop), and renewals
     stop. The block is not interrupted: its stopper watches the lease. A storage error on a
     renewal before that is logged and the renewal tried again at the next tick."""
-    lease = await asyncio.to_thread(
-        acquire, url, holder, ttl_s, output=output, options=options, skew_s=skew_s
-    )
+    # Taken in a thread of its own, not a task: a cancellation (or asyncio.run's cleanup)
+    # stops waiting for it, and whatever the thread takes after that is released by it.
+    acquiring: concurrent.futures.Future[Lease] = concurrent.futures.Future()
+
+    def take() -> None:
+        try:
+            acquiring.set_result(
+                acquire(url, holder, ttl_s, output=output, options=options, skew_s=skew_s)
+            )
+        except BaseException as e:
+            acquiring.set_exception(e)
+
+    threading.Thread(target=take, name=f"lease {redact(url)}").start()
+    try:
+        lease = await asyncio.shield(asyncio.wrap_future(acquiring))
+    except asyncio.CancelledError:
+        acquiring.add_done_callback(_release_when_taken)
+        raise
     renewer = asyncio.create_task(
         _renew_every(lease, ttl_s / 3, on_lost), name=f"lease {redact(url)}"
     )
@@ -567,6 +583,21 @@ async def held(
         except Exception as e:  # it expires by itself; the block's own error matters more
             _log.warning("could not release the lease %s (%s); it expires at %s",
                          redact(url), e, _clock(lease.expires_at))  # fmt: skip
+
+
+def _release_when_taken(acquiring: concurrent.futures.Future[Lease]) -> None:
+    """Run in the taking thread when it ends (or at once, if it had): not a daemon thread,
+    so the interpreter waits for the release before it exits."""
+    if acquiring.exception() is None:
+        _release_quietly(acquiring.result())
+
+
+def _release_quietly(lease: Lease) -> None:
+    try:
+        lease.release()
+    except Exception as e:
+        _log.warning("could not release the lease %s (%s); it expires at %s",
+                     redact(lease.url), e, _clock(lease.expires_at))  # fmt: skip
 
 
 async def _renew_every(

@@ -197,16 +197,16 @@ def test_a_held_lease_is_renewed_past_several_ttls(store: Store) -> None:
     url = store.new_url()
 
     async def main() -> Lease:
-        async with held(url, "hostA:101", ttl_s=1, options=store.options) as lease:
+        async with held(url, "hostA:101", ttl_s=0.8, options=store.options) as lease:
             first_expiry = lease.expires_at
-            for _ in range(7):  # 3.5 s: over three TTLs
+            for _ in range(5):  # 2.5 s: three TTLs
                 await asyncio.sleep(0.5)
                 with pytest.raises(RunLocked, match="hostA:101"):
                     await asyncio.to_thread(
                         acquire, url, "hostB:202", 5, options=store.options, skew_s=0
                     )
             assert not lease.lost and not lease.lost_event.is_set()
-            assert lease.expires_at > first_expiry + 2
+            assert lease.expires_at > first_expiry + 1.5
         return lease
 
     lease = asyncio.run(main())
@@ -276,6 +276,36 @@ def test_a_write_that_landed_without_its_answer_is_told_from_a_theft(store: Stor
     assert not lease.lost and holder_of(url, options=store.options) == "hostA:101"
     lease._etag = '"0123456789abcdef0123456789abcdef"'
     lease.release()
+    assert read_lease(url, options=store.options) is None
+
+
+def test_a_run_cancelled_while_it_takes_the_lease_leaves_none(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = store.new_url()
+    real = leases.acquire
+
+    def slow(*args: Any, **kwargs: Any) -> Lease:
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(leases, "acquire", slow)
+
+    async def main() -> None:
+        async def run() -> None:
+            async with held(url, "hostA:101", ttl_s=5, options=store.options):
+                raise AssertionError("cancelled before it held the lease")
+
+        task = asyncio.create_task(run())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())  # the thread that takes the lease after the cancel releases it
+    deadline = time.monotonic() + 5
+    while read_lease(url, options=store.options) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert read_lease(url, options=store.options) is None
 
 
