@@ -6,13 +6,14 @@ The lease is one small JSON object (say ``s3://bucket/runs/.rollouts/out-1a2b3c4
     {"holder": "host:pid", "started_at": "2026-12-03T19:20:00+00:00",
      "expires_at": 1796325660.5, "ttl_s": 60.0, "token": "<32 hex>"}
 
-``holder`` is who runs (``run_state.worker_id()``), ``started_at`` when its run took the lease
-(kept across renewals and a takeover by the same run is a new start), ``expires_at`` the wall
-clock (seconds since the epoch) until which it is held unless renewed, ``token`` a random value
-of this holding that tells the holder its lease from any other. Nothing else: never a storage
-option, never a credential (the URL is not stored either, and messages show it redacted).
+``holder`` is who runs (``run_state.worker_id()``), ``started_at`` when it took the lease (kept
+across renewals), ``expires_at`` the wall clock (seconds since the epoch) until which it is
+held unless renewed, ``token`` a random value of this holding that tells the holder its lease
+from any other. Nothing else: never a storage option, never a credential (the URL is not
+stored either, and messages show it redacted).
 
-How the integrator uses it (``run_lock`` for an output or run state in a bucket)::
+How the integrator uses it (``run_lock`` for an output or run state in a bucket; the lease
+beside the run state as the lock file is today, e.g. ``<run dir URL>.lease``)::
 
     async with leases.held(lease_url, worker_id(), ttl_s=60, output=str(output)) as lease:
         # RunLocked (naming the holder and the lease URL) was raised here if another run
@@ -23,9 +24,14 @@ How the integrator uses it (``run_lock`` for an output or run state in a bucket)
              # ``lease.check()`` raises LeaseLost (a RunLocked) with it.
     # released (deleted, if it is still ours) on the way out, also on an exception.
 
+The refusal reads like ``run_lock``'s: "OUTPUT is being collected by HOST:PID right now (lease
+URL, held until ... unless renewed, N s from now); wait for it to finish or stop it. Two runs
+never write one output." Storage errors are ``storage.storage_errors``'s one-line errors.
 ``holder_of(lease_url)`` is the probe of ``rollouts status``: the holder of an unexpired lease,
-else None. ``acquire`` / ``Lease.renew`` / ``Lease.release`` are the same steps without
-asyncio (a synchronous caller renews by itself, every ``ttl_s / 3``).
+else None (exactly when ``acquire`` would refuse). ``acquire`` / ``Lease.renew`` /
+``Lease.release`` are the same steps without asyncio (a synchronous caller renews by itself,
+every ``ttl_s / 3``). A Lease is not picklable (it holds the filesystem and its credentials):
+it stays in the process that took it, the flow run's; workers do not hold it.
 
 The writes, by store:
 
@@ -37,7 +43,10 @@ The writes, by store:
   whose lease was taken finds its renewal refused and signals the loss. A renewal whose
   response was lost (its write landed, its ETag unknown) is told from a theft by the token.
   A store that refuses a conditional delete is released by a plain delete after the token
-  was checked.
+  was checked. A store that silently ignores the conditions (some older S3-compatible
+  servers) makes every write unconditional and the lease best effort, like the last case
+  below: the shared-storage check is the place to refuse one (a second create-only write of
+  a probe object must fail).
 * A local path (LocalFileSystem): create-only is a hard link of a complete temporary file
   (atomic and exclusive: a reader never sees half a lease); a takeover moves the expired lease
   aside (an atomic rename: of two takers one moves it, the other finds it gone) and checks it
