@@ -162,6 +162,31 @@ def test_the_output_check_refuses_in_one_line_naming_the_url(s3_server: S3Server
     assert "MARKER" not in message and "\n" not in message
 
 
+def test_an_output_object_without_its_run_state_is_refused_and_fresh_deletes_it(
+    s3_env: S3Server, tmp_path: Path
+) -> None:
+    from rollouts.errors import RunConflict
+    from rollouts.models import CollectConfig
+    from rollouts.run_state import prepare_run_dir, started_from
+
+    bucket = s3_env.bucket()
+    out = f"s3://{bucket}/runs/r.jsonl"
+    paths = OutputPaths.for_output(out)
+    for p in paths.all():
+        storage.write_bytes(p, b"{}\n")
+    params = {"input_jsonl_fpath": "in.jsonl", "output_jsonl_fpath": out,
+              "agent_url": "http://127.0.0.1:1"}  # fmt: skip
+    run_dir = tmp_path / "runs" / "r-1"
+    with started_from("command line"), pytest.raises(RunConflict) as e:
+        prepare_run_dir(CollectConfig(**params), run_dir)
+    assert str(e.value).startswith(f"{out} already exists but its run state ({run_dir}) is "
+                                   "missing")  # fmt: skip
+    assert "add --fresh" in str(e.value)
+    prepare_run_dir(CollectConfig(**params, fresh=True), run_dir)
+    assert [storage.exists(p) for p in paths.all()] == [False, False, False]
+    assert json.loads((run_dir / "run.json").read_text())["output"] == out
+
+
 def test_a_multi_config_may_write_its_outputs_to_a_bucket_but_not_mix_them(
     s3_env: S3Server,
 ) -> None:
