@@ -365,3 +365,24 @@ def test_a_missing_output_bucket_or_refused_credentials_are_one_line_before_any_
     assert message.count("\n") == 1 and secret not in message
     assert agent.requests() == []
     assert not (tmp_path / "cache").exists() and _fs(s3_server).find(bucket) == []
+
+
+def test_a_multi_dataset_run_writes_a_dataset_output_to_a_bucket(
+    s3_server: S3Server, agent: AgentServer, prefect_api: str, tmp_path: Path
+) -> None:
+    import yaml
+
+    bucket = s3_server.bucket()
+    url_in = s3_server.put(f"s3://{bucket}/data/a.jsonl", _tasks(12))
+    (tmp_path / "b.jsonl").write_bytes(_tasks(8))
+    out_a = f"s3://{bucket}/runs/a.jsonl"
+    config = {"datasets": [
+        {"name": "a", "input": url_in, "output": out_a, "agent_url": agent.url},
+        {"name": "b", "input": "b.jsonl", "output": "b_out.jsonl", "agent_url": agent.url},
+    ]}  # fmt: skip
+    (tmp_path / "multi.yaml").write_text(yaml.safe_dump(config))
+    env = _env(prefect_api, tmp_path, s3_server.env())
+    res = _cli(env, tmp_path, "multi", "--config", "multi.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(_object_rows(s3_server, out_a)) == 12 and len(read_jsonl(tmp_path / "b_out.jsonl")) == 8
+    assert storage_exists(s3_server, f"s3://{bucket}/runs/a_aggregate_metrics.json")
