@@ -84,12 +84,12 @@ def check_multi_storage(config: MultiDatasetConfig) -> None:
     (a mix in a bucket would otherwise be refused after every dataset was collected)."""
     if config.mix is not None:
         refuse_output_url(config.mix.output, "the mix's output")
-        in_bucket = [d.name for d in config.datasets if is_url(d.output)]
-        if in_bucket:  # the mix reads its sources at random offsets: local files
+        in_bucket = next((d for d in config.datasets if is_url(d.output)), None)
+        if in_bucket is not None:  # the mix reads its sources at random offsets: local files
             raise ConfigError(
-                f"a mix of outputs in object storage (dataset {in_bucket[0]}: "
-                f"{next(d.output for d in config.datasets if d.name == in_bucket[0])}) is not "
-                "supported yet: write the outputs of a mixed run to a local or shared path"
+                f"a mix of outputs in object storage (dataset {in_bucket.name}: "
+                f"{in_bucket.output}) is not supported yet: write the outputs of a mixed run "
+                "to a local or shared path"
             )
     for d in config.datasets:
         check_storage(d.input, [(f"dataset {d.name}'s output", d.output)])
