@@ -36,7 +36,7 @@ from rollouts.health import (
     read_health,
     seconds_text,
 )
-from rollouts.models import DatasetConfig, MultiDatasetConfig
+from rollouts.models import DatasetConfig, MultiDatasetConfig, as_given_or_absolute
 from rollouts.run import StatusSource
 from rollouts.status import RunStatus, StatusReader
 from rollouts.summary import CollectSummary, MultiSummary, RunFigures
@@ -52,7 +52,8 @@ MIX_COLUMNS = ("proportion", "target", "available", "selected", "shortfall",
 
 
 def absolute(path: str | Path | None) -> str:
-    return str(Path(path).resolve()) if path else "-"
+    """A local path made absolute, a URL as given."""
+    return as_given_or_absolute(str(path)) if path else "-"
 
 
 class LiveProgress:
@@ -61,7 +62,7 @@ class LiveProgress:
     rollout is logged once, in the run's log. It also times the collection for the run's
     figures (``RunFigures``)."""
 
-    def __init__(self, reader: StatusSource, output: Path) -> None:
+    def __init__(self, reader: StatusSource, output: str | Path) -> None:
         self.reader, self.output = reader, output
         self.artifact_id: Any = None
         self._updates: asyncio.Task[None] | None = None

@@ -37,6 +37,7 @@ from rollouts.run_state import OutputPaths
 from rollouts.settings import RolloutsSettings
 from rollouts.status import RunStatus
 from rollouts.stopping import Stopper
+from rollouts.storage import Location
 from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary
 from tasks.merge import merge_task
 from tasks.metrics import metrics_task
@@ -150,7 +151,9 @@ class PrefectStages(RunStages):
             require_agent_ref=config.agent_identity is None,
         )  # fmt: skip
 
-    def progress(self, reader: StatusSource, output: Path) -> AbstractAsyncContextManager[Progress]:
+    def progress(
+        self, reader: StatusSource, output: Location
+    ) -> AbstractAsyncContextManager[Progress]:
         return LiveProgress(reader, output)
 
     async def collect(

@@ -82,7 +82,7 @@ def _multi_run_name() -> str:
         return run_name("multi-dataset")  # the flow itself reports the bad config
     if config.mix is not None:
         return run_name(output_label(config.mix.output))
-    folder = Path(config.datasets[0].output).resolve().parent.name
+    folder = output_label(config.datasets[0].output).rpartition("/")[0]
     return run_name(f"{folder}/" + "+".join(d.name for d in config.datasets))
 
 

@@ -12,6 +12,8 @@ from typing import Any, cast
 
 from pydantic import BaseModel, Field
 
+from rollouts.storage import is_url, name_of, parent_of, stem_of
+
 
 def title(text: str) -> Any:
     """A parameter's title in the deployment form, for ``Annotated[T, title("...")]``.
@@ -93,6 +95,8 @@ def run_name(wanted: str) -> str:
 def output_label(output: str | Path) -> str:
     """An output as the runs list names it: its folder and file stem, `deployed/train_hard`:
     two outputs of the same file name in different folders differ, and nothing is doubled."""
+    if isinstance(output, str) and is_url(output):  # s3://b/runs/train.jsonl: runs/train
+        return f"{name_of(parent_of(output))}/{stem_of(output)}"
     path = Path(output).resolve()
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
@@ -110,9 +114,9 @@ def artifact_key(output: str | Path, kind: str) -> str:
     so it reads as words first; the hash keeps two outputs of the same file name in different
     folders from sharing one history. Prefect keys allow lowercase letters, digits and dashes.
     """
-    path = Path(output).resolve()
-    stem = re.sub(r"[^a-z0-9-]+", "-", path.stem.lower()).strip("-") or "rollouts"
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:6]
+    where = output if isinstance(output, str) and is_url(output) else str(Path(output).resolve())
+    stem = re.sub(r"[^a-z0-9-]+", "-", stem_of(where).lower()).strip("-") or "rollouts"
+    digest = hashlib.sha256(where.encode()).hexdigest()[:6]
     return f"{stem}-{kind}-{digest}"
 
 

@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 
 from rollouts.errors import RolloutsError
-from rollouts.fileio import iter_lines
 from rollouts.models import RolloutKey
 from rollouts.nemo_gym import AGENT_REF, NG_FAILURE_CLASS, NG_FAILURE_TERMINAL, key_of
 from rollouts.run_state import OutputPaths
+from rollouts.storage import exists, iter_lines, local_or_url
 
 
 class FailuresUnreadable(RolloutsError):
@@ -84,8 +84,8 @@ def summarize_failures(output: str | Path, examples: int = 5) -> FailureReport:
     """Counts by class (terminal and given up) and agent, the first error and the first
     ``examples`` keys of each class, from the failures file of the collection into ``output``."""
     path = OutputPaths.for_output(output).failures
-    if not path.exists():
-        where = "" if Path(output).exists() else f", nor {output} itself"
+    if not exists(path):
+        where = "" if exists(local_or_url(output)) else f", nor {output} itself"
         raise FailuresUnreadable(
             f"no failures file {path}{where}: nothing was merged for this output yet. Give the "
             "output file of a collection (its --output), after a run has ended."

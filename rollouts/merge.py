@@ -1,4 +1,6 @@
-"""Merge: chunk outputs -> one sorted, de-duplicated output file, written atomically.
+"""Merge: chunk outputs -> one sorted, de-duplicated output file, written atomically (a local
+file: temp file and rename; an object in a bucket: a multipart upload completed at the end,
+rollouts/storage.py).
 
 Bodies are never all in memory: each chunk's file is indexed by (key, byte offset, length),
 sorted, and copied. When chunks cover disjoint task-index ranges (the usual case), only one
@@ -18,9 +20,9 @@ from typing import IO, Any
 import orjson
 
 from rollouts.chunks import ChunkFiles, task_indices
-from rollouts.fileio import atomic_writers
 from rollouts.models import ChunkSpec, RolloutKey
 from rollouts.nemo_gym import AGENT_REF, NG_FAILURE_CLASS, NG_FAILURE_TERMINAL, key_of
+from rollouts.storage import Location, Writer, output_writers
 
 Entry = tuple[RolloutKey, int, int]  # (key, byte offset, length incl. newline)
 MAX_MISSING_EXAMPLES = 10
@@ -96,7 +98,7 @@ def _chunk_index(
     )
 
 
-def _copy(entries: Iterator[tuple[Entry, Path]], out: IO[bytes]) -> None:
+def _copy(entries: Iterator[tuple[Entry, Path]], out: Writer) -> None:
     handles: dict[Path, IO[bytes]] = {}
     try:
         for (_, offset, length), path in entries:
@@ -115,8 +117,8 @@ def merge_chunks(
     *,
     num_repeats: int,
     agent_of: Callable[[str | None], str],
-    output_path: Path,
-    failures_path: Path,
+    output_path: Location,
+    failures_path: Location,
 ) -> MergeReport:
     """Write ``output_path`` (rollouts) and ``failures_path`` sorted by (task, rollout) index.
 
@@ -155,7 +157,7 @@ def merge_chunks(
                         missing_examples.append((t, r))
         return idx
 
-    with atomic_writers([output_path, failures_path]) as (out, fout):
+    with output_writers([output_path, failures_path]) as (out, fout):
         if _disjoint_ranges(chunks):
             for spec in sorted(chunks, key=lambda s: s.task_min):
                 idx = visit(spec)

@@ -13,14 +13,12 @@ import math
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import orjson
 import pandas as pd
 
-from rollouts.fileio import atomic_writer, iter_lines
 from rollouts.nemo_gym import (
     AGENT_REF,
     NG_FAILURE_TERMINAL,
@@ -29,6 +27,7 @@ from rollouts.nemo_gym import (
     RESPONSE,
     REWARD,
 )
+from rollouts.storage import Location, Writer, exists, iter_lines, local_or_url, open_output
 
 #: The statistics NeMo Gym reports for every numeric field, in output order.
 STATS: tuple[str, ...] = ("mean", "max", "min", "median", "std")
@@ -54,7 +53,7 @@ class AgentSummary:
 @dataclass(frozen=True)
 class MetricsSummary:
     agents: list[AgentSummary]
-    metrics_path: Path
+    metrics_path: Location
 
 
 class _Columns:
@@ -109,7 +108,7 @@ class _Columns:
                 out[key] = float(value)
 
 
-def _agent_name(row: dict[str, Any], path: Path, line: int) -> str:
+def _agent_name(row: dict[str, Any], path: Location, line: int) -> str:
     ref = row.get(AGENT_REF)
     name = ref.get("name") if isinstance(ref, dict) else None
     if isinstance(name, str):
@@ -118,12 +117,12 @@ def _agent_name(row: dict[str, Any], path: Path, line: int) -> str:
     raise ValueError(f"{path}:{line}: row has no agent_ref.name")
 
 
-def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _iter_rows(path: Location) -> Iterator[tuple[int, dict[str, Any]]]:
     for line, raw in iter_lines(path):
         yield line, orjson.loads(raw)
 
 
-def _read_rollouts(path: Path) -> _Columns:
+def _read_rollouts(path: Location) -> _Columns:
     columns = _Columns()
     for line, row in _iter_rows(path):
         task = row.get(NG_TASK_INDEX)
@@ -133,9 +132,9 @@ def _read_rollouts(path: Path) -> _Columns:
     return columns
 
 
-def _count_failures(path: Path | None) -> dict[str, int]:
+def _count_failures(path: Location | None) -> dict[str, int]:
     counts: dict[str, int] = {}
-    if path is None or not path.exists():
+    if path is None or not exists(path):
         return counts
     for line, row in _iter_rows(path):
         if row.get(NG_FAILURE_TERMINAL) is False:
@@ -230,7 +229,7 @@ class _AgentView:
 
 
 def _write_group_entries(
-    out: IO[bytes],
+    out: Writer,
     columns: _Columns,
     view: _AgentView,
     fields: list[str],
@@ -306,29 +305,31 @@ def _agent_pass_at_k(view: _AgentView, rewards: np.ndarray, num_repeats: int) ->
 
 
 def write_aggregate_metrics(
-    rollouts_path: Path,
-    failures_path: Path | None,
-    metrics_path: Path,
+    rollouts_path: Location,
+    failures_path: Location | None,
+    metrics_path: Location,
     *,
     num_repeats: int,
     expected_by_agent: dict[str, int],
 ) -> MetricsSummary:
     """Compute per-agent metrics from the (sorted) rollouts file and write them atomically.
+    Each location is a local path or a URL (rollouts/storage.py): an object is streamed, and
+    the metrics object appears whole or not at all.
 
     The output is a JSON array, one entry per agent sorted by name:
     ``{"agent_ref", "agent_metrics", "key_metrics", "group_level_metrics"}``.
     """
-    rollouts_path = Path(rollouts_path)
-    metrics_path = Path(metrics_path)
+    rollouts_path = local_or_url(rollouts_path)
+    metrics_path = local_or_url(metrics_path)
     # No rollouts file at all (every attempt failed) still yields per-agent counts.
-    columns = _read_rollouts(rollouts_path) if rollouts_path.exists() else _Columns()
-    failed = _count_failures(Path(failures_path) if failures_path is not None else None)
+    columns = _read_rollouts(rollouts_path) if exists(rollouts_path) else _Columns()
+    failed = _count_failures(local_or_url(failures_path) if failures_path is not None else None)
     names = sorted(set(columns.agent_names) | set(failed) | set(expected_by_agent))
     codes = {name: code for code, name in enumerate(columns.agent_names)}
 
     summaries: list[AgentSummary] = []
     # Overflowing sums become inf/NaN and are written as null; numpy need not warn about them.
-    with np.errstate(over="ignore", invalid="ignore"), atomic_writer(metrics_path) as out:
+    with np.errstate(over="ignore", invalid="ignore"), open_output(metrics_path) as out:
         out.write(b"[")
         for position, name in enumerate(names):
             code = codes.get(name)

@@ -401,6 +401,8 @@ class MixResult:
 def mix_sources(request: MixRequest) -> MixResult:
     """Write the mixed file and `<stem>_manifest.json`. See MixRequest for the knobs."""
     refuse_output_url(request.output, "the mix's output")
+    for source in request.sources:  # read at random offsets: a local file
+        refuse_output_url(source.path, f"mix source {source.name!r}")
     indices = {s.name: index_source(s.name, Path(s.path)) for s in request.sources}
     names = [s.name for s in request.sources]
     weights = {s.name: s.proportion for s in request.sources}

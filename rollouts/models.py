@@ -257,8 +257,9 @@ class _CollectFiles(BaseModel):
     )
     output_jsonl_fpath: str = Field(
         title="Output rollouts (JSONL)",
-        description="Rollouts JSONL to write (sorted, written atomically); the failures and "
-        "metrics files are written next to it.",
+        description="Rollouts JSONL to write (sorted, written atomically; a path, or a URL "
+        "such as s3://bucket/runs/rollouts.jsonl); the failures and metrics files are written "
+        "next to it.",
     )
 
 

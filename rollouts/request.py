@@ -23,7 +23,7 @@ from rollouts.errors import ConfigError, validation_message
 from rollouts.models import CollectConfig, MultiDatasetConfig
 from rollouts.replicas import agents_to_check
 from rollouts.settings import RolloutsSettings
-from rollouts.storage import check_readable, is_url, refuse_output_url
+from rollouts.storage import check_readable, check_writable, is_url, refuse_output_url
 
 # What probes agents: label -> URLs, connect timeout -> the replicas down while others are up;
 # raises AgentUnreachable when every address of an agent is down.
@@ -67,14 +67,16 @@ def check_request(
 
 
 def check_storage(input_path: str, outputs: Sequence[tuple[str, str]]) -> None:
-    """Before any request: an output in object storage refused (not supported yet); an input
-    there read-checked: refused credentials, a missing bucket or object, an endpoint that does
-    not answer, each in one line naming the URL (rollouts/storage.py). ``outputs``: (what,
-    path). A local input is checked by the split, as before."""
-    for what, path in outputs:
-        refuse_output_url(path, what)
+    """Before any request, what is in object storage: an input read-checked, an output's
+    bucket write-checked (a probe object written and deleted beside it): refused credentials,
+    a missing bucket or object, an endpoint that does not answer, each in one line naming the
+    URL (rollouts/storage.py). ``outputs``: (what, path). A local input is checked by the
+    split, a local output by the run's lock, as before."""
     if is_url(input_path):
         check_readable(input_path)
+    for _, path in outputs:
+        if is_url(path):
+            check_writable(path)
 
 
 def check_multi_storage(config: MultiDatasetConfig) -> None:
@@ -82,6 +84,13 @@ def check_multi_storage(config: MultiDatasetConfig) -> None:
     (a mix in a bucket would otherwise be refused after every dataset was collected)."""
     if config.mix is not None:
         refuse_output_url(config.mix.output, "the mix's output")
+        in_bucket = next((d for d in config.datasets if is_url(d.output)), None)
+        if in_bucket is not None:  # the mix reads its sources at random offsets: local files
+            raise ConfigError(
+                f"a mix of outputs in object storage (dataset {in_bucket.name}: "
+                f"{in_bucket.output}) is not supported yet: write the outputs of a mixed run "
+                "to a local or shared path"
+            )
     for d in config.datasets:
         check_storage(d.input, [(f"dataset {d.name}'s output", d.output)])
 

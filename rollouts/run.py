@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from rollouts import gctune
+from rollouts import gctune, storage
 from rollouts.agent_client import check_agents_reachable
 from rollouts.collect import DispatchPlan
 from rollouts.errors import IncompleteRun, RolloutsError
@@ -39,6 +39,7 @@ from rollouts.settings import RolloutsSettings
 from rollouts.split import validate_input
 from rollouts.status import RunStatus, StatusReader
 from rollouts.stopping import Stopper, StopPlan, StopReason, write_stop_record
+from rollouts.storage import Location
 from rollouts.summary import (
     AgentResult,
     CollectSummary,
@@ -122,7 +123,9 @@ class RunStages(abc.ABC):
         """The input into the run state's chunks."""
 
     @abc.abstractmethod
-    def progress(self, reader: StatusSource, output: Path) -> AbstractAsyncContextManager[Progress]:
+    def progress(
+        self, reader: StatusSource, output: Location
+    ) -> AbstractAsyncContextManager[Progress]:
         """Shown while the chunks are collected."""
 
     @abc.abstractmethod
@@ -151,10 +154,10 @@ class RunStages(abc.ABC):
         """The run's results where its users look (the Prefect UI's artifacts)."""
 
 
-def must_refresh(*outputs: Path) -> bool:
-    """A cached step whose output files are gone runs again: its cache would answer with paths
-    that no longer exist."""
-    return not all(p.exists() for p in outputs)
+def must_refresh(*outputs: Location) -> bool:
+    """A cached step whose output files (or objects) are gone runs again: its cache would
+    answer with paths that no longer exist."""
+    return not all(storage.exists(p) for p in outputs)
 
 
 async def collect_run(

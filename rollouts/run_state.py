@@ -2,6 +2,10 @@
 
 One output file has one run directory. It carries a random ``run_id`` that is part of every
 cache key, so deleting the directory (or ``--fresh``) can never resurrect stale cached results.
+
+An output in object storage (``s3://b/runs/rollouts.jsonl``) keeps its run state on a local
+path: ROLLOUTS_WORK_DIR, else this machine's cache (``$XDG_CACHE_HOME/rollouts/runs``), in a
+directory named for the URL. Resume works on that machine, or on any that shares the work dir.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
+from rollouts import storage
 from rollouts.chunks import ChunkFiles
 from rollouts.errors import IncompleteRun, RunConflict, RunLocked, RunStopped
 from rollouts.fileio import ensure_writable_dir, write_json_atomic
 from rollouts.models import ChunkSpec, CollectConfig, RecordedChunk, as_given_or_absolute
+from rollouts.storage import Location, is_url, local_or_url, parent_of, sibling, stem_of
 
 RUN_FILE = "run.json"
 
@@ -62,24 +68,43 @@ class RunState(BaseModel):
 
 @dataclass(frozen=True)
 class OutputPaths:
-    rollouts: Path
-    failures: Path
-    metrics: Path
+    """The three files of an output, beside each other: local paths (Path), or URLs (str) of
+    objects under the output's prefix."""
+
+    rollouts: Location
+    failures: Location
+    metrics: Location
 
     @classmethod
     def for_output(cls, output: str | Path) -> OutputPaths:
-        out = Path(output)
+        out = local_or_url(output)
+        stem = stem_of(out)
         return cls(
             rollouts=out,
-            failures=out.with_name(f"{out.stem}_failures.jsonl"),
-            metrics=out.with_name(f"{out.stem}_aggregate_metrics.json"),
+            failures=sibling(out, f"{stem}_failures.jsonl"),
+            metrics=sibling(out, f"{stem}_aggregate_metrics.json"),
         )
 
-    def all(self) -> list[Path]:
+    def all(self) -> list[Location]:
         return [self.rollouts, self.failures, self.metrics]
 
 
+def local_runs_dir() -> Path:
+    """Where the run state of an output in object storage lives without ROLLOUTS_WORK_DIR:
+    this machine's cache, ``$XDG_CACHE_HOME/rollouts/runs`` (``~/.cache/rollouts/runs``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or ""
+    root = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"
+    return root / "rollouts" / "runs"
+
+
 def run_dir_for(output: str | Path, work_dir: Path | None) -> Path:
+    """The run state's directory of ``output``: ``<stem>-<hash of the output>`` in
+    ``work_dir``, else in ``.rollouts/`` beside a local output, else (an output in object
+    storage) in ``local_runs_dir()``."""
+    if isinstance(output, str) and is_url(output):
+        digest = hashlib.sha256(output.encode()).hexdigest()[:8]
+        root = work_dir if work_dir is not None else local_runs_dir()
+        return Path(root).resolve() / f"{stem_of(output)}-{digest}"
     out = Path(output).resolve()
     root = work_dir if work_dir is not None else out.parent / ".rollouts"
     digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
@@ -97,7 +122,9 @@ def run_lock(run_dir: Path, output: str | Path) -> Iterator[None]:
     Taken first, so it also refuses, before any work, an output or run-state directory that
     cannot be written.
     """
-    ensure_writable_dir(Path(output).parent, f"the output {output}")
+    out = parent_of(local_or_url(output))
+    if isinstance(out, Path):  # a bucket was checked before any work (rollouts/request.py)
+        ensure_writable_dir(out, f"the output {output}")
     ensure_writable_dir(run_dir.parent, f"the run state of {output} (ROLLOUTS_WORK_DIR moves it)")
     lock_path = run_dir.with_name(run_dir.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -258,7 +285,7 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
     if config.fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
         for p in paths.all():
-            p.unlink(missing_ok=True)
+            storage.remove(p)
 
     # Before a first chunk is committed (e.g. the input was refused) nothing was collected, so
     # nothing pins the parameters: the state is simply written anew.
@@ -283,7 +310,7 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
             state.write(run_dir)
         return state.run_id
 
-    if paths.rollouts.exists() and paths.rollouts.stat().st_size > 0:
+    if storage.size_of(paths.rollouts):
         raise RunConflict(
             f"{paths.rollouts} already exists but its run state ({run_dir}) is missing, so its "
             f"rollouts cannot be matched to tasks. Choose another output, or "
@@ -295,7 +322,7 @@ def prepare_run_dir(config: CollectConfig, run_dir: Path) -> str:
         run_id=run_id,
         created_at=datetime.now(UTC).isoformat(),
         first_input=as_given_or_absolute(config.input_jsonl_fpath),
-        output=str(Path(config.output_jsonl_fpath).resolve()),
+        output=as_given_or_absolute(config.output_jsonl_fpath),
         result_params=config.result_params(),
         fingerprint=config.result_fingerprint(),
         chunk_size=config.chunk_size,

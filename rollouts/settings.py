@@ -71,12 +71,14 @@ class RolloutsSettings(BaseSettings):
     work_dir: Path | None = Field(
         default=None,
         description="Root of run state (chunks, partial outputs, lock). "
-        "Default: `.rollouts/` beside each output file.",
+        "Default: `.rollouts/` beside each output file; for an output in object storage, "
+        "this machine's cache ($XDG_CACHE_HOME/rollouts/runs, else ~/.cache/rollouts/runs).",
     )
     storage_options: SecretStr | None = Field(
         default=None,
         description="Options of the object storage that URL inputs (s3://bucket/tasks.jsonl) "
-        'are read from, as JSON passed to fsspec: {"key": ..., "secret": ..., "client_kwargs": '
+        "are read from and URL outputs written to, as JSON passed to fsspec: "
+        '{"key": ..., "secret": ..., "client_kwargs": '
         '{"endpoint_url": "http://minio:9000"}}. Default: the storage library\'s own settings '
         "(for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE). "
         "Secret: never logged nor stored.",

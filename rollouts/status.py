@@ -21,6 +21,7 @@ from rollouts.models import ChunkSpec
 from rollouts.nemo_gym import NG_FAILURE_TERMINAL
 from rollouts.run_state import lock_taken_by, read_run_state, recorded_chunks, run_dir_for
 from rollouts.slurm import SlurmJob, run_jobs
+from rollouts.storage import local_or_url
 
 
 @dataclass
@@ -112,7 +113,7 @@ class StatusReader:
     """Reads a run's status again and again, cheaply."""
 
     def __init__(self, output: str | Path, work_dir: Path | None = None) -> None:
-        self.output = Path(output)
+        self.output = local_or_url(output)  # a URL as given (a Path folds s3:// into s3:/)
         self.run_dir = run_dir_for(output, work_dir)
         self._counters: dict[Path, _LineCounter] = {}
         self._tasks: dict[int, tuple[int, int]] = {}  # chunk -> (tasks file mtime_ns, rows)

@@ -1,4 +1,5 @@
-"""Object storage (s3://, gs://, az://, any fsspec URL) where a run reads its input.
+"""Object storage (s3://, gs://, az://, any fsspec URL) where a run reads its input and writes
+its output files.
 
 A path is either local (a path, or a ``file://`` URL) or a URL of another fsspec protocol.
 Local paths keep every behaviour they had; a URL is opened through fsspec with the options of
@@ -9,7 +10,12 @@ Never logged, stored or pickled: the options, and a filesystem object (its ``to_
 its pickle hold the credentials; its repr does not). Errors name the URL and the storage's
 short reason, never an option.
 
-Outputs and run state in a bucket are not supported yet: ``refuse_output_url`` says so.
+An output in a bucket is written as a whole or not at all (``output_writers``: a multipart
+upload completed only once every byte is uploaded; a crash leaves the old object or none). The
+run state and the mix's output in a bucket are not supported yet: ``refuse_output_url`` says so.
+A location is a ``Path`` (local) or a ``str`` (a URL): ``local_or_url`` makes one, and the
+helpers here (``exists``, ``remove``, ``iter_lines``, ...) take either, the local one exactly
+as rollouts/fileio.py does it.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import SecretStr
 
+from rollouts import fileio
 from rollouts.errors import ConfigError, InputError
 from rollouts.urls import redact
 
@@ -44,6 +52,11 @@ _INSTALL = {
 }
 # A URL's input is read this many bytes at a time (s3fs's own block is 50 MiB).
 READ_BLOCK = 4 * 2**20
+# An output object is uploaded this many bytes at a time (a multipart upload's part; S3 takes
+# parts of 5 MiB and more): memory holds one part per object being written.
+WRITE_BLOCK = 8 * 2**20
+# The object the pre-flight check writes and deletes beside an output in a bucket.
+PROBE_PREFIX = ".rollouts-probe-"
 _REASON_CHARS = 160
 
 
@@ -63,9 +76,42 @@ def is_url(path: str | Path) -> bool:
     return protocol is not None and protocol not in _LOCAL_PROTOCOLS
 
 
-def local_or_url(path: str | Path) -> Path | str:
+Location = Path | str  # a local path (Path), or a URL of object storage (str)
+
+
+def local_or_url(path: str | Path) -> Location:
     """A URL as given (a str), a local path as a Path."""
     return path if isinstance(path, str) and is_url(path) else Path(path)
+
+
+def _url(location: Location) -> str | None:
+    return location if isinstance(location, str) and is_url(location) else None
+
+
+def name_of(location: Location) -> str:
+    """The file or object name: ``rollouts.jsonl`` of ``s3://b/runs/rollouts.jsonl``."""
+    url = _url(location)
+    return url.rstrip("/").rpartition("/")[2] if url is not None else Path(location).name
+
+
+def stem_of(location: Location) -> str:
+    """The name without its last suffix, as ``Path.stem``."""
+    return PurePosixPath(name_of(location)).stem
+
+
+def sibling(location: Location, name: str) -> Location:
+    """The file named ``name`` beside ``location``: in its folder, or its URL's prefix (a
+    Path would fold ``s3://`` into ``s3:/``)."""
+    url = _url(location)
+    if url is None:
+        return Path(location).with_name(name)
+    return f"{url.rstrip('/').rpartition('/')[0]}/{name}"
+
+
+def parent_of(location: Location) -> Location:
+    """The folder of ``location``, or its URL's prefix (``s3://b/runs``)."""
+    url = _url(location)
+    return Path(location).parent if url is None else url.rstrip("/").rpartition("/")[0]
 
 
 def refuse_output_url(path: str | Path, what: str = "output") -> None:
@@ -183,48 +229,68 @@ def _bucket_missing(fs: AbstractFileSystem, path: str, error: FileNotFoundError)
 
 
 @contextlib.contextmanager
-def storage_errors(url: str, fs: AbstractFileSystem, path: str) -> Iterator[None]:
+def storage_errors(
+    url: str, fs: AbstractFileSystem, path: str, action: str = "read"
+) -> Iterator[None]:
     """The storage library's errors on ``url`` as one-line errors naming it: refused
-    credentials and an unreachable endpoint are StorageError, a missing bucket or object an
-    InputError."""
+    credentials and an unreachable endpoint are StorageError; a missing bucket or object an
+    InputError when reading, a StorageError when writing (``action="write"``)."""
     try:
         yield
-    except PermissionError as e:
-        raise StorageError(
-            f"cannot read {url}: the storage refused the credentials ({_short(e)}); set them "
+    except Exception as e:
+        error = _translated(e, url, fs, path, action)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _translated(
+    e: Exception, url: str, fs: AbstractFileSystem, path: str, action: str
+) -> Exception | None:
+    """``storage_errors``'s one-line error for ``e``; None for an error that is not the
+    storage's (it passes unchanged)."""
+    verb = f"cannot {action} {url}"
+    if isinstance(e, PermissionError):
+        return StorageError(
+            f"{verb}: the storage refused the credentials ({_short(e)}); set them "
             "in the storage library's environment (for S3: AWS_ACCESS_KEY_ID, "
             f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE) or {STORAGE_OPTIONS_ENV}"
-        ) from None
-    except FileNotFoundError as e:
+        )
+    if isinstance(e, FileNotFoundError):
         bucket = path.split("/", 1)[0]
-        if _bucket_missing(fs, path, e):
-            raise InputError(url, [(None, f"bucket {bucket!r} does not exist")]) from None
-        raise InputError(url, [(None, "no such object")]) from None
-    except IsADirectoryError:
-        raise InputError(url, [(None, "is a directory (a prefix), expected a JSONL object")]) from None
-    except TypeError as e:
+        missing_bucket = _bucket_missing(fs, path, e)
+        if action != "read":
+            what = f"bucket {bucket!r} does not exist" if missing_bucket else f"not found ({_short(e)})"
+            return StorageError(f"{verb}: {what}")
+        if missing_bucket:
+            return InputError(url, [(None, f"bucket {bucket!r} does not exist")])
+        return InputError(url, [(None, "no such object")])
+    if isinstance(e, IsADirectoryError):
+        if action != "read":
+            return StorageError(f"{verb}: it is a directory (a prefix), expected an object name")
+        return InputError(url, [(None, "is a directory (a prefix), expected a JSONL object")])
+    if isinstance(e, TypeError):
         if "unexpected keyword argument" not in str(e):
-            raise
+            return None
         protocol = url.split("://", 1)[0]
-        raise StorageError(  # the option's name, not its value
-            f"cannot read {url}: {STORAGE_OPTIONS_ENV} does not suit {protocol}:// ({_short(e)})"
-        ) from None
-    except Exception as e:
-        if _no_credentials(e):
-            raise StorageError(
-                f"cannot read {url}: no credentials found ({_short(e)}); set AWS_ACCESS_KEY_ID "
-                f"and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or {STORAGE_OPTIONS_ENV}"
-            ) from None
-        if _unreachable(e):
-            host = _endpoint_host(e)
-            where = f"the storage endpoint {host}" if host else "the storage endpoint"
-            raise StorageError(
-                f"cannot read {url}: {where} does not answer ({type(e).__name__}); check "
-                f"AWS_ENDPOINT_URL or the endpoint in {STORAGE_OPTIONS_ENV}"
-            ) from None
-        if isinstance(e, OSError):
-            raise StorageError(f"cannot read {url}: {type(e).__name__}: {_short(e)}") from None
-        raise
+        return StorageError(  # the option's name, not its value
+            f"{verb}: {STORAGE_OPTIONS_ENV} does not suit {protocol}:// ({_short(e)})"
+        )
+    if _no_credentials(e):
+        return StorageError(
+            f"{verb}: no credentials found ({_short(e)}); set AWS_ACCESS_KEY_ID "
+            f"and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or {STORAGE_OPTIONS_ENV}"
+        )
+    if _unreachable(e):
+        host = _endpoint_host(e)
+        where = f"the storage endpoint {host}" if host else "the storage endpoint"
+        return StorageError(
+            f"{verb}: {where} does not answer ({type(e).__name__}); check "
+            f"AWS_ENDPOINT_URL or the endpoint in {STORAGE_OPTIONS_ENV}"
+        )
+    if isinstance(e, OSError):
+        return StorageError(f"{verb}: {type(e).__name__}: {_short(e)}")
+    return None
 
 
 def check_readable(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -283,3 +349,187 @@ def _lines(f: Any, url: str, fs: AbstractFileSystem, path: str) -> Iterator[byte
             yield line + b"\n"
     if rest:
         yield rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files: a local path exactly as rollouts/fileio.py writes it, or an object in a bucket
+
+
+class Writer(Protocol):
+    """What the output writers hand out: bytes in, nothing else."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+def exists(location: Location) -> bool:
+    """Whether the file or object exists (an unreadable bucket: ``storage_errors``)."""
+    url = _url(location)
+    if url is None:
+        return Path(location).exists()
+    fs, path = filesystem(url)
+    with storage_errors(url, fs, path):
+        return bool(fs.exists(path))
+
+
+def size_of(location: Location) -> int | None:
+    """Its size in bytes, or None when it does not exist."""
+    url = _url(location)
+    if url is None:
+        try:
+            return Path(location).stat().st_size
+        except FileNotFoundError:
+            return None
+    fs, path = filesystem(url)
+    try:
+        with storage_errors(url, fs, path):
+            return int(fs.info(path).get("size") or 0)
+    except InputError:  # no such object (or bucket: the pre-flight check names it)
+        return None
+
+
+def remove(location: Location) -> None:
+    """Delete the file or object; one that does not exist is not an error."""
+    url = _url(location)
+    if url is None:
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(url)
+    with contextlib.suppress(FileNotFoundError), storage_errors(url, fs, path, "delete"):
+        fs.rm_file(path)
+
+
+def read_bytes(location: Location) -> bytes:
+    url = _url(location)
+    if url is None:
+        return Path(location).read_bytes()
+    fs, path = filesystem(url)
+    with storage_errors(url, fs, path):
+        return bytes(fs.cat_file(path))
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """The file (atomically: rollouts/fileio.py) or the object (one request), whole."""
+    with output_writers([location]) as (out,):
+        out.write(data)
+
+
+def iter_lines(location: Location) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line without its newline) of a JSONL file or object, streamed;
+    blank lines skipped (``fileio.iter_lines``)."""
+    url = _url(location)
+    if url is None:
+        yield from fileio.iter_lines(Path(location))
+        return
+    with open_lines(url) as lines:
+        for number, raw in enumerate(lines, start=1):
+            line = raw.rstrip(b"\r\n")
+            if line.strip():
+                yield number, line
+
+
+@contextlib.contextmanager
+def output_writers(locations: Sequence[Location]) -> Iterator[list[Writer]]:
+    """Files that belong together (rollouts and failures), each written as a whole or not at
+    all. Local paths: ``fileio.atomic_writers`` (temp file, fsync, rename), unchanged. URLs:
+    ``object_writers``."""
+    urls = [_url(loc) for loc in locations]
+    if all(u is None for u in urls):
+        with fileio.atomic_writers([Path(loc) for loc in locations]) as files:
+            yield list(files)
+        return
+    if any(u is None for u in urls):
+        raise ValueError(f"outputs both local and in object storage: {list(locations)}")
+    with object_writers([u for u in urls if u is not None]) as writers:
+        yield list(writers)
+
+
+@contextlib.contextmanager
+def open_output(location: Location) -> Iterator[Writer]:
+    """One file or object, written as a whole or not at all (``output_writers``)."""
+    with output_writers([location]) as (out,):
+        yield out
+
+
+class _ObjectWriter:
+    """An object being uploaded: its bytes go to the store a part at a time (``WRITE_BLOCK``),
+    and it appears only at ``commit``. The storage's errors name the URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.path = filesystem(url)
+        if "/" not in self.path.strip("/"):
+            raise StorageError(f"cannot write {url}: give an object's name in the bucket, "
+                               f"e.g. {url.rstrip('/')}/rollouts.jsonl")  # fmt: skip
+        with storage_errors(url, self.fs, self.path, "write"):
+            # Not committed at close: the object appears at ``commit``, once every part of
+            # every object of the group is uploaded.
+            self.file: Any = self.fs.open(self.path, "wb", block_size=WRITE_BLOCK,
+                                          autocommit=False)  # fmt: skip
+
+    def write(self, data: bytes, /) -> int:
+        try:
+            return int(self.file.write(data))
+        except Exception as e:
+            error = _translated(e, self.url, self.fs, self.path, "write")
+            if error is None:
+                raise
+            raise error from None
+
+    def upload(self) -> None:
+        """Every byte uploaded (the last part), nothing committed yet."""
+        with storage_errors(self.url, self.fs, self.path, "write"):
+            self.file.close()
+
+    def commit(self) -> None:
+        with storage_errors(self.url, self.fs, self.path, "write"):
+            self.file.commit()
+
+    def discard(self) -> None:
+        """Abort the upload (its parts are deleted); the old object, if any, stays."""
+        with contextlib.suppress(Exception):
+            self.file.discard()
+        self.file.closed = True  # discarded: nothing left for close() (or __del__) to upload
+
+
+@contextlib.contextmanager
+def object_writers(urls: Sequence[str]) -> Iterator[list[_ObjectWriter]]:
+    """Objects that belong together, written as a whole or not at all: each a multipart
+    upload (memory holds one part per object), completed only once every object's last part
+    is uploaded, one right after the other. An error in the block, or a crash, completes
+    none: the old objects stay (an upload cut by a crash is never completed; the bucket's
+    lifecycle rule for incomplete multipart uploads clears its parts)."""
+    writers: list[_ObjectWriter] = []
+    try:
+        for url in urls:
+            writers.append(_ObjectWriter(url))
+        yield writers
+        for w in writers:
+            w.upload()
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
+    done = 0
+    try:
+        for w in writers:
+            w.commit()
+            done += 1
+    except BaseException:
+        for w in writers[done:]:
+            w.discard()
+        raise
+
+
+def check_writable(url: str, options: Mapping[str, Any] | None = None) -> None:
+    """Before any request: the output's bucket exists and this process may write and delete
+    in it (a small probe object beside the output, ``<prefix>/.rollouts-probe-<uuid>``);
+    otherwise the one-line error naming ``url`` (``storage_errors``)."""
+    fs, path = filesystem(url, options)
+    if "/" not in path.strip("/"):
+        raise StorageError(f"cannot write {url}: give an object's name in the bucket, e.g. "
+                           f"{url.rstrip('/')}/rollouts.jsonl")  # fmt: skip
+    probe = f"{path.rstrip('/').rpartition('/')[0]}/{PROBE_PREFIX}{uuid.uuid4().hex}"
+    with storage_errors(url, fs, path, "write"):
+        fs.pipe_file(probe, b"")
+    with storage_errors(url, fs, path, "write"):
+        fs.rm_file(probe)

@@ -4,13 +4,13 @@ cache when an output file has gone missing."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from rollouts.chunks import ChunkFiles
 from rollouts.collect import DispatchPlan
 from rollouts.merge import MergeReport, merge_chunks
-from rollouts.models import ChunkSpec
+from rollouts.models import ChunkSpec, as_given_or_absolute
+from rollouts.storage import local_or_url
 from tasks.cache_policies import cached_stage
 from tasks.split import file_identity
 
@@ -22,8 +22,8 @@ def _merge_identity(inputs: dict[str, Any]) -> Any:
             (s.cache_identity(), [file_identity(p) for p in ChunkFiles.of(s).outputs])
             for s in specs
         ],
-        "output": str(Path(inputs["output_path"]).resolve()),
-        "failures": str(Path(inputs["failures_path"]).resolve()),
+        "output": as_given_or_absolute(inputs["output_path"]),
+        "failures": as_given_or_absolute(inputs["failures_path"]),
         "num_repeats": inputs["plan"].num_repeats,
         "report": 2,  # MergeReport's fields; a cached older report lacks retryable_samples
     }
@@ -38,6 +38,6 @@ async def merge_task(
         chunks,
         num_repeats=plan.num_repeats,
         agent_of=plan.agent_of_ref,
-        output_path=Path(output_path),
-        failures_path=Path(failures_path),
+        output_path=local_or_url(output_path),  # a URL: an object in a bucket
+        failures_path=local_or_url(failures_path),
     )

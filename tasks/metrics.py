@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollouts.models import as_given_or_absolute
+from rollouts.storage import local_or_url
 from tasks.cache_policies import cached_stage
 from tasks.split import file_identity
 
@@ -17,7 +18,7 @@ def _metrics_identity(inputs: dict[str, Any]) -> Any:
     return {
         "rollouts": file_identity(inputs["rollouts_path"]),
         "failures": file_identity(inputs["failures_path"]),
-        "metrics": str(Path(inputs["metrics_path"]).resolve()),
+        "metrics": as_given_or_absolute(inputs["metrics_path"]),
         "num_repeats": inputs["num_repeats"],
         "expected_by_agent": inputs["expected_by_agent"],
     }
@@ -36,9 +37,9 @@ async def metrics_task(
 
     return await asyncio.to_thread(
         write_aggregate_metrics,
-        Path(rollouts_path),
-        Path(failures_path),
-        Path(metrics_path),
+        local_or_url(rollouts_path),  # a URL: an object in a bucket
+        local_or_url(failures_path),
+        local_or_url(metrics_path),
         num_repeats=num_repeats,
         expected_by_agent=expected_by_agent,
     )

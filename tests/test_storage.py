@@ -3,8 +3,9 @@ real S3-compatible server on 127.0.0.1 (moto's, tests/s3_server.py) and a real r
 
 A URL input gives exactly the rows of the same input on disk, and a rerun comes back from the
 cache; bad credentials, a missing bucket or object are refused in one line naming the URL
-before anything reaches the agent; the secret reaches no file and no output; an output or a
-work directory in a bucket is refused (not supported yet).
+before anything reaches the agent; the secret reaches no file, no output and no object; a work
+directory in a bucket is refused (not supported yet). Outputs in a bucket:
+tests/test_storage_output.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RUN_PAGE, AgentServer, read_jsonl, write_jsonl
+from conftest import RUN_PAGE, AgentServer, read_jsonl
+from fsspec.core import url_to_fs
 from s3_server import S3Server
 from test_cli_console import assert_one_message, collect, user_env
 
@@ -25,7 +27,7 @@ from reference_agent.server import generate_tasks
 from rollouts import storage
 from rollouts.errors import ConfigError, InputError
 from rollouts.models import CollectConfig
-from rollouts.request import check_multi_storage, check_request
+from rollouts.request import check_multi_storage
 from rollouts.settings import RolloutsSettings
 from rollouts.split import split_input
 from rollouts.storage import StorageError, check_readable, is_url, object_identity, open_lines
@@ -92,15 +94,7 @@ def test_a_missing_storage_library_names_the_extra_to_install(
 
 
 @pytest.mark.fast
-def test_an_output_or_work_dir_in_object_storage_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    inp = write_jsonl(tmp_path / "in.jsonl", list(generate_tasks(2)))
-    with pytest.raises(ConfigError) as e:
-        check_request({"input_jsonl_fpath": str(inp), "agent_url": "http://127.0.0.1:1",
-                       "output_jsonl_fpath": "s3://bkt/out.jsonl"})  # fmt: skip
-    assert str(e.value) == ("output in object storage (s3://bkt/out.jsonl) is not supported "
-                            "yet: write it to a local or shared path")  # fmt: skip
+def test_a_work_dir_in_object_storage_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROLLOUTS_WORK_DIR", "s3://bkt/work")
     with pytest.raises(ConfigError, match=r"ROLLOUTS_WORK_DIR in object storage \(s3://bkt/work\)"):
         RolloutsSettings()
@@ -328,41 +322,43 @@ def _files_holding(root: Path, markers: list[str]) -> list[str]:
 def test_the_secret_reaches_no_file_and_no_output(
     s3_server: S3Server, agent: AgentServer, prefect_api: str, tmp_path: Path
 ) -> None:
+    """An input in the bucket, with the credentials from the environment (the output on disk)
+    and from ROLLOUTS_STORAGE_OPTIONS (the output in the bucket too)."""
     bucket = s3_server.bucket()
     url = s3_server.put(f"s3://{bucket}/tasks.jsonl", _tasks(20))
     from_env, from_options = "MARKER-env-secret-7731", "MARKER-options-secret-9942"
     home = tmp_path / "home"
-    by_env = _env(prefect_api, home, s3_server.env(secret=from_env))
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # the run state of the bucket's output
+    by_env = _env(prefect_api, home, s3_server.env(secret=from_env), **cache)
     options = json.dumps({"key": "k", "secret": from_options,
                           "client_kwargs": {"endpoint_url": s3_server.endpoint}})  # fmt: skip
     by_options = _env(prefect_api, home, {"AWS_EC2_METADATA_DISABLED": "true",
                                           "AWS_CONFIG_FILE": "/nonexistent",
                                           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"},
-                      ROLLOUTS_STORAGE_OPTIONS=options)  # fmt: skip
+                      ROLLOUTS_STORAGE_OPTIONS=options, **cache)  # fmt: skip
     outputs = []
-    for name, env in (("env", by_env), ("options", by_options)):
+    for env, output in ((by_env, "out/env.jsonl"), (by_options, f"s3://{bucket}/out/options.jsonl")):
         res, _ = collect(env, tmp_path, f"+agent_url={agent.url}", "--input", url,
-                         "--output", f"out/{name}.jsonl", "--verbose")  # fmt: skip
+                         "--output", output, "--verbose")  # fmt: skip
         assert res.returncode == 0, res.stderr
         outputs.append(res.stdout + res.stderr)
     markers = [from_env, from_options]
     assert not [m for m in markers for text in outputs if m in text]
-    assert _files_holding(tmp_path, markers) == []  # outputs, run state, PREFECT_HOME
+    assert _files_holding(tmp_path, markers) == []  # outputs, run state, PREFECT_HOME, cache
+    assert (tmp_path / "cache" / "rollouts" / "runs").is_dir()
+    fs, _ = url_to_fs(url, **s3_server.options())
+    objects = fs.find(bucket)
+    assert len(objects) == 4  # the input, and the three objects of the output
+    assert [(o, m) for o in objects for m in markers if m.encode() in fs.cat_file(o)] == []
     assert len(agent.requests()) == 40
 
 
-def test_an_output_or_work_dir_in_a_bucket_is_refused_in_one_line(
+def test_a_work_dir_in_a_bucket_is_refused_in_one_line(
     s3_server: S3Server, agent: AgentServer, prefect_api: str, tmp_path: Path
 ) -> None:
     bucket = s3_server.bucket()
     url = s3_server.put(f"s3://{bucket}/tasks.jsonl", _tasks(3))
     env = _env(prefect_api, tmp_path / "home", s3_server.env())
-    res, _ = collect(env, tmp_path, f"+agent_url={agent.url}", "--input", url,
-                     "--output", f"s3://{bucket}/out.jsonl")  # fmt: skip
-    assert assert_one_message(res, 2) == (
-        f"rollouts collect: output in object storage (s3://{bucket}/out.jsonl) is not "
-        "supported yet: write it to a local or shared path\n"
-    )
     work = {**env, "ROLLOUTS_WORK_DIR": f"s3://{bucket}/work"}
     res, _ = collect(work, tmp_path, f"+agent_url={agent.url}", "--input", url,
                      "--output", "out.jsonl")  # fmt: skip
