@@ -23,7 +23,7 @@ from prefect import State
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
-from prefect.states import Cancelled, Crashed
+from prefect.states import Cancelled, Crashed, Failed
 
 from rollouts.errors import STOP_EXIT_CODES, RunStopped
 from rollouts.stopping import Stopper, StopPlan, StopReason
@@ -128,6 +128,8 @@ async def stopped_state(error: RunStopped) -> State[Any]:
     reschedules it (rollouts_cli/prefect_setup.py). A worker delivers a cancellation as a
     SIGTERM too, often before this run's own poll has seen it: the server's state decides."""
     ctx = FlowRunContext.get()
+    if error.reason == "lease lost":  # another run writes the output now: not a cancellation
+        return Failed(message=str(error), data=error)
     if error.reason == "SIGTERM" and _deployed(ctx) and not await _is_cancelled(ctx):
         return Crashed(message=str(error), data=error)
     return Cancelled(message=str(error), data=error)

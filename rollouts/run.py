@@ -34,7 +34,13 @@ from rollouts.health import ReplicaStatus, RunLatency, read_run_latency
 from rollouts.models import CollectConfig, SplitResult
 from rollouts.request import RunRequest, agents_down
 from rollouts.retry import clear_retry, reopen_failures
-from rollouts.run_state import OutputPaths, prepare_run_dir, run_dir_for, run_lock
+from rollouts.run_state import (
+    OutputPaths,
+    output_lease,
+    prepare_run_dir,
+    run_dir_for,
+    run_lock,
+)
 from rollouts.settings import RolloutsSettings
 from rollouts.split import validate_input
 from rollouts.status import RunStatus, StatusReader
@@ -184,8 +190,9 @@ class _Run:
         self.stop, self.started_at = Stopper.armed(plan), plan.started_at
 
     async def run(self) -> CollectSummary:
-        with run_lock(self.run_dir, self.config.output_jsonl_fpath):
-            async with self.stages.stop_controls(self.stop):
+        output = self.config.output_jsonl_fpath
+        with run_lock(self.run_dir, output):
+            async with output_lease(output, self.lease_lost), self.stages.stop_controls(self.stop):
                 split = await self.split()
                 await self.reopen_for_retry(split)
                 plan = self.request.plan or DispatchPlan.for_run(
@@ -208,6 +215,11 @@ class _Run:
             unfinished = sum(1 for c in chunks if not c.completed)
             raise incomplete_run(merge, plan, unfinished, first_chunk_error(chunks))
         return summary
+
+    def lease_lost(self, reason: str) -> None:
+        """The lease of a bucket output was lost: stop writing it, as on a signal."""
+        self.log.warning("%s; stopping", reason)
+        self.stop.request("lease lost")
 
     async def split(self) -> SplitResult:
         """The run state for this request (refusing a conflicting one), then the input's

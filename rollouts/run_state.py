@@ -111,6 +111,33 @@ def run_dir_for(output: str | Path, work_dir: Path | None) -> Path:
     return Path(root).resolve() / f"{out.stem}-{digest}"
 
 
+def output_lease_url(output: str | Path) -> str | None:
+    """Where the lease of an output in a bucket lives: ``.rollouts/<stem>-<hash>.lease`` beside
+    it (rollouts/leases.py); None for a local output, whose lock is ``run_lock``'s flock."""
+    if not (isinstance(output, str) and is_url(output)):
+        return None
+    digest = hashlib.sha256(output.encode()).hexdigest()[:8]
+    return f"{parent_of(output)}/.rollouts/{stem_of(output)}-{digest}.lease"
+
+
+@contextlib.asynccontextmanager
+async def output_lease(
+    output: str | Path, on_lost: Callable[[str], None]
+) -> AsyncIterator[None]:
+    """For an output in a bucket: its lease held while the run writes, since another machine's
+    run has a run state and a flock of its own (RunLocked naming the holder when another run
+    holds it). ``on_lost(reason)``: the lease was taken or could not be renewed in time; the
+    run must stop writing. A local output: nothing (``run_lock`` is its lock)."""
+    url = output_lease_url(output)
+    if url is None:
+        yield
+        return
+    from rollouts import leases
+
+    async with leases.held(url, worker_id(), output=str(output), on_lost=on_lost):
+        yield
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 

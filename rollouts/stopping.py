@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 
 from rollouts.fileio import write_json_atomic
 
-StopReason = Literal["deadline", "SIGINT", "SIGTERM", "cancelled"]
+StopReason = Literal["deadline", "SIGINT", "SIGTERM", "cancelled", "lease lost"]
 
 STOP_RECORD = "last_stop.json"
 

@@ -103,6 +103,8 @@ STOP_CAUSES = {
     "SIGINT": "by Ctrl-C (SIGINT)",
     "SIGTERM": "by SIGTERM",
     "cancelled": "by a cancellation of its flow run",
+    "lease lost": "because it lost its lease on the output in the bucket (another run took it, "
+    "or the store could not be reached to renew it)",
 }
 
 

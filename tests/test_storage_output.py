@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -386,3 +387,45 @@ def test_a_multi_dataset_run_writes_a_dataset_output_to_a_bucket(
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(_object_rows(s3_server, out_a)) == 12 and len(read_jsonl(tmp_path / "b_out.jsonl")) == 8
     assert storage_exists(s3_server, f"s3://{bucket}/runs/a_aggregate_metrics.json")
+
+
+def test_two_machines_on_one_bucket_output_the_second_is_refused_naming_the_first(
+    s3_server: S3Server, start_agent: Any, prefect_api: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Each machine has its own run state and flock; the lease object in the bucket is what
+    the second one sees (machines told apart here by their cache directories)."""
+    agent: AgentServer = start_agent("--latency-ms", "100")
+    bucket = s3_server.bucket()
+    url_in = s3_server.put(f"s3://{bucket}/tasks.jsonl", _tasks(200))
+    out = f"s3://{bucket}/runs/rollouts.jsonl"
+    args = ["collect", f"+agent_url={agent.url}", "+num_samples_in_parallel=4",
+            "--input", url_in, "--output", out]  # fmt: skip
+    first_env = _env(prefect_api, tmp_path / "a", s3_server.env())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = subprocess.Popen([sys.executable, "-m", "rollouts_cli", *args], env=first_env,
+                             cwd=tmp_path / "a", stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lease = f"{bucket}/runs/.rollouts/"
+        fs = _fs(s3_server)
+        deadline = time.monotonic() + 60
+        while not (fs.exists(lease) and any(p.endswith(".lease") for p in fs.find(lease))):
+            assert first.poll() is None, first.stderr.read() if first.stderr else ""
+            assert time.monotonic() < deadline, "the first run never took its lease"
+            time.sleep(0.2)
+            fs.invalidate_cache()
+        requests_before = len(agent.requests())
+        second = _cli(_env(prefect_api, tmp_path / "b", s3_server.env()), tmp_path / "b", *args)
+        message = assert_one_message(second, 2)  # RunLocked: the user's to resolve
+        assert f"{out} is being collected by " in message and ".lease" in message
+        assert f":{first.pid}" in message  # the holder, host:pid
+        # Refused before it sent anything (the first run's requests go on meanwhile).
+        assert not (tmp_path / "b" / "cache" / "rollouts" / "runs").exists() or not list(
+            (tmp_path / "b" / "cache" / "rollouts" / "runs").glob("*/chunks/*.rollouts.jsonl"))
+        assert len(agent.requests()) >= requests_before
+    finally:
+        first.send_signal(signal.SIGINT)  # a graceful stop gives the lease back
+        first.wait(60)
+    fs.invalidate_cache()
+    assert [p for p in fs.find(f"{bucket}/runs") if p.endswith(".lease")] == []
