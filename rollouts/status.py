@@ -19,7 +19,13 @@ from rollouts.chunks import ChunkFiles, tasks_files
 from rollouts.health import ReplicaStatus, RunHealth, read_published
 from rollouts.models import ChunkSpec
 from rollouts.nemo_gym import NG_FAILURE_TERMINAL
-from rollouts.run_state import lock_taken_by, read_run_state, recorded_chunks, run_dir_for
+from rollouts.run_state import (
+    lock_taken_by,
+    output_lease_url,
+    read_run_state,
+    recorded_chunks,
+    run_dir_for,
+)
 from rollouts.slurm import SlurmJob, run_jobs
 from rollouts.storage import local_or_url
 
@@ -141,6 +147,19 @@ class StatusReader:
             rows[files.index] = cached[1]
         return rows
 
+    def _lease_holder(self) -> str | None:
+        """Who holds the lease of an output in a bucket (another machine's run, whose flock
+        this one cannot see); None for a local output, or when the store cannot tell now."""
+        url = output_lease_url(self.output)
+        if url is None:
+            return None
+        from rollouts.leases import holder_of
+
+        try:
+            return holder_of(url)
+        except Exception:  # a status read must not fail on the store: not known to run
+            return None
+
     def read(self) -> RunStatus:
         state = read_run_state(self.run_dir)
         status = RunStatus(str(self.output), str(self.run_dir), 0, 0, 0, phase="not started")
@@ -167,7 +186,7 @@ class StatusReader:
         status.done = sum(c.done for c in status.chunks)
         status.failed = sum(c.failed for c in status.chunks)
         finished = status.done + status.failed
-        holder = lock_taken_by(self.run_dir)
+        holder = lock_taken_by(self.run_dir) or self._lease_holder()
         if status.expected and finished >= status.expected:
             status.phase = "complete"
         elif holder:
