@@ -214,7 +214,7 @@ def test_a_multi_config_is_checked_before_any_dataset(
         check_multi_storage(MultiDatasetConfig(datasets=[{**dataset, "input": url + "x"}]))
     mixed = {"proportions": {"a": 1.0}, "output": f"s3://{bucket}/mix.jsonl", "total": 2}
     check_multi_storage(MultiDatasetConfig(datasets=[dataset], mix=mixed))  # a bucket it can write
-    with pytest.raises(StorageError, match="cannot write s3://nobkt-mix/m.jsonl: bucket"):
+    with pytest.raises(StorageError, match=r"cannot write s3://nobkt-mix/m\.jsonl: bucket"):
         check_multi_storage(MultiDatasetConfig(
             datasets=[dataset], mix={**mixed, "output": "s3://nobkt-mix/m.jsonl"}))  # fmt: skip
 
