@@ -116,6 +116,16 @@ def test_a_multi_run_with_every_path_in_a_bucket_mixes_the_rows_of_the_same_run_
     assert _objects(s3_server, bucket) == before  # nothing rewritten
     assert len(agent.requests()) == requests
 
+    fs, _ = url_to_fs("s3://x", **s3_server.options())
+    fs.rm_file(manifest_url.removeprefix("s3://"))  # a mix without its manifest: mixed again
+    third = _cli(env, tmp_path, "multi", "--config", "bucket.yaml")
+
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"30 rows -> {out}\n" in third.stdout  # not from the cache
+    assert json.loads(_read(s3_server, manifest_url)) == manifest
+    assert _without_clock(_object_rows(s3_server, out)) == rows
+    assert len(agent.requests()) == requests
+
 
 def _read(s3: S3Server, url: str) -> bytes:
     fs, path = url_to_fs(url, **s3.options())
