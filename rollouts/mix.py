@@ -447,9 +447,15 @@ def copy_to_local(url: str, path: Path) -> Path:
 def _mix(request: MixRequest, out: Location, local: Mapping[str, Path]) -> MixResult:
     """The mix, its sources in object storage read from their local copies (``local``: name
     -> copy); the manifest names every source as given."""
-    indices = {s.name: index_source(s.name, local.get(s.name, Path(s.path)))
-               for s in request.sources}  # fmt: skip
     given = {s.name: s.path for s in request.sources}
+    indices: dict[str, SourceIndex] = {}
+    for s in request.sources:
+        try:
+            indices[s.name] = index_source(s.name, local.get(s.name, Path(s.path)))
+        except InputError as e:
+            if s.name not in local:
+                raise
+            raise InputError(given[s.name], e.problems) from None  # the URL, not its copy
     names = [s.name for s in request.sources]
     weights = {s.name: s.proportion for s in request.sources}
     spans = {n: idx.group_spans() for n, idx in indices.items()}

@@ -181,6 +181,10 @@ def test_rollouts_mix_with_urls_writes_the_local_mix_of_the_same_files(
     err = capsys.readouterr().err
     assert err.startswith("rollouts mix: ") and missing in err and "no such object" in err
     assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "m.jsonl").exists()
+    bad = s3_env.put(f"s3://{bucket}/in/bad.jsonl", files["b"] + b"[1]\n")
+    assert cli_main(["mix", "--source", f"a={bad}:1", *knobs, "--output", "m.jsonl"]) == 2
+    assert f"  {bad}:26: expected a JSON object" in capsys.readouterr().err  # its URL, line
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_a_mix_output_in_a_missing_bucket_is_refused_before_any_dataset_starts(
