@@ -4,7 +4,6 @@ each with its own sampling settings, then an exact balanced mix."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Annotated, cast
 
 from prefect import State, flow, get_run_logger, task
@@ -25,11 +24,13 @@ from rollouts.errors import (
     RolloutsError,
     combined_exit_code,
 )
+from rollouts.mix import mix_manifest
 from rollouts.models import DatasetConfig, MultiDatasetConfig
 from rollouts.request import check_multi_storage
 from rollouts.run import must_refresh
 from rollouts.run_state import started_from
 from rollouts.settings import RolloutsSettings
+from rollouts.storage import local_or_url
 from rollouts.summary import STOPPED_AT_DEADLINE, CollectSummary, MultiSummary
 from tasks.mix import mix_task
 
@@ -141,9 +142,8 @@ async def collect_datasets(config: MultiDatasetConfig) -> dict[str, CollectSumma
 async def mix_datasets(config: MultiDatasetConfig, result: MultiSummary) -> None:
     """The mix of the collected datasets into ``result``, and its artifacts on this run."""
     assert config.mix is not None
-    out = Path(config.mix.output)
-    manifest = out.with_name(f"{out.stem}_manifest.json")
-    fresh_mix = mix_task.with_options(refresh_cache=must_refresh(out, manifest))
+    out = local_or_url(config.mix.output)
+    fresh_mix = mix_task.with_options(refresh_cache=must_refresh(out, mix_manifest(out)))
     # Prefect types an async task's return_state call as the state; it is awaited for it.
     mix_state = await fresh_mix(config.mix_request(), return_state=True)  # type: ignore[misc]
     mixed = await mix_state.aresult()  # raises the mix's error: a RolloutsError is reported

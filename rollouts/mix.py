@@ -3,6 +3,11 @@
 Bodies are never all in memory: each source is indexed by byte offsets (compact arrays), the
 selection is made on the index, and selected rows are copied by seeking. The same inputs and
 seed give a byte-identical file.
+
+Object storage: a source in a bucket (a URL) is first copied, streamed, to a local temporary
+file (removed after the mix), then indexed and read as a local file; a mix output in a bucket
+is written, with its manifest beside it, as objects committed whole (rollouts/storage.py
+``output_writers``).
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import shutil
+import tempfile
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,9 +29,19 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rollouts.errors import ConfigError, InputError
-from rollouts.fileio import atomic_writers
 from rollouts.nemo_gym import NG_TASK_INDEX
-from rollouts.storage import refuse_output_url
+from rollouts.storage import (
+    READ_BLOCK,
+    Location,
+    check_writable,
+    filesystem,
+    is_url,
+    local_or_url,
+    output_writers,
+    sibling,
+    stem_of,
+    storage_errors,
+)
 
 ShortfallPolicy = Literal["error", "redistribute", "allow_short"]
 
@@ -390,8 +408,8 @@ class SourceSelection(BaseModel):
 
 @dataclass
 class MixResult:
-    output: Path
-    manifest: Path
+    output: Location  # a local path, or a URL (a str)
+    manifest: Location
     rows: int
     per_source: dict[str, SourceSelection]
     total_requested: int = 0
@@ -399,11 +417,45 @@ class MixResult:
 
 
 def mix_sources(request: MixRequest) -> MixResult:
-    """Write the mixed file and `<stem>_manifest.json`. See MixRequest for the knobs."""
-    refuse_output_url(request.output, "the mix's output")
-    for source in request.sources:  # read at random offsets: a local file
-        refuse_output_url(source.path, f"mix source {source.name!r}")
-    indices = {s.name: index_source(s.name, Path(s.path)) for s in request.sources}
+    """Write the mixed file and `<stem>_manifest.json`. See MixRequest for the knobs.
+
+    Sources and output may be in object storage (URLs): a source is copied to a local
+    temporary file first (it is read at random offsets), the output and its manifest are
+    objects committed together."""
+    out = local_or_url(request.output)
+    if isinstance(out, str):  # before copying any source: a bucket that cannot take it
+        check_writable(out)
+    with ExitStack() as stack:
+        local: dict[str, Path] = {}
+        urls = {s.name: s.path for s in request.sources if is_url(s.path)}
+        if urls:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rollouts-mix-")))
+            local = {name: copy_to_local(url, tmp / f"{i}.jsonl")
+                     for i, (name, url) in enumerate(urls.items())}  # fmt: skip
+        return _mix(request, out, local)
+
+
+def copy_to_local(url: str, path: Path) -> Path:
+    """The object at ``url`` copied, a block at a time, to ``path`` (its bytes unchanged)."""
+    fs, key = filesystem(url)
+    with storage_errors(url, fs, key), fs.open(key, "rb", block_size=READ_BLOCK) as src, \
+            open(path, "wb") as dst:  # fmt: skip
+        shutil.copyfileobj(src, dst, READ_BLOCK)
+    return path
+
+
+def _mix(request: MixRequest, out: Location, local: Mapping[str, Path]) -> MixResult:
+    """The mix, its sources in object storage read from their local copies (``local``: name
+    -> copy); the manifest names every source as given."""
+    given = {s.name: s.path for s in request.sources}
+    indices: dict[str, SourceIndex] = {}
+    for s in request.sources:
+        try:
+            indices[s.name] = index_source(s.name, local.get(s.name, Path(s.path)))
+        except InputError as e:
+            if s.name not in local:
+                raise
+            raise InputError(given[s.name], e.problems) from None  # the URL, not its copy
     names = [s.name for s in request.sources]
     weights = {s.name: s.proportion for s in request.sources}
     spans = {n: idx.group_spans() for n, idx in indices.items()}
@@ -442,10 +494,9 @@ def mix_sources(request: MixRequest) -> MixResult:
     order = list(range(len(b_source)))
     _rng(request.seed, "order").shuffle(order)
 
-    out = Path(request.output)
     per_source = {
         n: SourceSelection(
-            path=str(indices[n].path), sha256=indices[n].sha256, proportion=weights[n],
+            path=given[n] if n in local else str(indices[n].path), sha256=indices[n].sha256, proportion=weights[n],
             target=targets[n], quota=quotas[n], available=available[n], selected=selected[n],
             shortfall=max(0, targets[n] - available[n]),
             deviation_from_quota=selected[n] - quotas[n], note=plan.notes[n],
@@ -453,7 +504,7 @@ def mix_sources(request: MixRequest) -> MixResult:
         for n in names
     }  # fmt: skip
     note = total_note(request.total, per_source, plan)
-    manifest = out.with_name(f"{out.stem}_manifest.json")
+    manifest = mix_manifest(out)
     manifest_doc = {
         "output": str(out),
         "seed": request.seed,
@@ -464,8 +515,9 @@ def mix_sources(request: MixRequest) -> MixResult:
         "shortfall_policy": request.shortfall,
         "sources": {n: sel.model_dump() for n, sel in per_source.items()},
     }
-    # The mix and its manifest are renamed into place together: never one without the other.
-    with atomic_writers([out, manifest]) as (f, mf):
+    # The mix and its manifest are renamed into place (or committed) together: never one
+    # without the other.
+    with output_writers([out, manifest]) as (f, mf):
         handles = [open(indices[n].path, "rb") for n in names]
         try:
             for b in order:
@@ -482,6 +534,11 @@ def mix_sources(request: MixRequest) -> MixResult:
                 h.close()
         mf.write(orjson.dumps(manifest_doc, option=orjson.OPT_INDENT_2) + b"\n")
     return MixResult(out, manifest, sum(selected.values()), per_source, request.total, note)
+
+
+def mix_manifest(output: Location) -> Location:
+    """``<stem>_manifest.json`` beside the mix's output (a URL's beside it in its bucket)."""
+    return sibling(output, f"{stem_of(output)}_manifest.json")
 
 
 def total_note(total: int, per_source: dict[str, SourceSelection], plan: MixPlan) -> str:

@@ -23,7 +23,7 @@ from rollouts.errors import ConfigError, validation_message
 from rollouts.models import CollectConfig, MultiDatasetConfig
 from rollouts.replicas import agents_to_check
 from rollouts.settings import RolloutsSettings
-from rollouts.storage import check_readable, check_writable, is_url, refuse_output_url
+from rollouts.storage import check_readable, check_writable, is_url
 
 # What probes agents: label -> URLs, connect timeout -> the replicas down while others are up;
 # raises AgentUnreachable when every address of an agent is down.
@@ -81,18 +81,12 @@ def check_storage(input_path: str, outputs: Sequence[tuple[str, str]]) -> None:
 
 def check_multi_storage(config: MultiDatasetConfig) -> None:
     """``check_storage`` of every dataset and of the mix's output, before any dataset starts
-    (a mix in a bucket would otherwise be refused after every dataset was collected)."""
-    if config.mix is not None:
-        refuse_output_url(config.mix.output, "the mix's output")
-        in_bucket = next((d for d in config.datasets if is_url(d.output)), None)
-        if in_bucket is not None:  # the mix reads its sources at random offsets: local files
-            raise ConfigError(
-                f"a mix of outputs in object storage (dataset {in_bucket.name}: "
-                f"{in_bucket.output}) is not supported yet: write the outputs of a mixed run "
-                "to a local or shared path"
-            )
+    (a mix output in a bucket that cannot take it would otherwise fail after every dataset
+    was collected)."""
     for d in config.datasets:
         check_storage(d.input, [(f"dataset {d.name}'s output", d.output)])
+    if config.mix is not None and is_url(config.mix.output):
+        check_writable(config.mix.output)
 
 
 def validated_config(params: Mapping[str, Any]) -> CollectConfig:

@@ -11,8 +11,9 @@ its pickle hold the credentials; its repr does not). Errors name the URL and the
 short reason, never an option.
 
 An output in a bucket is written as a whole or not at all (``output_writers``: a multipart
-upload completed only once every byte is uploaded; a crash leaves the old object or none). The
-run state and the mix's output in a bucket are not supported yet: ``refuse_output_url`` says so.
+upload completed only once every byte is uploaded; a crash leaves the old object or none), and
+so is a mix's output with its manifest (rollouts/mix.py, which reads a source in a bucket from
+a local copy). A run state in a bucket (ROLLOUTS_WORK_DIR) is not supported yet (settings.py).
 A location is a ``Path`` (local) or a ``str`` (a URL): ``local_or_url`` makes one, and the
 helpers here (``exists``, ``remove``, ``iter_lines``, ...) take either, the local one exactly
 as rollouts/fileio.py does it.
@@ -112,15 +113,6 @@ def parent_of(location: Location) -> Location:
     """The folder of ``location``, or its URL's prefix (``s3://b/runs``)."""
     url = _url(location)
     return Path(location).parent if url is None else url.rstrip("/").rpartition("/")[0]
-
-
-def refuse_output_url(path: str | Path, what: str = "output") -> None:
-    """ConfigError for an output (or run state) in object storage: the next stage builds it."""
-    if is_url(path):
-        raise ConfigError(
-            f"{what} in object storage ({path}) is not supported yet: write it to a local or "
-            "shared path"
-        )
 
 
 def parse_storage_options(secret: SecretStr | None) -> dict[str, Any]:

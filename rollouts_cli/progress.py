@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from rollouts.health import clock_text
 from rollouts.status import RunStatus, StatusReader
+from rollouts.storage import is_url
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -147,8 +148,9 @@ class _MultiStatus:
         return statuses
 
     def mix_written(self) -> int | None:
-        """Rows of the mix this command wrote, or None (not yet, or only an older one)."""
-        if self.mix is None:
+        """Rows of the mix this command wrote, or None (not yet, or only an older one, or in
+        a bucket: the summary says it once written)."""
+        if self.mix is None or is_url(self.mix[0]):
             return None
         try:
             st = os.stat(self.mix[0])
