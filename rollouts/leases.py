@@ -75,12 +75,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
 import math
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -129,6 +131,9 @@ class LeaseRecord:
     expires_at: float
     ttl_s: float
     token: str
+    # The holder's machine as booted (Linux's boot id; "" elsewhere): only a lease of this
+    # machine's current boot may be taken over as soon as its process is gone.
+    boot: str = ""
 
     def expired(self, skew_s: float = DEFAULT_SKEW_S) -> bool:
         return now() >= self.expires_at + skew_s
@@ -136,7 +141,8 @@ class LeaseRecord:
     def to_bytes(self) -> bytes:
         return json.dumps(
             {"holder": self.holder, "started_at": self.started_at,
-             "expires_at": self.expires_at, "ttl_s": self.ttl_s, "token": self.token},
+             "expires_at": self.expires_at, "ttl_s": self.ttl_s, "token": self.token,
+             "boot": self.boot},
         ).encode()  # fmt: skip
 
     @classmethod
@@ -145,7 +151,7 @@ class LeaseRecord:
             value = json.loads(data)
             record = cls(holder=str(value["holder"]), started_at=str(value["started_at"]),
                          expires_at=float(value["expires_at"]), ttl_s=float(value["ttl_s"]),
-                         token=str(value["token"]))  # fmt: skip
+                         token=str(value["token"]), boot=str(value.get("boot", "")))  # fmt: skip
         except (ValueError, TypeError, KeyError):
             return None
         # NaN or infinity would never expire: such a lease is unreadable.
@@ -274,8 +280,7 @@ class Lease:
             raise LeaseLost(self._lost_reason)
         if self._released:
             raise RuntimeError("renew() after release()")
-        record = LeaseRecord(self.record.holder, self.record.started_at,
-                             now() + self.record.ttl_s, self.record.ttl_s, self.record.token)  # fmt: skip
+        record = dataclasses.replace(self.record, expires_at=now() + self.record.ttl_s)
         with storage_errors(self.url, self._fs, self._path):
             if _conditional(self._fs):
                 self._renew_conditional(record)
@@ -495,7 +500,7 @@ def acquire(
     found: LeaseRecord | None = None
     with storage_errors(url, fs, path):
         for _ in range(_ATTEMPTS):
-            record = LeaseRecord(holder, started_at, now() + ttl_s, float(ttl_s), token)
+            record = LeaseRecord(holder, started_at, now() + ttl_s, float(ttl_s), token, BOOT)
             try:
                 etag = _create_only(fs, path, record.to_bytes())
                 return Lease(url, fs, path, record, etag, output)
@@ -508,9 +513,16 @@ def acquire(
             if current is None:
                 continue  # released meanwhile
             found, etag = current
-            if not found.expired(skew_s):
+            dead_here = found is not _UNREADABLE and holder_died_here(found)
+            if not (found.expired(skew_s) or dead_here):
                 raise _refusal(url, output, found)
-            if found is not _UNREADABLE:
+            if dead_here:
+                # `kill -9`, then the same command at once: its process is gone, this machine
+                # can tell, and it need not wait out the lease.
+                _log.warning("the lease on %s is held by %s, a process of this machine that "
+                             "no longer runs; taking it over", output or redact(url),
+                             found.holder)  # fmt: skip
+            elif found is not _UNREADABLE:
                 _log.warning(
                     "the lease on %s held by %s expired at %s without a release (did it "
                     "die?); taking it over", output or redact(url), found.holder,
@@ -525,6 +537,33 @@ def acquire(
         f"{output or redact(url)}: its lease {redact(url)} kept changing while this run tried "
         "to take it; another run is starting on it. Two runs never write one output."
     )
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+BOOT = _boot_id()
+
+
+def holder_died_here(found: LeaseRecord) -> bool:
+    """Whether the lease's holder (``host:pid``) was a process of this machine, in its current
+    boot (a host name alone may be shared by two containers), that no longer runs. A reused
+    pid counts as running (the lease then waits for its expiry: the safe side)."""
+    host, _, pid = found.holder.rpartition(":")
+    if not BOOT or found.boot != BOOT or host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, under another user
+        return False
+    return False
 
 
 def read_lease(url: str, *, options: Mapping[str, Any] | None = None) -> LeaseRecord | None:

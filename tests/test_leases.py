@@ -26,7 +26,16 @@ from s3_server import S3Server
 
 from rollouts import leases
 from rollouts.errors import InputError, RunLocked
-from rollouts.leases import Lease, LeaseLost, LeaseRecord, acquire, held, holder_of, read_lease
+from rollouts.leases import (
+    BOOT,
+    Lease,
+    LeaseLost,
+    LeaseRecord,
+    acquire,
+    held,
+    holder_of,
+    read_lease,
+)
 from rollouts.storage import filesystem
 
 SECRET = "lease-secret-7f3a9c"
@@ -363,3 +372,29 @@ def test_a_store_without_conditional_writes_takes_the_same_steps() -> None:
         dead.renew()
     taker.release()
     assert holder_of(url, options={}) is None
+
+
+def test_a_lease_of_a_process_of_this_machine_that_is_gone_is_taken_at_once(
+    store: Store,
+) -> None:
+    """`kill -9`, then the same command at once: it need not wait out the lease. A lease of
+    another machine (or of this one before a reboot) still waits for its expiry."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid no longer runs
+    here = f"{socket.gethostname()}:{gone.pid}"
+    later = time.time() + 60
+    url = store.new_url()
+    store.write(url, LeaseRecord(here, "x", later, 60.0, "a" * 32, BOOT).to_bytes())
+    lease = acquire(url, "hostA:101", ttl_s=60, options=store.options)
+    assert lease.holder == "hostA:101"
+    lease.release()
+
+    for holder, boot in ((here, "another boot"), (f"elsewhere:{gone.pid}", BOOT)):
+        url = store.new_url()
+        store.write(url, LeaseRecord(holder, "x", later, 60.0, "b" * 32, boot).to_bytes())
+        with pytest.raises(RunLocked, match=f"being collected by {holder} right now"):
+            acquire(url, "hostA:101", ttl_s=60, options=store.options)
