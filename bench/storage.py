@@ -113,6 +113,27 @@ def _rm_prefix(s3: S3Server, url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def task_times(prefect_db: Path, t0: float, t1: float) -> dict[str, float]:
+    """Seconds of the run's split, merge and metrics tasks (Prefect's database: the task runs
+    that started between the epoch times t0 and t1)."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    def iso(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    out: dict[str, float] = {}
+    with contextlib.closing(sqlite3.connect(f"file:{prefect_db}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT name, start_time, end_time FROM task_run WHERE name IN "
+                          "('split', 'merge', 'metrics') AND start_time >= ? AND start_time <= ?",
+                          (iso(t0), iso(t1))).fetchall()  # fmt: skip
+    for name, start, end in rows:
+        if start and end:
+            d = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+            out[name] = round(out.get(name, 0.0) + d.total_seconds(), 2)
+    return out
+
+
 def one_run(mode: str, i: int, *, agent: Agent, s3: S3Server, bucket: str, tasks: Path,
             tasks_url: str, tmp: Path, args: argparse.Namespace,
             moto_pid: int) -> dict[str, Any]:  # fmt: skip
@@ -126,6 +147,7 @@ def one_run(mode: str, i: int, *, agent: Agent, s3: S3Server, bucket: str, tasks
         out = f"s3://{bucket}/runs/bucket-{i}/rollouts.jsonl"
         env_extra = s3.env()
     load_before = loadavg()
+    t_start = time.time()
     t = run_collect(agent, inp, out, n=n, parallel=args.parallel, chunk_size=args.chunk_size,
                     prefect_home=tmp / "prefect-home", work_dir=tmp / "work",
                     log_path=tmp / f"collect-{mode}-{i}.log", timeout_s=args.timeout_s,
@@ -148,11 +170,12 @@ def one_run(mode: str, i: int, *, agent: Agent, s3: S3Server, bucket: str, tasks
         "rate_total": round(n / t.total_s, 1), "rate_collection": round(n / t.collection_s, 1),
         "summary": summary, "load_before": load_before, "load_after": load_after,
         "moto_hwm_mb": round(_hwm_mb(moto_pid), 1),
+        "tasks_s": task_times(tmp / "prefect-home" / "prefect.db", t_start, time.time()),
     }  # fmt: skip
     print(f"  {mode:<6} #{i}: {t.total_s:6.1f} s total ({r['rate_total']:,.0f}/s), start-up "
           f"{t.startup_s:.1f} s, collection {t.collection_s:.1f} s "
           f"({r['rate_collection']:,.0f}/s), after {t.after_s:.1f} s; CLI {t.hwm_cli_mb:.0f} MB, "
-          f"children {max(t.hwm_children_mb.values(), default=0):.0f} MB; "
+          f"children {max(t.hwm_children_mb.values(), default=0):.0f} MB; {r['tasks_s']}; "
           f"load {load_before[0]:.2f}->{load_after[0]:.2f}", flush=True)  # fmt: skip
     return r
 
@@ -249,6 +272,8 @@ def kill_run(*, agent: Agent, s3: S3Server, bucket: str, tasks_url: str, tmp: Pa
         "written_resent": len(resent_set & written),
         "rerun_sent_what_was_missing": resent_set == all_keys - written,
         "rerun_total_s": round(t.total_s, 2), "rerun_after_s": round(t.after_s, 2),
+        "rerun_tasks_s": task_times(tmp / "prefect-home" / "prefect.db",
+                                    time.time() - t.total_s - 1, time.time()),
         "output_rows": len(keys), "output_exact_keys": exact_keys,
         "output_same_rows_as_local_run": same_rows,
     }  # fmt: skip
