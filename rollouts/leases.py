@@ -540,9 +540,12 @@ def acquire(
 
 
 def _boot_id() -> str:
+    """This boot of this machine, and this process's pid namespace: containers on one kernel
+    share the boot id (and with host networking the host name) but not their pids."""
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return ""
 
@@ -624,8 +627,8 @@ async def held(
         yield lease
     finally:
         renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
+        # gather, not suppress(CancelledError): a cancellation of this task meanwhile is kept
+        await asyncio.gather(renewer, return_exceptions=True)
         try:
             await asyncio.shield(asyncio.to_thread(lease.release))
         except Exception as e:  # it expires by itself; the block's own error matters more

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from rollouts.stopping import parse_duration
-from rollouts.storage import is_url
+from rollouts.storage import is_url, password_in
 from rollouts.urls import has_credentials, redact
 
 if TYPE_CHECKING:
@@ -124,6 +124,13 @@ def form_schema_of_properties(schema: dict[str, Any]) -> None:
 
 RolloutKey = tuple[int, int]
 """(_ng_task_index, _ng_rollout_index): the identity of one rollout."""
+
+
+_PASSWORD_IN_PATH = (
+    "{field} holds a password in its URL, which would be stored in plain text (flow "
+    "parameters, the run state): give the storage's credentials in ROLLOUTS_STORAGE_OPTIONS or "
+    "the storage library's own settings"
+)
 
 
 class CollectionParameters(BaseModel):
@@ -242,6 +249,9 @@ class CollectionParameters(BaseModel):
     @model_validator(mode="after")
     def _paths_differ(self) -> Self:
         input_field, output_field = self.files
+        for name in self.files:
+            if password_in(getattr(self, name)):
+                raise ValueError(_PASSWORD_IN_PATH.format(field=name))
         paths = [as_given_or_absolute(getattr(self, name)) for name in self.files]
         if paths[0] == paths[1]:
             raise ValueError(f"{output_field} must differ from {input_field}")
@@ -504,6 +514,13 @@ class MixConfig(BaseModel):
         description="error: fail; redistribute: fill from the other datasets; "
         "allow_short: write a smaller mix.",
     )
+
+    @field_validator("output")
+    @classmethod
+    def _no_password(cls, v: str) -> str:
+        if password_in(v):
+            raise ValueError(_PASSWORD_IN_PATH.format(field="output"))
+        return v
 
     @field_validator("proportions")
     @classmethod

@@ -58,6 +58,7 @@ from rollouts.summary import (
 from rollouts.urls import redact
 
 if TYPE_CHECKING:  # numpy loads with the metrics step, not at start-up
+    from rollouts.leases import Lease
     from rollouts.merge import MergeReport
     from rollouts.metrics import MetricsSummary
 
@@ -188,11 +189,13 @@ class _Run:
             self.config.max_duration_s(), settings.drain_margin_s, settings.stop_grace_s
         )
         self.stop, self.started_at = Stopper.armed(plan), plan.started_at
+        self.lease: Lease | None = None  # held while the run writes an output in a bucket
 
     async def run(self) -> CollectSummary:
         output = self.config.output_jsonl_fpath
         with run_lock(self.run_dir, output):
-            async with output_lease(output, self.lease_lost), self.stages.stop_controls(self.stop):
+            async with output_lease(output, self.lease_lost) as self.lease, \
+                    self.stages.stop_controls(self.stop):
                 split = await self.split()
                 await self.reopen_for_retry(split)
                 plan = self.request.plan or DispatchPlan.for_run(
@@ -205,6 +208,8 @@ class _Run:
                 raise_what_a_rerun_will_not_fix(chunks)
                 await self.end_if_stopped_early()
                 await self.finish_retry(split)
+                if self.lease is not None:  # another run writes the output now: not this one
+                    self.lease.check()
                 merge, metrics = await self.merge_and_measure(split, plan)
                 if merge.failed:
                     await self.warn_of_unexpected_errors()
@@ -265,6 +270,8 @@ class _Run:
         reason = self.stop.reason
         if reason is None:
             return
+        if reason == "lease lost" and self.lease is not None:
+            self.lease.check()  # LeaseLost: another run writes the output now
         status = await asyncio.to_thread(self.reader.read)
         missing = status.expected - status.done - status.failed
         await asyncio.to_thread(write_stop_record, self.run_dir, self.stop, missing)

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +36,9 @@ from rollouts.errors import IncompleteRun, RunConflict, RunLocked, RunStopped
 from rollouts.fileio import ensure_writable_dir, write_json_atomic
 from rollouts.models import ChunkSpec, CollectConfig, RecordedChunk, as_given_or_absolute
 from rollouts.storage import Location, is_url, local_or_url, parent_of, sibling, stem_of
+
+if TYPE_CHECKING:
+    from rollouts.leases import Lease
 
 RUN_FILE = "run.json"
 
@@ -123,19 +126,20 @@ def output_lease_url(output: str | Path) -> str | None:
 @contextlib.asynccontextmanager
 async def output_lease(
     output: str | Path, on_lost: Callable[[str], None]
-) -> AsyncIterator[None]:
+) -> AsyncIterator[Lease | None]:
     """For an output in a bucket: its lease held while the run writes, since another machine's
     run has a run state and a flock of its own (RunLocked naming the holder when another run
     holds it). ``on_lost(reason)``: the lease was taken or could not be renewed in time; the
-    run must stop writing. A local output: nothing (``run_lock`` is its lock)."""
+    run must stop writing, and must not merge (``Lease.check`` raises). A local output: None
+    (``run_lock`` is its lock)."""
     url = output_lease_url(output)
     if url is None:
-        yield
+        yield None
         return
     from rollouts import leases
 
-    async with leases.held(url, worker_id(), output=str(output), on_lost=on_lost):
-        yield
+    async with leases.held(url, worker_id(), output=str(output), on_lost=on_lost) as lease:
+        yield lease
 
 
 def worker_id() -> str:

@@ -80,6 +80,19 @@ def is_url(path: str | Path) -> bool:
 Location = Path | str  # a local path (Path), or a URL of object storage (str)
 
 
+def password_in(path: str) -> bool:
+    """Whether ``path`` is a URL with a password in it (``https://user:pass@host/...``): a
+    path is stored as given (flow parameters, run.json, manifests), so it must hold none."""
+    if not is_url(path):
+        return False
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(path).password is not None
+    except ValueError:
+        return False
+
+
 def local_or_url(path: str | Path) -> Location:
     """A URL as given (a str), a local path as a Path."""
     return path if isinstance(path, str) and is_url(path) else Path(path)
@@ -163,7 +176,7 @@ def filesystem(
     except ValueError as e:
         if "protocol" in str(e).lower():
             raise ConfigError(f"cannot read {url}: {protocol}:// is not a known protocol") from None
-        raise
+        raise ConfigError(f"cannot read {url}: {_short(e)}") from None
     except TypeError as e:  # an option the filesystem does not take: named, not its value
         raise ConfigError(
             f"cannot read {url}: {STORAGE_OPTIONS_ENV} does not suit {protocol}:// "
@@ -280,9 +293,19 @@ def _translated(
             f"{verb}: {where} does not answer ({type(e).__name__}); check "
             f"AWS_ENDPOINT_URL or the endpoint in {STORAGE_OPTIONS_ENV}"
         )
-    if isinstance(e, OSError):
+    if isinstance(e, OSError) or _storage_library_error(e):
         return StorageError(f"{verb}: {type(e).__name__}: {_short(e)}")
     return None
+
+
+def _storage_library_error(e: BaseException) -> bool:
+    """The storage library's own refusals (botocore's: an invalid bucket name, a malformed
+    endpoint), a malformed value, or an operation its protocol does not have (writing to
+    https://): the user's to fix, in one line."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"BotoCoreError", "ClientError"}) or isinstance(
+        e, ValueError | NotImplementedError
+    )
 
 
 def check_readable(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:

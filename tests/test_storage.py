@@ -368,3 +368,24 @@ def test_a_work_dir_in_a_bucket_is_refused_in_one_line(
     assert re.fullmatch(r"rollouts collect: ROLLOUTS_WORK_DIR in object storage \(s3://\S+\) "
                         r"is not supported yet: set it to a local or shared path\n", message)  # fmt: skip
     assert agent.requests() == []
+
+
+@pytest.mark.fast
+def test_a_password_in_a_path_url_is_refused_before_it_is_stored() -> None:
+    """A path is stored as given (flow parameters, run.json, the mix manifest): a URL with a
+    password in it is refused, naming the field, never showing the password; a user name
+    alone (Azure's container@account) is a name, not a secret."""
+    from pydantic import ValidationError
+
+    from rollouts.models import CollectConfig, MixConfig
+    from rollouts.request import validated_config
+
+    with pytest.raises(ConfigError) as refused:
+        validated_config({"input_jsonl_fpath": "https://u:hunter2@host/t.jsonl",
+                          "output_jsonl_fpath": "out.jsonl"})  # fmt: skip
+    assert "input_jsonl_fpath holds a password in its URL" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(ValidationError, match="output holds a password"):
+        MixConfig(output="s3://key:hunter2@bkt/mix.jsonl", total=10, proportions={"a": 1.0})
+    CollectConfig(input_jsonl_fpath="abfs://container@account.dfs.core.windows.net/t.jsonl",
+                  output_jsonl_fpath="out.jsonl")  # fmt: skip
