@@ -415,15 +415,13 @@ def test_two_machines_on_one_bucket_output_the_second_is_refused_naming_the_firs
             assert time.monotonic() < deadline, "the first run never took its lease"
             time.sleep(0.2)
             fs.invalidate_cache()
-        requests_before = len(agent.requests())
         second = _cli(_env(prefect_api, tmp_path / "b", s3_server.env()), tmp_path / "b", *args)
         message = assert_one_message(second, 2)  # RunLocked: the user's to resolve
         assert f"{out} is being collected by " in message and ".lease" in message
         assert f":{first.pid}" in message  # the holder, host:pid
-        # Refused before it sent anything (the first run's requests go on meanwhile).
-        assert not (tmp_path / "b" / "cache" / "rollouts" / "runs").exists() or not list(
-            (tmp_path / "b" / "cache" / "rollouts" / "runs").glob("*/chunks/*.rollouts.jsonl"))
-        assert len(agent.requests()) >= requests_before
+        # Refused before it collected anything (the first run's requests go on meanwhile, so
+        # the agent's count cannot tell): no chunk results in the second machine's run state.
+        assert not list((tmp_path / "b" / "cache").glob("**/*.rollouts.jsonl"))
     finally:
         first.send_signal(signal.SIGINT)  # a graceful stop gives the lease back
         first.wait(60)
